@@ -1,0 +1,159 @@
+"""The one place where every config knob gets its default.
+
+Run configs in `configs/` start from `default_config()` and change what differs. The returned
+ConfigDict is locked: setting a key that does not exist (in a config file or with
+`--config.a.b=v` on the command line) raises an error naming the key and the closest valid one.
+"""
+
+import json
+import os
+
+import ml_collections
+
+# Ordered logical-axis rules: for each logical axis the first rule whose mesh axes are still
+# free is used, so activations (which carry `batch` first) fall back to replicated `embed`.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+    ("stage", "stage"),
+    ("norm", None),
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.init_from = ""  # a jaxlm workdir whose latest checkpoint initializes the parameters
+
+    c.task = ml_collections.ConfigDict(dict(name="causal_lm"))
+
+    c.model = ml_collections.ConfigDict(dict(
+        name="gpt",
+        vocab_size=0,  # 0: taken from the tokenizer
+        max_len=256,  # positions the model supports (>= data.seq_len)
+        num_layers=4,
+        num_heads=4,
+        head_dim=0,  # 0: emb_dim // num_heads
+        emb_dim=128,
+        mlp_dim=0,  # 0: 4 * emb_dim
+        mlp="gelu",  # gelu | gelu_exact | swiglu
+        norm="layernorm",  # layernorm | rmsnorm
+        norm_eps=1e-5,
+        positions="learned",  # learned | rotary
+        rope_theta=10000.0,
+        dropout=0.0,
+        use_bias=False,
+        tie_embeddings=True,
+        scan_layers=True,
+        remat="none",  # none | dots | full
+        dtype="float32",
+        param_dtype="float32",
+        init_std=0.02,
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="jaxlm_tiny_shakespeare",  # a jaxlm TFDS builder or any TFDS catalog name
+        files="",  # glob(s) for the jaxlm_text_files builder, comma-separated
+        data_dir="",  # where TFDS keeps prepared data ('' = TFDS default)
+        text_key="text",
+        train_split="train",
+        eval_split="validation",
+        tokenizer="char",  # char | byte | sentencepiece
+        tokenizer_path="",  # sentencepiece .model file
+        seq_len=64,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        batch_size=32,  # global batch, split over processes and the data/fsdp mesh axes
+        microbatches=1,  # gradient accumulation: the batch is cut into this many pieces
+        steps_per_call=1,  # train steps run inside one jitted call (cuts per-step overhead)
+        log_every=10,
+        eval_every=250,
+        eval_batches=20,  # 0: the whole eval split
+        nan_policy="stop",  # stop | skip: what a non-finite loss does
+        peak_flops=0.0,  # per device, for MFU; 0: measured with a matmul at start-up
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3,
+        end_lr=1e-4,  # the cosine decays from lr to end_lr at `decay_steps`
+        warmup_steps=100,
+        decay_steps=0,  # 0: train.steps
+        schedule="cosine",  # cosine | linear | constant
+        b1=0.9,
+        b2=0.99,
+        eps=1e-8,
+        weight_decay=0.1,  # applied to kernels and embeddings, never to norms and biases
+        clip_norm=1.0,  # 0: no clipping
+    ))
+
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every=500,
+        keep=3,
+        async_save=True,
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(
+        data=-1,  # -1 fills the devices left over by the other axes
+        fsdp=1,
+        tensor=1,
+        stage=1,
+        num_devices=0,  # use the first N devices (0: all of them)
+        rules=DEFAULT_RULES,
+    ))
+
+    c.sample = ml_collections.ConfigDict(dict(
+        prompt="\n",
+        max_new_tokens=200,
+        temperature=0.8,
+        top_k=0,
+        top_p=1.0,
+    ))
+    c.lock()
+    return c
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the resolved config as JSON (`config.json`) into `workdir`."""
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+    """Reads the config a run wrote into `workdir`, on top of today's defaults."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a jaxlm workdir")
+    with open(path) as f:
+        values = json.load(f)
+    config = default_config()
+    update(config, values)
+    return config
+
+
+def update(config: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
+    """Sets nested `values` on a locked config; unknown keys raise naming the full key."""
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in config:
+            raise KeyError(f"unknown config key {name!r}; valid keys here: {sorted(config.keys())}")
+        if isinstance(config[key], ml_collections.ConfigDict):
+            update(config[key], value, prefix=f"{name}.")
+        else:
+            if isinstance(value, list):
+                value = _tuplify(value)
+            config[key] = value
+
+
+def _tuplify(value):
+    return tuple(_tuplify(v) if isinstance(v, list) else v for v in value)

@@ -1,0 +1,45 @@
+"""Samples text from a trained run: `python -m jaxlm.generate --workdir=DIR --prompt="ROMEO:"`.
+
+The text goes to stdout, logs to stderr.
+"""
+
+import sys
+
+from absl import app, flags
+
+from jaxlm import config as config_lib
+from jaxlm.infer import generate
+from jaxlm.train import checkpoint, loop
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A jaxlm run directory (config.json, tokenizer, checkpoints).")
+flags.DEFINE_string("prompt", "\n", "Text to continue.")
+flags.DEFINE_integer("max_new_tokens", 200, "Tokens to sample.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_float("temperature", 0.8, "0 means greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens with this much probability.")
+flags.DEFINE_integer("num_samples", 1, "Independent samples of the same prompt.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    del argv
+    config = config_lib.load(FLAGS.workdir)
+    config.mesh.update(dict(data=-1, fsdp=1, tensor=1, stage=1))  # any checkpoint restores here
+    run = loop.setup(config, FLAGS.workdir)
+    ckpt = checkpoint.Checkpointer(FLAGS.workdir, read_only=True)
+    if ckpt.latest_step() is None:
+        sys.exit(f"no checkpoint in {ckpt.directory}")
+    params = ckpt.restore(run.abstract_state()).params
+    ckpt.close()
+    sample = config.sample
+    sample.update(dict(prompt=FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p))
+    for i in range(FLAGS.num_samples):
+        print(generate.sample_text(run.task.model, params, run.tokenizer, sample, seed=FLAGS.seed + i),
+              flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

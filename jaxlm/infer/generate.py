@@ -1,0 +1,85 @@
+"""Sampling from a decoder with a KV cache, in a jitted loop.
+
+Each segment prefills the cache with the context in one call and then decodes token by token
+inside `lax.scan`. When the cache is full (the model's `max_len`), the next segment re-prefills
+with the last `max_len // 2` tokens, so generation can run past the context length the way
+nanoGPT's sampler crops its context.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def next_token(logits, rng, temperature: float, top_k: int, top_p: float):
+    """Greedy when temperature is 0; else temperature, then top-k, then top-p filtering."""
+    if temperature == 0:
+        return jnp.argmax(logits, -1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, -1)[..., ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
+        # keep the smallest set whose mass reaches top_p: tokens before the crossing, and it
+        cutoff_index = jnp.sum(cumulative < top_p, -1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, -1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "top_k", "top_p"))
+def _segment(model, params, context, rng, *, steps: int, temperature: float, top_k: int, top_p: float):
+    """Prefills with `context` [b, t] and samples `steps` tokens; returns them [b, steps]."""
+    batch, length = context.shape
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        lambda: model.init(jax.random.key(0), context[:, :1], decode=True)["cache"]))
+    positions = jnp.broadcast_to(jnp.arange(length), context.shape)
+    logits, mutated = model.apply({"params": params, "cache": cache}, context, positions,
+                                  decode=True, mutable=["cache"])
+    first = next_token(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k, top_p)
+
+    def decode_one(carry, i):
+        cache, token = carry
+        pos = jnp.full((batch, 1), length + i, jnp.int32)
+        logits, mutated = model.apply({"params": params, "cache": cache}, token[:, None], pos,
+                                      decode=True, mutable=["cache"])
+        new = next_token(logits[:, -1], jax.random.fold_in(rng, i + 1), temperature, top_k, top_p)
+        return (mutated["cache"], new), token
+
+    (_, last), tokens = jax.lax.scan(decode_one, (mutated["cache"], first), jnp.arange(steps - 1))
+    return jnp.concatenate([tokens.T, last[:, None]], axis=1)
+
+
+def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, seed: int = 0,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """Samples `max_new_tokens` after `prompt` (int [batch, length]); returns the new tokens."""
+    prompt = np.asarray(prompt, np.int32)
+    max_len = model.max_len
+    if prompt.shape[1] < 1:
+        raise ValueError("the prompt must have at least one token")
+    if max_new_tokens < 1:
+        return np.zeros((prompt.shape[0], 0), np.int32)
+    context = prompt if prompt.shape[1] < max_len else prompt[:, -(max_len // 2):]
+    rng, out, produced = jax.random.key(seed), [], 0
+    while produced < max_new_tokens:
+        steps = min(max_len - context.shape[1], max_new_tokens - produced)
+        tokens = np.asarray(_segment(model, params, jnp.asarray(context), jax.random.fold_in(rng, produced),
+                                     steps=steps, temperature=float(temperature), top_k=int(top_k),
+                                     top_p=float(top_p)))
+        out.append(tokens)
+        produced += steps
+        context = np.concatenate([context, tokens], 1)[:, -(max_len // 2):]
+    return np.concatenate(out, 1)
+
+
+def sample_text(model, params, tokenizer, sample_config, seed: int = 0) -> str:
+    """The prompt of `config.sample` followed by its continuation, as text."""
+    prompt = np.array([tokenizer.encode(sample_config.prompt)], np.int32)
+    new = generate(model, params, prompt, sample_config.max_new_tokens, seed=seed,
+                   temperature=sample_config.temperature, top_k=sample_config.top_k,
+                   top_p=sample_config.top_p)
+    return sample_config.prompt + tokenizer.decode(new[0].tolist())

@@ -1,0 +1,26 @@
+"""Launches a run: `python -m jaxlm.main --config=configs/NAME.py --workdir=DIR [--config.a.b=v]`."""
+
+import logging
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from jaxlm.train import loop
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and the resolved config go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
+    logging.getLogger("jaxlm").setLevel(logging.INFO)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

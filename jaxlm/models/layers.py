@@ -1,0 +1,190 @@
+"""The shared Transformer building blocks: every family (GPT, BERT, T5, ViT) uses these.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`) and
+every large activation is constrained with (`batch`, `length`, ...) names; the mesh rules in the
+config turn them into shardings, so parallelism never touches this file.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """The model shape and numerics shared by every layer (built from `config.model`)."""
+
+    emb_dim: int
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    mlp: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    use_bias: bool = False
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    init_std: float = 0.02
+    out_init_std: float = 0.02  # residual projections (GPT-2 scales them by 1/sqrt(2 * layers))
+
+
+def constrain(x: Array, axes: tuple[str, ...] = ACTIVATION_AXES) -> Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias) over input axes `in_axes`; the kernel is [*in_dims, *features].
+
+    `axes` names the kernel's dimensions (inputs, then outputs) for sharding.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    cfg: BlockConfig
+    in_axes: tuple[int, ...] = (-1,)
+    std: float | None = None
+    use_bias: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        in_axes = tuple(a % x.ndim for a in self.in_axes)
+        in_dims = tuple(x.shape[a] for a in in_axes)
+        std = cfg.init_std if self.std is None else self.std
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(std), self.axes),
+            in_dims + self.features, cfg.param_dtype)
+        contract = ((in_axes, tuple(range(len(in_axes)))), ((), ()))
+        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), contract)
+        if cfg.use_bias if self.use_bias is None else self.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[len(in_dims):]),
+                self.features, cfg.param_dtype)
+            y = y + bias.astype(cfg.dtype)
+        return y
+
+
+def dense(features, axes, cfg: BlockConfig, name: str, in_axis=-1, std=None, use_bias=None):
+    """A `Dense` to `features` (int or tuple) over `in_axis` (int or tuple)."""
+    features = (features,) if isinstance(features, int) else tuple(features)
+    in_axes = (in_axis,) if isinstance(in_axis, int) else tuple(in_axis)
+    return Dense(features, tuple(axes), cfg, in_axes, std, use_bias, name=name)
+
+
+def norm(cfg: BlockConfig, name: str) -> nn.Module:
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+    common = dict(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype, name=name)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(
+            use_bias=cfg.use_bias,
+            scale_init=scale_init,
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+            **common,
+        )
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(scale_init=scale_init, **common)
+    raise ValueError(f"model.norm={cfg.norm!r}: expected 'layernorm' or 'rmsnorm'")
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend` gives logits against the same table (tied output)."""
+
+    vocab_size: int
+    cfg: BlockConfig
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std), ("vocab", "embed")),
+            (self.vocab_size, self.cfg.emb_dim),
+            self.cfg.param_dtype,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.einsum("bld,vd->blv", x, self.embedding.astype(self.cfg.dtype))
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding on [batch, length, heads, head_dim] (halves rotated)."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None].astype(jnp.float32) * freq  # [batch, length, half]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention. With `decode=True` keys and values go to a `cache` collection.
+
+    The cache holds `max_len` positions; a call with T new tokens writes them at the current
+    index and attends causally over everything written so far (prefill and one-token steps
+    are the same code).
+    """
+
+    cfg: BlockConfig
+    causal: bool = True
+    max_len: int = 0  # cache length for decoding
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, deterministic: bool = True, decode: bool = False):
+        cfg = self.cfg
+        proj = lambda name: dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg, name)
+        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+        if cfg.positions == "rotary":
+            q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        if decode:
+            out = self._cached_attention(q, k, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+        out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+        out = dense(cfg.emb_dim, ("heads", "kv", "embed"), cfg, "out", in_axis=(-2, -1),
+                    std=cfg.out_init_std)(out)
+        return constrain(out)
+
+    def _cached_attention(self, q: Array, k: Array, v: Array) -> Array:
+        batch, length, heads, head_dim = k.shape
+        shape = (batch, self.max_len, heads, head_dim)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        start = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+        index.value = start + length
+        query_pos = start + jnp.arange(length)
+        mask = jnp.arange(self.max_len)[None, :] <= query_pos[:, None]  # [length, max_len]
+        return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[None, None])
+
+
+class Mlp(nn.Module):
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        cfg = self.cfg
+        up = dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "wi")(x)
+        if cfg.mlp == "swiglu":
+            up = nn.silu(dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "wg")(x)) * up
+        elif cfg.mlp in ("gelu", "gelu_exact"):
+            up = nn.gelu(up, approximate=cfg.mlp == "gelu")
+        else:
+            raise ValueError(f"model.mlp={cfg.mlp!r}: expected 'gelu', 'gelu_exact' or 'swiglu'")
+        up = nn.with_logical_constraint(up, ("batch", "length", "mlp"))
+        up = nn.Dropout(cfg.dropout)(up, deterministic=deterministic)
+        return constrain(dense(cfg.emb_dim, ("mlp", "embed"), cfg, "wo", std=cfg.out_init_std)(up))

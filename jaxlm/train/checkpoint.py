@@ -1,0 +1,72 @@
+"""Orbax checkpoints of {state, data iterator} in `WORKDIR/checkpoints`.
+
+Restore order: this run's latest checkpoint, then `config.init_from` (parameters only), then
+scratch. Orbax writes each step into a temporary directory and renames it when complete, so a
+failed or interrupted save never leaves a half-written step behind, and an existing step is never
+overwritten.
+"""
+
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+STATE, DATA = "state", "data_iter"
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep or None, enable_async_checkpointing=async_save, read_only=read_only,
+            create=not read_only)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                           DATA: grain.checkpoint.CheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iter=None) -> None:
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, abstract_state, data_iter=None, step: int | None = None):
+        """Restores `step` (default: latest) onto the shardings in `abstract_state`.
+
+        The iterator, if given, is moved to the saved position in place.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise RuntimeError(
+                f"cannot restore checkpoint step {step} from {self.directory}: {e}. The checkpoint "
+                "was left untouched; move it away to start from the previous one.") from e
+        return restored[STATE]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def restore_params(workdir: str, abstract_state):
+    """The parameters of the latest checkpoint in another jaxlm workdir (for `init_from`)."""
+    source = Checkpointer(workdir, read_only=True)
+    try:
+        return source.restore(abstract_state).params
+    finally:
+        source.close()
+
+

@@ -1,0 +1,254 @@
+"""The trainer, top to bottom: setup, state, data, loop, eval, save.
+
+`train_and_evaluate(config, workdir)` is what `python -m jaxlm.main` runs and what a notebook
+calls. One jitted function runs `train.steps_per_call` steps over a stack of batches; figures are
+fetched from the device only when they are logged, so the host never waits on a step it does not
+need to see.
+"""
+
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm import models, tasks
+from jaxlm.data import pipeline
+from jaxlm.infer import generate
+from jaxlm.parallel.partitioner import Partitioner
+from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+
+log = logging.getLogger("jaxlm")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def setup(config, workdir: str):
+    """Everything a run or a tool needs before training: tokenizer, model, task, optimizer,
+    partitioner and the state's shardings. Fills `config.model.vocab_size` from the tokenizer."""
+    tokenizer = pipeline.build_tokenizer(
+        config.data.tokenizer, workdir=workdir, name=config.data.name, split=config.data.train_split,
+        model_path=config.data.tokenizer_path, data_dir=config.data.data_dir,
+        files=config.data.files, text_key=config.data.text_key)
+    if config.model.vocab_size <= 0:
+        config.model.vocab_size = tokenizer.vocab_size
+    if config.data.seq_len > config.model.max_len:
+        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
+    model = models.get(config.model)
+    task = tasks.get(config, model)
+    tx, lr_schedule = optim.make(config.optim, config.train.steps)
+    partitioner = Partitioner.from_config(config)
+    shardings = state_lib.shardings(partitioner, task, tx)
+    return Run(config, tokenizer, task, tx, lr_schedule, partitioner, shardings)
+
+
+class Run:
+    """The pieces `setup` builds, kept together."""
+
+    def __init__(self, config, tokenizer, task, tx, lr_schedule, partitioner, shardings):
+        self.config, self.tokenizer, self.task = config, tokenizer, task
+        self.tx, self.lr_schedule = tx, lr_schedule
+        self.partitioner, self.shardings = partitioner, shardings
+
+    def abstract_state(self):
+        return state_lib.abstract(self.partitioner, self.task, self.tx, self.shardings)
+
+
+def data_kwargs(config) -> dict:
+    d = config.data
+    return dict(name=d.name, seq_len=d.seq_len, data_dir=d.data_dir, files=d.files, text_key=d.text_key,
+                process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def train_and_evaluate(config, workdir: str):
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
+    os.makedirs(workdir, exist_ok=True)
+    run = setup(config, workdir)
+    config_lib.save(config, workdir)
+    t = config.train
+    partitioner = run.partitioner
+    train_iter = pipeline.train_iterator(
+        tokenizer=run.tokenizer, split=config.data.train_split, global_batch_size=t.batch_size,
+        seed=config.seed, **data_kwargs(config))
+
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                   async_save=config.checkpoint.async_save)
+    state = restore_or_init(run, ckpt, train_iter, workdir)
+    start_step = int(state.step)
+    log.info("parameters: %s, mesh: %s", f"{metrics_lib.count_params(state.params):,}",
+             dict(partitioner.mesh.shape))
+
+    train_step = step_lib.make_train_step(run.task, run.tx, run.lr_schedule, seed=config.seed,
+                                          microbatches=t.microbatches,
+                                          skip_nonfinite=t.nan_policy == "skip")
+    stacked = partitioner.sharding((None, "batch"))
+    steps_fn = partitioner.jit(step_lib.repeat_steps(train_step),
+                               in_shardings=(run.shardings, stacked),
+                               out_shardings=(run.shardings, partitioner.replicated),
+                               donate_argnums=0)
+    compiled = {}
+
+    def run_steps(state, batches):
+        k = len(batches["inputs"])
+        if k not in compiled:
+            start = time.perf_counter()
+            compiled[k] = steps_fn.lower(state, batches).compile()
+            log.info("compiled %d-step call in %.1fs; memory: %s", k, time.perf_counter() - start,
+                     compiled[k].memory_analysis())
+        return compiled[k](state, batches)
+
+    evaluator = Evaluator(run, config)
+    writer = metrics_lib.MetricWriter(workdir)
+    tokens_per_step = t.batch_size * config.data.seq_len
+    flops_per_step = metrics_lib.flops_per_token(config.model, state.params, config.data.seq_len) * tokens_per_step
+    peak = t.peak_flops or metrics_lib.measure_matmul_peak()
+    stop = _SigtermFlag()
+    bar = metrics_lib.progress_bar(t.steps, start_step)
+
+    step, pending, last_time = start_step, [], time.perf_counter()
+    try:
+        while step < t.steps:
+            k = min(t.steps_per_call, _steps_to_next_event(step, config))
+            batches = _stack([next(train_iter) for _ in range(k)])
+            state, step_metrics = run_steps(state, partitioner.shard_batch(batches))
+            step += k
+            pending.append(step_metrics)
+            bar.update(k)
+            if step % t.log_every == 0 or step == t.steps:
+                now = time.perf_counter()
+                figures = _summarize(pending, config, step)
+                elapsed = now - last_time
+                steps_done = sum(len(m["loss"]) for m in pending)
+                figures["train/tokens_per_sec"] = steps_done * tokens_per_step / elapsed
+                figures["train/mfu"] = steps_done * flops_per_step / elapsed / (peak * jax.device_count())
+                writer.write(step, figures)
+                bar.set_postfix(loss=f"{figures['train/loss']:.4f}",
+                                tok_s=f"{figures['train/tokens_per_sec']:.0f}")
+                pending, last_time = [], now
+            if step % t.eval_every == 0 or step == t.steps:
+                figures = evaluator(state.params)
+                writer.write(step, figures)
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
+                last_time = time.perf_counter()
+            if step % config.checkpoint.every == 0 or step == t.steps or stop.raised:
+                _check_finite(pending, config, step)
+                ckpt.save(step, state, train_iter)
+            if stop.raised:
+                log.warning("SIGTERM: saved step %d, exiting", step)
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        ckpt.close()
+        writer.close()
+    if not stop.raised and jax.process_index() == 0 and config.sample.max_new_tokens > 0:
+        print(generate.sample_text(run.task.model, state.params, run.tokenizer, config.sample,
+                                   seed=config.seed), flush=True)
+    return state
+
+
+def restore_or_init(run, ckpt, train_iter, workdir: str):
+    """This run's latest checkpoint, else `init_from`'s parameters, else a fresh init."""
+    config = run.config
+    if ckpt.latest_step() is not None:
+        log.info("resuming from %s step %d", ckpt.directory, ckpt.latest_step())
+        return ckpt.restore(run.abstract_state(), train_iter)
+    state = state_lib.init(run.partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
+    if config.init_from:
+        if os.path.abspath(config.init_from) == os.path.abspath(workdir):
+            raise ValueError("init_from names this run's own workdir")
+        log.info("initializing parameters from %s", config.init_from)
+        state = state.replace(params=checkpoint.restore_params(config.init_from, run.abstract_state()))
+    return state
+
+
+class Evaluator:
+    """Evaluates on the first `train.eval_batches` batches of the eval split, kept on device."""
+
+    def __init__(self, run, config):
+        self.run = run
+        self.batches = None
+        self.config = config
+        eval_step = step_lib.make_eval_step(run.task)
+
+        def evaluate(params, batches):
+            sums = jax.lax.map(lambda b: eval_step(params, b), batches)
+            return run.task.summarize(jax.tree.map(lambda x: x.sum(0), sums))
+
+        self.fn = run.partitioner.jit(
+            evaluate, in_shardings=(run.shardings.params, run.partitioner.sharding((None, "batch"))),
+            out_shardings=run.partitioner.replicated)
+
+    def __call__(self, params) -> dict:
+        if self.batches is None:
+            config = self.config
+            batches = pipeline.eval_batches(
+                tokenizer=self.run.tokenizer, split=config.data.eval_split,
+                global_batch_size=config.train.batch_size, max_batches=config.train.eval_batches,
+                **data_kwargs(config))
+            self.batches = self.run.partitioner.shard_batch(_stack(list(batches)))
+        figures = jax.device_get(self.fn(params, self.batches))
+        return {f"eval/{k}": float(v) for k, v in figures.items()}
+
+
+def _steps_to_next_event(step: int, config) -> int:
+    """Steps until the next log, eval, checkpoint or the end, so calls stop exactly there."""
+    t = config.train
+    periods = (t.log_every, t.eval_every, config.checkpoint.every)
+    return min([p - step % p for p in periods] + [t.steps - step])
+
+
+def _stack(batches: list) -> dict:
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _summarize(pending: list, config, step: int) -> dict:
+    """Means over the logged interval (the learning rate is the last step's)."""
+    values = jax.device_get(pending)
+    merged = {k: np.concatenate([np.atleast_1d(v[k]) for v in values]) for k in values[0]}
+    _raise_if_nonfinite(merged, config, step)
+    figures = {f"train/{k}": float(np.mean(v)) for k, v in merged.items() if k not in ("finite", "learning_rate")}
+    figures["train/learning_rate"] = float(merged["learning_rate"][-1])
+    return figures
+
+
+def _check_finite(pending: list, config, step: int) -> None:
+    """Before a save: never write a checkpoint of a run whose loss went non-finite."""
+    if pending:
+        values = jax.device_get(pending)
+        merged = {"finite": np.concatenate([np.atleast_1d(v["finite"]) for v in values])}
+        _raise_if_nonfinite(merged, config, step)
+
+
+def _raise_if_nonfinite(merged: dict, config, step: int) -> None:
+    finite = merged["finite"]
+    if config.train.nan_policy == "stop" and not finite.all():
+        bad = step - len(finite) + int(np.argmin(finite)) + 1
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {bad} (train.nan_policy='stop'); "
+                            "the last checkpoint was left as it was")
+    if not finite.all():
+        log.warning("skipped %d non-finite steps before step %d", int((~finite).sum()), step)
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks after each call, so it can save and exit 0."""
+
+    def __init__(self):
+        self.raised = False
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

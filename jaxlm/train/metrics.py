@@ -1,0 +1,69 @@
+"""Where figures go: `metrics.jsonl`, TensorBoard event files, and a console progress bar."""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+    """Appends one JSON object per logged step and mirrors it to TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        for key, value in values.items():
+            self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+def progress_bar(total: int, initial: int):
+    return tqdm.tqdm(total=total, initial=initial, file=sys.stderr, dynamic_ncols=True,
+                     disable=jax.process_index() != 0, unit="step", mininterval=1.0)
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def flops_per_token(model_config, params, seq_len: int) -> float:
+    """Training FLOPs per token, as nanoGPT/PaLM estimate them: 6N + 12 * layers * width * length.
+
+    N counts the matmul parameters (the position table is a lookup, not a matmul).
+    """
+    n = count_params(params) - count_params(params.get("pos_embedding", {}))
+    heads = model_config.num_heads * (model_config.head_dim or model_config.emb_dim // model_config.num_heads)
+    return 6.0 * n + 12.0 * model_config.num_layers * heads * seq_len
+
+
+def measure_matmul_peak(device=None, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` f32 n x n matmuls on `device` (the MFU denominator)."""
+    device = device or jax.devices()[0]
+    x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best

@@ -1,0 +1,80 @@
+"""The jitted train and eval steps. The loss comes from the task; the trainer only sums."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.train.state import TrainState
+
+
+def split_microbatches(batch: dict, microbatches: int) -> dict:
+    def split(x):
+        if x.shape[0] % microbatches:
+            raise ValueError(f"batch of {x.shape[0]} does not split into "
+                             f"train.microbatches={microbatches}")
+        return x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def grads_and_sums(task, params, batch, rng, microbatches: int):
+    """Summed loss gradients and metric sums, accumulated over `microbatches` pieces."""
+    grad_fn = jax.grad(lambda p, b, r: task.loss(p, b, r, train=True), has_aux=True)
+    if microbatches == 1:
+        return grad_fn(params, batch, rng)
+
+    def accumulate(carry, xs):
+        grads, sums = carry
+        micro, i = xs
+        g, s = grad_fn(params, micro, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
+
+    micro = split_microbatches(batch, microbatches)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first, rng))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(microbatches)))
+    return grads, sums
+
+
+def make_train_step(task, tx, lr_schedule, *, seed: int, microbatches: int = 1,
+                    skip_nonfinite: bool = False):
+    """Returns `train_step(state, batch) -> (state, metrics)`.
+
+    The dropout rng is `fold_in(key(seed), step)`, so a resumed run draws the same masks.
+    """
+    base_rng = jax.random.key(seed)
+
+    def train_step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(base_rng, state.step)
+        grads, sums = grads_and_sums(task, state.params, batch, rng, microbatches)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state)
+        metrics = dict(task.summarize(sums))
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = lr_schedule(state.step)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        if skip_nonfinite:
+            keep_old = lambda n, o: jnp.where(finite, n, o)
+            new = TrainState(step=new.step,
+                             params=jax.tree.map(keep_old, new.params, state.params),
+                             opt_state=jax.tree.map(keep_old, new.opt_state, state.opt_state))
+        metrics["finite"] = finite
+        return new, metrics
+
+    return train_step
+
+
+def repeat_steps(train_step):
+    """Runs `train_step` over a stack of batches [k, ...] in one call; metrics come back [k]."""
+    def steps(state, batches):
+        return jax.lax.scan(train_step, state, batches)
+    return steps
+
+
+def make_eval_step(task):
+    """Returns `eval_step(params, batch) -> metric sums` (summed, to be added over batches)."""
+    def eval_step(params, batch):
+        _, sums = task.loss(params, batch, train=False)
+        return sums
+    return eval_step

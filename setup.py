@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxlm",
+    version="0.1.0",
+    description="A JAX/Flax stack for developing large models from scratch and fine-tuning them.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["jaxlm", "jaxlm.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "tensorflow-datasets>=4.9.10",
+        "array-record",
+        "grain>=0.2.18",
+        "sentencepiece",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+        "tqdm",
+        "tensorboardX",
+    ],
+    extras_require={"dev": ["pytest"]},
+)
