@@ -35,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict(dict(
         name="gpt",
-        vocab_size=0,  # 0: taken from the tokenizer
+        vocab_size=0,  # 0: taken from the tokenizer, rounded up to `vocab_multiple`
+        vocab_multiple=1,  # pad the vocabulary so it divides over the `tensor` axis
         max_len=256,  # positions the model supports (>= data.seq_len)
         num_layers=4,
         num_heads=4,

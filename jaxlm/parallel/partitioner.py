@@ -79,17 +79,35 @@ class Partitioner:
         return NamedSharding(self.mesh, spec)
 
     def shardings_of(self, boxed_tree):
-        """NamedShardings for a tree of `nn.LogicallyPartitioned` (or plain) abstract values."""
+        """NamedShardings for a tree of `nn.LogicallyPartitioned` (or plain) abstract values.
+
+        Raises naming the parameter when a dimension does not divide over its mesh axes.
+        """
         specs = nn.get_partition_spec(boxed_tree)
-        return nn.logical_to_mesh_sharding(specs, self.mesh, self.rules)
+        shardings = nn.logical_to_mesh_sharding(specs, self.mesh, self.rules)
+        is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+        for (path, leaf), sharding in zip(
+                jax.tree_util.tree_leaves_with_path(boxed_tree, is_leaf=is_box),
+                jax.tree.leaves(shardings)):
+            self._check_divisible(jax.tree_util.keystr(path), leaf, sharding)
+        return shardings
+
+    def _check_divisible(self, name, leaf, sharding) -> None:
+        names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
+        shape = nn.unbox(leaf).shape
+        for dim, (size, axes) in enumerate(zip(shape, sharding.spec)):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            parts = int(np.prod([self.mesh.shape[a] for a in axes]))
+            if size % parts:
+                logical = names[dim] if dim < len(names) else None
+                raise ValueError(
+                    f"cannot shard {name} of shape {shape}: dimension {dim} ({logical!r}, size "
+                    f"{size}) does not divide over mesh axes {axes} ({parts} devices). Change the "
+                    f"mesh or mesh.rules{', or set model.vocab_multiple' if logical == 'vocab' else ''}.")
 
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
-
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        return self.sharding(("batch",))
 
     def jit(self, fn, **jit_kwargs):
         """`jax.jit(fn)` whose tracing, compiling and calls happen inside the mesh and rules."""
@@ -103,9 +121,12 @@ class Partitioner:
         call.lower = lambda *a, **k: _in_context(self, jitted.lower, *a, **k)
         return call
 
-    def shard_batch(self, local_batch: dict) -> dict:
-        """Per-process numpy batch -> global jax.Arrays sharded along `batch`."""
-        sharding = self.batch_sharding
+    def shard_batch(self, local_batch: dict, logical_axes=("batch",)) -> dict:
+        """Per-process numpy arrays -> global jax.Arrays sharded along `batch`.
+
+        Stacks of batches [k, batch, ...] pass `logical_axes=(None, "batch")`.
+        """
+        sharding = self.sharding(logical_axes)
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
                             local_batch)
 

@@ -23,6 +23,7 @@ from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 
 log = logging.getLogger("jaxlm")
+STACKED = (None, "batch")  # logical axes of a stack of batches [steps, batch, ...]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -37,15 +38,32 @@ def setup(config, workdir: str):
         model_path=config.data.tokenizer_path, data_dir=config.data.data_dir,
         files=config.data.files, text_key=config.data.text_key)
     if config.model.vocab_size <= 0:
-        config.model.vocab_size = tokenizer.vocab_size
+        multiple = config.model.vocab_multiple
+        config.model.vocab_size = -(-tokenizer.vocab_size // multiple) * multiple
     if config.data.seq_len > config.model.max_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
     model = models.get(config.model)
     task = tasks.get(config, model)
     tx, lr_schedule = optim.make(config.optim, config.train.steps)
     partitioner = Partitioner.from_config(config)
+    check_batch(config, partitioner)
     shardings = state_lib.shardings(partitioner, task, tx)
     return Run(config, tokenizer, task, tx, lr_schedule, partitioner, shardings)
+
+
+def check_batch(config, partitioner) -> None:
+    t = config.train
+    if t.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"train.nan_policy={t.nan_policy!r}: expected 'stop' or 'skip'")
+    if t.batch_size % t.microbatches:
+        raise ValueError(f"train.batch_size={t.batch_size} does not split into train.microbatches={t.microbatches}")
+    spec = partitioner.sharding(("batch",)).spec[0] or ()
+    shards = int(np.prod([partitioner.mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec)]))
+    for name, size in (("train.batch_size", t.batch_size), ("train.batch_size / train.microbatches",
+                                                            t.batch_size // max(t.microbatches, 1))):
+        if size % shards or size % jax.process_count():
+            raise ValueError(f"{name}={size} must divide over the {shards} batch shards of the mesh "
+                             f"{dict(partitioner.mesh.shape)} and {jax.process_count()} processes")
 
 
 class Run:
@@ -87,7 +105,7 @@ def train_and_evaluate(config, workdir: str):
     train_step = step_lib.make_train_step(run.task, run.tx, run.lr_schedule, seed=config.seed,
                                           microbatches=t.microbatches,
                                           skip_nonfinite=t.nan_policy == "skip")
-    stacked = partitioner.sharding((None, "batch"))
+    stacked = partitioner.sharding(STACKED)
     steps_fn = partitioner.jit(step_lib.repeat_steps(train_step),
                                in_shardings=(run.shardings, stacked),
                                out_shardings=(run.shardings, partitioner.replicated),
@@ -116,7 +134,7 @@ def train_and_evaluate(config, workdir: str):
         while step < t.steps:
             k = min(t.steps_per_call, _steps_to_next_event(step, config))
             batches = _stack([next(train_iter) for _ in range(k)])
-            state, step_metrics = run_steps(state, partitioner.shard_batch(batches))
+            state, step_metrics = run_steps(state, partitioner.shard_batch(batches, STACKED))
             step += k
             pending.append(step_metrics)
             bar.update(k)
@@ -182,7 +200,7 @@ class Evaluator:
             return run.task.summarize(jax.tree.map(lambda x: x.sum(0), sums))
 
         self.fn = run.partitioner.jit(
-            evaluate, in_shardings=(run.shardings.params, run.partitioner.sharding((None, "batch"))),
+            evaluate, in_shardings=(run.shardings.params, run.partitioner.sharding(STACKED)),
             out_shardings=run.partitioner.replicated)
 
     def __call__(self, params) -> dict:
@@ -192,7 +210,7 @@ class Evaluator:
                 tokenizer=self.run.tokenizer, split=config.data.eval_split,
                 global_batch_size=config.train.batch_size, max_batches=config.train.eval_batches,
                 **data_kwargs(config))
-            self.batches = self.run.partitioner.shard_batch(_stack(list(batches)))
+            self.batches = self.run.partitioner.shard_batch(_stack(list(batches)), STACKED)
         figures = jax.device_get(self.fn(params, self.batches))
         return {f"eval/{k}": float(v) for k, v in figures.items()}
 

@@ -33,16 +33,20 @@ def shardings(partitioner, task, tx) -> TrainState:
     return TrainState(step=partitioner.replicated, params=params, opt_state=opt)
 
 
-def init(partitioner, task, tx, rng: jax.Array, state_shardings: TrainState) -> TrainState:
+def _init_fn(task, tx):
     def init_fn(rng):
         params = nn.unbox(task.init(rng)["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return init_fn
 
-    return partitioner.jit(init_fn, out_shardings=state_shardings)(rng)
+
+def init(partitioner, task, tx, rng: jax.Array, state_shardings: TrainState) -> TrainState:
+    return partitioner.jit(_init_fn(task, tx), out_shardings=state_shardings)(rng)
 
 
 def abstract(partitioner, task, tx, state_shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs with shardings: the restore target for Orbax on any mesh."""
-    shapes = jax.eval_shape(lambda: init(partitioner, task, tx, jax.random.key(0), state_shardings))
+    with partitioner.context():
+        shapes = jax.eval_shape(_init_fn(task, tx), jax.random.key(0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, state_shardings)

@@ -51,7 +51,7 @@ def make_train_step(task, tx, lr_schedule, *, seed: int, microbatches: int = 1,
         new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state)
         metrics = dict(task.summarize(sums))
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = lr_schedule(state.step)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         if skip_nonfinite:

@@ -1,0 +1,160 @@
+"""The trainer end to end on Tiny Shakespeare: learning, meshes, accumulation, resume, restore."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm.data import builders
+from jaxlm.train import checkpoint, loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_shakespeare = pytest.mark.skipif(
+    not (builders.jaxlm_data_dir() / "tinyshakespeare" / "input.txt").exists(),
+    reason="Tiny Shakespeare not found under JAXLM_DATA_DIR")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, **train):
+    """A 2-layer char GPT on Tiny Shakespeare that compiles and runs in seconds."""
+    c = config_lib.default_config()
+    c.data.update(dict(name="jaxlm_tiny_shakespeare", tokenizer="char", seq_len=32, data_dir=data_dir))
+    c.model.update(dict(num_layers=2, num_heads=4, emb_dim=32, max_len=32, vocab_multiple=8))
+    c.train.update(dict(steps=10, batch_size=8, log_every=1, eval_every=1000, eval_batches=2,
+                        steps_per_call=5, peak_flops=1e9))
+    c.train.update(train)
+    c.optim.update(dict(lr=3e-3, warmup_steps=2, decay_steps=20))
+    c.checkpoint.update(dict(every=1000, async_save=True))
+    c.sample.max_new_tokens = 0
+    c.mesh.num_devices = 1
+    return c
+
+
+def read_metrics(workdir, key="train/loss"):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return {m["step"]: m[key] for m in lines if key in m}
+
+
+def train(config, workdir):
+    return loop.train_and_evaluate(config, str(workdir))
+
+
+@needs_shakespeare
+def test_loss_falls_and_everything_lands_in_the_workdir(data_dir, tmp_path):
+    config = tiny_config(data_dir, steps=150, log_every=10, eval_every=75, steps_per_call=10)
+    config.optim.update(dict(lr=1e-2, decay_steps=0))
+    config.sample.max_new_tokens = 20
+    train(config, tmp_path)
+    losses = read_metrics(tmp_path)
+    assert losses[150] < losses[10] - 0.5, losses
+    evals = read_metrics(tmp_path, "eval/loss")
+    assert sorted(evals) == [75, 150] and evals[150] < evals[75] < np.log(65) - 0.5
+    saved = config_lib.load(str(tmp_path))
+    assert saved.model.vocab_size == 72 and saved.train.steps == 150
+    assert os.listdir(tmp_path / "tensorboard")
+    assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 150
+    with open(tmp_path / "metrics.jsonl") as f:
+        first = json.loads(f.readline())
+    for key in ("train/perplexity", "train/grad_norm", "train/learning_rate", "train/tokens_per_sec", "train/mfu"):
+        assert np.isfinite(first[key]) and first[key] > 0, key
+
+
+MESHES = [dict(data=8), dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)]
+
+
+@needs_shakespeare
+def test_meshes_of_8_devices_give_the_single_device_losses(data_dir, tmp_path):
+    train(tiny_config(data_dir), tmp_path / "single")
+    reference = read_metrics(tmp_path / "single")
+    assert len(reference) == 10
+    for i, mesh in enumerate(MESHES):
+        config = tiny_config(data_dir)
+        config.mesh.update(dict(num_devices=0, **mesh))
+        train(config, tmp_path / f"mesh{i}")
+        losses = read_metrics(tmp_path / f"mesh{i}")
+        np.testing.assert_allclose([losses[s] for s in range(1, 11)], [reference[s] for s in range(1, 11)],
+                                   rtol=1e-5, err_msg=str(mesh))
+
+
+@needs_shakespeare
+def test_gradient_accumulation_equals_the_full_batch(data_dir, tmp_path):
+    whole = train(tiny_config(data_dir, steps=5), tmp_path / "whole")
+    accumulated = train(tiny_config(data_dir, steps=5, microbatches=4), tmp_path / "accumulated")
+    np.testing.assert_allclose(list(read_metrics(tmp_path / "whole").values()),
+                               list(read_metrics(tmp_path / "accumulated").values()), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(accumulated.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@needs_shakespeare
+@pytest.mark.parametrize("second_mesh", [dict(num_devices=1), dict(num_devices=0, fsdp=4, tensor=2)])
+def test_stop_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path, second_mesh):
+    """Same losses step by step (so the same data order) and the same final parameters, also when
+    the second half runs on another mesh."""
+    full = train(tiny_config(data_dir, steps=20), tmp_path / "full")
+    train(tiny_config(data_dir, steps=10), tmp_path / "resumed")
+    config = tiny_config(data_dir, steps=20)
+    config.mesh.update(second_mesh)
+    resumed = train(config, tmp_path / "resumed")
+    expected, got = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+    assert sorted(got) == list(range(1, 21))
+    np.testing.assert_allclose([got[s] for s in range(1, 21)], [expected[s] for s in range(1, 21)], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def run_main(*args, **kwargs):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "jaxlm.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, **kwargs)
+
+
+def test_a_mistyped_config_key_is_an_error_that_names_it(tmp_path):
+    result = run_main("--config=configs/gpt_shakespeare_char.py", f"--workdir={tmp_path}",
+                      "--config.train.stpes=5", timeout=120)
+    assert result.returncode != 0
+    assert "stpes" in result.stderr and 'Did you mean "steps"' in result.stderr
+    with pytest.raises(AttributeError, match="stpes"):
+        config_lib.default_config().train.stpes = 5
+    with pytest.raises(KeyError, match="train.stpes"):
+        config_lib.update(config_lib.default_config(), {"train": {"stpes": 5}})
+
+
+@needs_shakespeare
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    args = ["--config=configs/gpt_shakespeare_char.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", "--config.train.steps=100000",
+            "--config.train.steps_per_call=5", "--config.train.log_every=5",
+            "--config.model.num_layers=1", "--config.model.emb_dim=32", "--config.checkpoint.every=100000",
+            "--config.mesh.num_devices=1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxlm.main", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    step = checkpoint.Checkpointer(str(workdir), read_only=True).latest_step()
+    assert step is not None and step % 5 == 0 and step < 100000
+    config = config_lib.load(str(workdir))
+    config.train.steps = step + 5
+    state = loop.train_and_evaluate(config, str(workdir))  # resumes from the SIGTERM checkpoint
+    assert int(state.step) == step + 5
+    assert max(read_metrics(workdir)) == step + 5

@@ -1,0 +1,249 @@
+r"""Measures a config's train step: compile time, ms/step, tokens/s, MFU and memory per device.
+
+    python tools/benchmark.py --config=configs/gpt_shakespeare_char.py --steps=20 --warmup=3 \
+        [--config.a.b=v ...] [--workdir=DIR] [--json=PATH]
+
+The run is built the way the trainer builds it: `loop.setup`, `state.init`, the same jitted
+`repeat_steps(train_step)` with the state's shardings and donation, and real batches from
+`pipeline.train_iterator`. Each call runs `train.steps_per_call` steps; figures are per step.
+Only the train call is timed (fetching and sharding the next batches is timed apart, as
+`data_ms_per_step`). The MFU denominator is `train.peak_flops` when set, else a matmul measured
+on the mesh's first device, times the mesh's device count. The last line printed is
+`key=value` figures for scripts; `--json` writes every figure.
+"""
+
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+# The checkout's jaxlm, also when it is not pip-installed (`python tools/benchmark.py ...`).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxlm.data import pipeline
+from jaxlm.train import loop, metrics as metrics_lib, state as state_lib, step as step_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+flags.DEFINE_integer("steps", 20, "Timed calls (each runs train.steps_per_call steps).")
+flags.DEFINE_integer("warmup", 3, "Untimed calls before the timed ones.")
+flags.DEFINE_string("workdir", None, "Where the tokenizer is saved (default: a temporary dir).")
+flags.DEFINE_string("json", None, "Also write the figures as JSON to this path.")
+flags.mark_flags_as_required(["config"])
+
+MB = 2 ** 20
+
+
+def bytes_on_device(tree, device) -> int:
+    """Bytes `device` holds of a tree of sharded arrays (or ShapeDtypeStructs with shardings)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        index = x.sharding.devices_indices_map(x.shape).get(device)
+        if index is not None:  # an uneven shard is as long as its slice
+            total += math.prod(len(range(*s.indices(n))) for s, n in zip(index, x.shape)) * x.dtype.itemsize
+    return total
+
+
+def state_memory(abstract_state, device) -> dict:
+    """Bytes of the train state on `device`, known before anything is allocated."""
+    params = bytes_on_device(abstract_state.params, device)
+    opt_state = bytes_on_device(abstract_state.opt_state, device)
+    return dict(params=params, opt_state=opt_state, state=bytes_on_device(abstract_state, device))
+
+
+def train_call(run):
+    """The jitted call `loop.train_and_evaluate` builds: `train.steps_per_call` steps, state donated."""
+    config, partitioner = run.config, run.partitioner
+    train_step = step_lib.make_train_step(run.task, run.tx, run.lr_schedule, seed=config.seed,
+                                          microbatches=config.train.microbatches,
+                                          skip_nonfinite=config.train.nan_policy == "skip")
+    return partitioner.jit(step_lib.repeat_steps(train_step),
+                           in_shardings=(run.shardings, partitioner.sharding(loop.STACKED)),
+                           out_shardings=(run.shardings, partitioner.replicated),
+                           donate_argnums=0)
+
+
+def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
+    """Compiles and times the train call of `config`; returns the figures."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    t = config.train
+    run = loop.setup(config, workdir)
+    partitioner = run.partitioner
+    devices = list(partitioner.mesh.devices.flat)
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    state = state_lib.init(partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
+    # Only shapes and shardings count, so the initialised state gives what `run.abstract_state()`
+    # would (which fails today: `state.abstract` enters `jax.set_mesh` inside `eval_shape`).
+    memory = state_memory(state, local[0])
+    train_iter = pipeline.train_iterator(
+        tokenizer=run.tokenizer, split=config.data.train_split, global_batch_size=t.batch_size,
+        seed=config.seed, **loop.data_kwargs(config))
+    k = t.steps_per_call
+
+    def next_batches():
+        batches = [next(train_iter) for _ in range(k)]
+        stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+        return jax.block_until_ready(partitioner.shard_batch(stacked, loop.STACKED))
+
+    batches = next_batches()
+    start = time.perf_counter()
+    lowered = train_call(run).lower(state, batches)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+
+    losses = []
+    for _ in range(warmup):
+        state, step_metrics = jax.block_until_ready(compiled(state, batches))
+        losses.append(step_metrics["loss"])
+        batches = next_batches()
+    call_s, data_s = [], []
+    for i in range(steps):
+        if i:
+            start = time.perf_counter()
+            batches = next_batches()
+            data_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        state, step_metrics = jax.block_until_ready(compiled(state, batches))
+        call_s.append(time.perf_counter() - start)
+        losses.append(step_metrics["loss"])
+    losses = np.concatenate(jax.device_get(losses))
+
+    peak_flops = t.peak_flops or metrics_lib.measure_matmul_peak(local[0])
+    tokens_per_step = t.batch_size * config.data.seq_len
+    flops_per_step = metrics_lib.flops_per_token(config.model, state.params, config.data.seq_len) * tokens_per_step
+    p10, p50, p90 = np.percentile(call_s, [10, 50, 90]) / k
+    compiled_memory = compiled.memory_analysis()
+    device_stats = [d.memory_stats() or {} for d in local]
+    device_peaks = [s["peak_bytes_in_use"] for s in device_stats if "peak_bytes_in_use" in s]
+    return dict(
+        device_kind=devices[0].device_kind,
+        num_devices=len(devices),
+        mesh=dict(partitioner.mesh.shape),
+        params=metrics_lib.count_params(state.params),
+        batch_size=t.batch_size,
+        seq_len=config.data.seq_len,
+        tokens_per_step=tokens_per_step,
+        steps_per_call=k,
+        steps=steps,
+        warmup=warmup,
+        lower_s=lower_s,
+        compile_s=compile_s,
+        ms_per_step=1e3 * p50,
+        ms_per_step_p10=1e3 * p10,
+        ms_per_step_p90=1e3 * p90,
+        data_ms_per_step=1e3 * float(np.median(data_s)) / k if data_s else 0.0,
+        tokens_per_sec=tokens_per_step / p50,
+        flops_per_step=flops_per_step,
+        flops_per_sec=flops_per_step / p50,
+        peak_flops_per_device=peak_flops,
+        peak_flops_measured=not t.peak_flops,
+        mfu=flops_per_step / p50 / (peak_flops * len(devices)),
+        compiled_argument_bytes=compiled_memory.argument_size_in_bytes,
+        compiled_output_bytes=compiled_memory.output_size_in_bytes,
+        compiled_temp_bytes=compiled_memory.temp_size_in_bytes,
+        compiled_alias_bytes=compiled_memory.alias_size_in_bytes,
+        peak_mem_bytes=(compiled_memory.argument_size_in_bytes + compiled_memory.output_size_in_bytes
+                        + compiled_memory.temp_size_in_bytes - compiled_memory.alias_size_in_bytes),
+        device_peak_mem_bytes=max(device_peaks) if device_peaks else None,
+        est_params_bytes=memory["params"],
+        est_opt_state_bytes=memory["opt_state"],
+        est_state_bytes=memory["state"],
+        loss_first=float(losses[0]),
+        loss_last=float(losses[-1]),
+    )
+
+
+def provenance() -> dict:
+    """What it takes to rerun the figures: the command, the XLA/JAX environment, the commit."""
+    command = "python " + shlex.join(sys.argv)
+    env = {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_NUM_CPU_DEVICES") if k in os.environ}
+    if env:
+        command = shlex.join(f"{k}={v}" for k, v in env.items()) + " " + command
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], check=True,
+                                capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               check=True, capture_output=True, text=True).stdout.strip()
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return dict(command=command, commit=commit, jax_version=jax.__version__)
+
+
+def report(figures: dict) -> str:
+    """The figures as lines for people, then one `key=value` line for scripts."""
+    f = figures
+    mb = lambda b: "n/a" if b is None else f"{b / MB:.1f} MB"
+    peak_source = "measured f32 matmul" if f["peak_flops_measured"] else "train.peak_flops"
+    lines = [
+        f"command: {f['command']}",
+        f"commit: {f['commit']}  jax: {f['jax_version']}",
+        f"devices: {f['num_devices']} x {f['device_kind']}  mesh: {f['mesh']}",
+        f"parameters: {f['params']:,}  batch: {f['batch_size']} x {f['seq_len']} = "
+        f"{f['tokens_per_step']:,} tokens/step  steps/call: {f['steps_per_call']}",
+        f"compile: {f['compile_s']:.2f} s (lower {f['lower_s']:.2f} s)",
+        f"step: {f['ms_per_step']:.2f} ms median, p10 {f['ms_per_step_p10']:.2f}, "
+        f"p90 {f['ms_per_step_p90']:.2f} ({f['steps']} calls after {f['warmup']} warm-up); "
+        f"next batches {f['data_ms_per_step']:.2f} ms/step",
+        f"throughput: {f['tokens_per_sec']:,.0f} tokens/s, {f['flops_per_step'] / 1e9:.3f} GFLOP/step, "
+        f"{f['flops_per_sec'] / 1e9:.2f} GFLOP/s",
+        f"MFU: {100 * f['mfu']:.2f}% of {f['num_devices']} x {f['peak_flops_per_device'] / 1e9:.1f} "
+        f"GFLOP/s ({peak_source})",
+        f"memory/device: compiled peak {mb(f['peak_mem_bytes'])} (arguments "
+        f"{mb(f['compiled_argument_bytes'])} + outputs {mb(f['compiled_output_bytes'])} + temp "
+        f"{mb(f['compiled_temp_bytes'])} - aliased {mb(f['compiled_alias_bytes'])}); "
+        f"device peak {mb(f['device_peak_mem_bytes'])}",
+        f"estimate/device: params {mb(f['est_params_bytes'])} + optimizer {mb(f['est_opt_state_bytes'])}"
+        f" = state {mb(f['est_state_bytes'])}",
+        f"loss: {f['loss_first']:.4f} -> {f['loss_last']:.4f}",
+    ]
+    device_peak = f["device_peak_mem_bytes"]
+    summary = dict(
+        ms_per_step=f"{f['ms_per_step']:.3f}",
+        ms_per_step_p10=f"{f['ms_per_step_p10']:.3f}",
+        ms_per_step_p90=f"{f['ms_per_step_p90']:.3f}",
+        tokens_per_sec=f"{f['tokens_per_sec']:.1f}",
+        flops_per_step=f"{f['flops_per_step']:.6g}",
+        mfu=f"{f['mfu']:.5f}",
+        compile_s=f"{f['compile_s']:.3f}",
+        peak_mem_mb=f"{f['peak_mem_bytes'] / MB:.3f}",
+        device_peak_mem_mb="nan" if device_peak is None else f"{device_peak / MB:.3f}",
+        est_state_mb=f"{f['est_state_bytes'] / MB:.3f}",
+        params=str(f["params"]),
+        devices=str(f["num_devices"]),
+    )
+    lines.append(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
+    logging.getLogger("jaxlm").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="jaxlm_benchmark_") as tmp:
+        figures = benchmark(FLAGS.config, FLAGS.workdir or tmp, steps=FLAGS.steps, warmup=FLAGS.warmup)
+    figures = {**provenance(), **figures}
+    if jax.process_index() == 0:
+        print(report(figures), flush=True)
+        if FLAGS.json:
+            with open(FLAGS.json, "w") as f:
+                json.dump(figures, f, indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
