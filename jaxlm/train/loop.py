@@ -139,8 +139,8 @@ def train_and_evaluate(config, workdir: str):
             pending.append(step_metrics)
             bar.update(k)
             if step % t.log_every == 0 or step == t.steps:
+                figures = _summarize(pending, config, step)  # waits for the steps to finish
                 now = time.perf_counter()
-                figures = _summarize(pending, config, step)
                 elapsed = now - last_time
                 steps_done = sum(len(m["loss"]) for m in pending)
                 figures["train/tokens_per_sec"] = steps_done * tokens_per_step / elapsed
