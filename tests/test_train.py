@@ -158,3 +158,20 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(data_dir, tmp_path):
     state = loop.train_and_evaluate(config, str(workdir))  # resumes from the SIGTERM checkpoint
     assert int(state.step) == step + 5
     assert max(read_metrics(workdir)) == step + 5
+
+
+@needs_shakespeare
+def test_generate_cli_prints_the_greedy_continuation_of_the_latest_checkpoint(data_dir, tmp_path):
+    state = train(tiny_config(data_dir, steps=5), tmp_path)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxlm.generate", f"--workdir={tmp_path}", "--prompt=ROMEO:",
+         "--max_new_tokens=40", "--temperature=0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    config = config_lib.load(str(tmp_path))
+    run = loop.setup(config, str(tmp_path))
+    from jaxlm.infer import generate
+    prompt = np.array([run.tokenizer.encode("ROMEO:")])
+    tokens = generate.generate(run.task.model, jax.device_get(state.params), prompt, 40, temperature=0.0)
+    assert result.stdout == "ROMEO:" + run.tokenizer.decode(tokens[0].tolist()) + "\n"

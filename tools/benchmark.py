@@ -83,10 +83,8 @@ def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
     partitioner = run.partitioner
     devices = list(partitioner.mesh.devices.flat)
     local = [d for d in devices if d.process_index == jax.process_index()]
+    memory = state_memory(run.abstract_state(), local[0])
     state = state_lib.init(partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
-    # Only shapes and shardings count, so the initialised state gives what `run.abstract_state()`
-    # would (which fails today: `state.abstract` enters `jax.set_mesh` inside `eval_shape`).
-    memory = state_memory(state, local[0])
     train_iter = pipeline.train_iterator(
         tokenizer=run.tokenizer, split=config.data.train_split, global_batch_size=t.batch_size,
         seed=config.seed, **loop.data_kwargs(config))
