@@ -5,6 +5,7 @@ ConfigDict is locked: setting a key that does not exist (in a config file or wit
 `--config.a.b=v` on the command line) raises an error naming the key and the closest valid one.
 """
 
+import importlib.util
 import json
 import os
 
@@ -119,6 +120,14 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     c.lock()
     return c
+
+
+def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a `configs/*.py` file (what `--config=path[:arg]` loads)."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:

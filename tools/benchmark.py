@@ -32,7 +32,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxlm.data import pipeline
-from jaxlm.train import loop, metrics as metrics_lib, state as state_lib, step as step_lib
+from jaxlm.train import loop, metrics as metrics_lib, state as state_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
@@ -62,18 +62,6 @@ def state_memory(abstract_state, device) -> dict:
     return dict(params=params, opt_state=opt_state, state=bytes_on_device(abstract_state, device))
 
 
-def train_call(run):
-    """The jitted call `loop.train_and_evaluate` builds: `train.steps_per_call` steps, state donated."""
-    config, partitioner = run.config, run.partitioner
-    train_step = step_lib.make_train_step(run.task, run.tx, run.lr_schedule, seed=config.seed,
-                                          microbatches=config.train.microbatches,
-                                          skip_nonfinite=config.train.nan_policy == "skip")
-    return partitioner.jit(step_lib.repeat_steps(train_step),
-                           in_shardings=(run.shardings, partitioner.sharding(loop.STACKED)),
-                           out_shardings=(run.shardings, partitioner.replicated),
-                           donate_argnums=0)
-
-
 def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
     """Compiles and times the train call of `config`; returns the figures."""
     if steps < 1 or warmup < 0:
@@ -97,7 +85,7 @@ def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
 
     batches = next_batches()
     start = time.perf_counter()
-    lowered = train_call(run).lower(state, batches)
+    lowered = loop.make_train_call(run).lower(state, batches)
     lower_s = time.perf_counter() - start
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start

@@ -78,6 +78,18 @@ class Run:
         return state_lib.abstract(self.partitioner, self.task, self.tx, self.shardings)
 
 
+def make_train_call(run):
+    """The jitted call that runs `train.steps_per_call` steps over stacked batches, state donated."""
+    config, partitioner = run.config, run.partitioner
+    train_step = step_lib.make_train_step(run.task, run.tx, run.lr_schedule, seed=config.seed,
+                                          microbatches=config.train.microbatches,
+                                          skip_nonfinite=config.train.nan_policy == "skip")
+    return partitioner.jit(step_lib.repeat_steps(train_step),
+                           in_shardings=(run.shardings, partitioner.sharding(STACKED)),
+                           out_shardings=(run.shardings, partitioner.replicated),
+                           donate_argnums=0)
+
+
 def data_kwargs(config) -> dict:
     d = config.data
     return dict(name=d.name, seq_len=d.seq_len, data_dir=d.data_dir, files=d.files, text_key=d.text_key,
@@ -102,14 +114,7 @@ def train_and_evaluate(config, workdir: str):
     log.info("parameters: %s, mesh: %s", f"{metrics_lib.count_params(state.params):,}",
              dict(partitioner.mesh.shape))
 
-    train_step = step_lib.make_train_step(run.task, run.tx, run.lr_schedule, seed=config.seed,
-                                          microbatches=t.microbatches,
-                                          skip_nonfinite=t.nan_policy == "skip")
-    stacked = partitioner.sharding(STACKED)
-    steps_fn = partitioner.jit(step_lib.repeat_steps(train_step),
-                               in_shardings=(run.shardings, stacked),
-                               out_shardings=(run.shardings, partitioner.replicated),
-                               donate_argnums=0)
+    steps_fn = make_train_call(run)
     compiled = {}
 
     def run_steps(state, batches):
@@ -144,7 +149,7 @@ def train_and_evaluate(config, workdir: str):
                 elapsed = now - last_time
                 steps_done = sum(len(m["loss"]) for m in pending)
                 figures["train/tokens_per_sec"] = steps_done * tokens_per_step / elapsed
-                figures["train/mfu"] = steps_done * flops_per_step / elapsed / (peak * jax.device_count())
+                figures["train/mfu"] = steps_done * flops_per_step / elapsed / (peak * partitioner.mesh.size)
                 writer.write(step, figures)
                 bar.set_postfix(loss=f"{figures['train/loss']:.4f}",
                                 tok_s=f"{figures['train/tokens_per_sec']:.0f}")
