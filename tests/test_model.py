@@ -138,3 +138,34 @@ def test_every_parameter_has_logical_axes_and_large_ones_are_sharded():
     assert wi.addressable_shards[0].data.shape == (2, 16, 128)
     query = params["decoder"]["layers"]["attn"]["query"]["kernel"]  # [layers, embed, heads, kv]
     assert query.addressable_shards[0].data.shape == (2, 16, 2, 16)
+
+
+def test_compute_dtype_and_parameter_dtype_are_separate():
+    model = models.get(model_config(dtype="bfloat16"))
+    params = init(model)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+    logits = model.apply({"params": params}, tokens)
+    assert logits.dtype == jnp.float32  # the loss and softmax stay in float32
+    hidden = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens))(params)
+    assert "bf16" in str(hidden)  # the matmuls run in bfloat16
+    reference = models.get(model_config()).apply({"params": params}, tokens)
+    np.testing.assert_allclose(logits, reference, atol=0.1)
+
+
+def test_attention_backward_matches_autodiff_of_the_plain_formula():
+    from jaxlm.models import layers
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 3, 4)) for i in range(3))
+    bias = jax.random.normal(jax.random.key(3), (1, 3, 6, 6)) + layers.causal_bias(jnp.arange(6), 6)
+
+    def plain(q, k, v, bias):
+        probs = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias, -1)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+    d_out = jax.random.normal(jax.random.key(4), q.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * d_out)
+    np.testing.assert_allclose(layers.attention(q, k, v, bias), plain(q, k, v, bias), atol=1e-6)
+    for got, want in zip(jax.grad(loss(layers.attention), (0, 1, 2, 3))(q, k, v, bias),
+                         jax.grad(loss(plain), (0, 1, 2, 3))(q, k, v, bias)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-5)

@@ -30,7 +30,9 @@ class GPT(nn.Module):
                 nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("length", "embed")),
                 (self.max_len, cfg.emb_dim), cfg.param_dtype)
             x = x + jnp.take(pos_embed, positions, axis=0).astype(cfg.dtype)
-        x = nn.Dropout(cfg.dropout)(constrain(x), deterministic=deterministic)
+        batch, length = tokens.shape
+        x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
+                                    deterministic=deterministic)
         x = Stack(DecoderBlock, self.num_layers, scan=self.scan_layers, remat=self.remat,
                   block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),
                   name="decoder")(x, positions, deterministic, decode)
@@ -39,4 +41,5 @@ class GPT(nn.Module):
             logits = embed.attend(x)
         else:
             logits = dense(self.vocab_size, ("embed", "vocab"), cfg, "lm_head")(x)
-        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "vocab"))
+        return logits.reshape(batch, length, self.vocab_size)

@@ -1,8 +1,13 @@
 """The shared Transformer building blocks: every family (GPT, BERT, T5, ViT) uses these.
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`) and
-every large activation is constrained with (`batch`, `length`, ...) names; the mesh rules in the
-config turn them into shardings, so parallelism never touches this file.
+every large activation is constrained with (`batch`, ...) names; the mesh rules in the config turn
+them into shardings, so parallelism never touches this file.
+
+Between attention calls activations are kept flat, [batch * length, embed]: every projection is
+then a plain 2-D matmul. XLA:CPU turns [batch, length, embed] @ [embed, n] into batched dots with
+layout copies, measured 1.7x slower for a whole train step; on TPU and GPU the two are alike.
+Only attention sees [batch, length, heads, head_dim].
 """
 
 import dataclasses
@@ -15,7 +20,7 @@ import jax.numpy as jnp
 Array = jax.Array
 DType = Any
 
-ACTIVATION_AXES = ("batch", "length", "embed")
+ACTIVATION_AXES = ("batch", "embed")  # flat activations [batch * length, embed]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +120,8 @@ class Embed(nn.Module):
         return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype)
 
     def attend(self, x: Array) -> Array:
-        return jnp.einsum("bld,vd->blv", x, self.embedding.astype(self.cfg.dtype))
+        """Logits [..., vocab] of activations [..., embed] against the embedding table."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.cfg.dtype))
 
 
 def rotary(x: Array, positions: Array, theta: float) -> Array:
@@ -128,12 +134,56 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-class Attention(nn.Module):
-    """Multi-head attention. With `decode=True` keys and values go to a `cache` collection.
+def _attention_forward(q, k, v, bias):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
+    scores = scores - jnp.max(scores, -1, keepdims=True)
+    probs = jnp.exp(scores)
+    probs = (probs / jnp.sum(probs, -1, keepdims=True)).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out, (q, k, v, probs, out, bias.shape)
 
-    The cache holds `max_len` positions; a call with T new tokens writes them at the current
-    index and attends causally over everything written so far (prefill and one-token steps
-    are the same code).
+
+@jax.custom_vjp
+def attention(q: Array, k: Array, v: Array, bias: Array) -> Array:
+    """softmax(q k^T + bias) v over [batch, length, heads, head_dim]; q comes pre-scaled.
+
+    `bias` broadcasts to [batch, heads, q_len, k_len]: 0 where attending, -1e30 where masked, or
+    a learned position bias. The hand-written backward reuses the saved probabilities (no
+    recomputed softmax, no select on the mask), about 5-10% of a small model's train step on CPU.
+    """
+    return _attention_forward(q, k, v, bias)[0]
+
+
+def _attention_backward(saved, d_out):
+    q, k, v, probs, out, bias_shape = saved
+    d_v = jnp.einsum("bhqk,bqhd->bkhd", probs, d_out)
+    d_probs = jnp.einsum("bqhd,bkhd->bhqk", d_out, v)
+    row = jnp.einsum("bqhd,bqhd->bhq", d_out, out)[..., None]
+    d_scores = (probs * (d_probs - row)).astype(jnp.float32)
+    d_q = jnp.einsum("bhqk,bkhd->bqhd", d_scores.astype(q.dtype), k)
+    d_k = jnp.einsum("bhqk,bqhd->bkhd", d_scores.astype(q.dtype), q)
+    summed = tuple(i for i, n in enumerate(bias_shape) if n == 1)
+    d_bias = jnp.sum(d_scores, summed, keepdims=True) if summed else d_scores
+    return d_q, d_k, d_v, d_bias
+
+
+attention.defvjp(_attention_forward, _attention_backward)
+
+MASKED = -1e30
+
+
+def causal_bias(q_positions: Array, k_len: int) -> Array:
+    """[1, 1, q_len, k_len] additive mask: query at position p sees keys 0..p."""
+    visible = jnp.arange(k_len)[None, :] <= q_positions[:, None]
+    return jnp.where(visible, 0.0, MASKED)[None, None].astype(jnp.float32)
+
+
+class Attention(nn.Module):
+    """Multi-head attention on flat activations [batch * length, embed].
+
+    With `decode=True` keys and values go to a `cache` collection of `max_len` positions; a
+    call with T new tokens writes them at the current index and attends causally over all that
+    was written (prefill and one-token steps are the same code).
     """
 
     cfg: BlockConfig
@@ -143,21 +193,29 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, positions: Array, deterministic: bool = True, decode: bool = False):
         cfg = self.cfg
+        batch, length = positions.shape
+        split = lambda y: y.reshape(batch, length, cfg.num_heads, cfg.head_dim)
         proj = lambda name: dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg, name)
-        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
+        q, k, v = (split(proj(name)(x)) for name in ("query", "key", "value"))
         if cfg.positions == "rotary":
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        q = nn.with_logical_constraint(q / jnp.sqrt(cfg.head_dim).astype(q.dtype),
+                                       ("batch", "length", "heads", "kv"))
         if decode:
-            out = self._cached_attention(q, k, v)
+            k, v, q_positions = self._update_cache(k, v)
+            bias = causal_bias(q_positions, self.max_len)
+        elif self.causal:
+            bias = causal_bias(jnp.arange(length), length)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
+            bias = jnp.zeros((1, 1, 1, 1), jnp.float32)
+        out = attention(q, k, v, bias).reshape(batch * length, cfg.num_heads, cfg.head_dim)
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         out = dense(cfg.emb_dim, ("heads", "kv", "embed"), cfg, "out", in_axis=(-2, -1),
                     std=cfg.out_init_std)(out)
         return constrain(out)
 
-    def _cached_attention(self, q: Array, k: Array, v: Array) -> Array:
+    def _update_cache(self, k: Array, v: Array):
+        """Writes k, v at the cache index; returns the whole cache and the new tokens' positions."""
         batch, length, heads, head_dim = k.shape
         shape = (batch, self.max_len, heads, head_dim)
         cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
@@ -167,9 +225,7 @@ class Attention(nn.Module):
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
         index.value = start + length
-        query_pos = start + jnp.arange(length)
-        mask = jnp.arange(self.max_len)[None, :] <= query_pos[:, None]  # [length, max_len]
-        return jax.nn.dot_product_attention(q, cached_k.value, cached_v.value, mask=mask[None, None])
+        return cached_k.value, cached_v.value, start + jnp.arange(length)
 
 
 class Mlp(nn.Module):
@@ -185,6 +241,6 @@ class Mlp(nn.Module):
             up = nn.gelu(up, approximate=cfg.mlp == "gelu")
         else:
             raise ValueError(f"model.mlp={cfg.mlp!r}: expected 'gelu', 'gelu_exact' or 'swiglu'")
-        up = nn.with_logical_constraint(up, ("batch", "length", "mlp"))
+        up = nn.with_logical_constraint(up, ("batch", "mlp"))
         up = nn.Dropout(cfg.dropout)(up, deterministic=deterministic)
         return constrain(dense(cfg.emb_dim, ("mlp", "embed"), cfg, "wo", std=cfg.out_init_std)(up))
