@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import grain
 import numpy as np
 import pytest
 
@@ -168,31 +169,38 @@ def test_train_batches_shift_and_determinism(shakespeare_text, data_dir, char_to
 
 
 def window_ids(batch) -> list[int]:
-  """Window numbers of a batch built from `numbered_windows`."""
+  """Window numbers of a batch built from `numbered_tokens`."""
   return list(batch['inputs'][:, 0] // 10)
 
 
-def numbered_windows(n: int) -> np.ndarray:
-  return np.arange(n * 10, dtype=np.int32).reshape(n, 10)  # Window i starts with 10 * i.
+def numbered_tokens(n: int) -> np.ndarray:
+  """A stream whose window i (10 tokens, seq_len 9) starts at token 10 * i (+ the epoch offset)."""
+  return np.arange(n * 10 + 9, dtype=np.int32)
 
 
-def test_each_epoch_is_a_new_permutation():
+def dataset(n: int, **kwargs) -> grain.MapDataset:
+  return pipeline.train_dataset(numbered_tokens(n), seq_len=9, **kwargs)
+
+
+def test_each_epoch_is_a_new_permutation_with_new_window_boundaries():
   n, batch_size = 24, 4
-  ds = pipeline.train_dataset(numbered_windows(n), global_batch_size=batch_size, seed=0)
-  order = [i for j in range(3 * n // batch_size) for i in window_ids(ds[j])]
+  ds = dataset(n, global_batch_size=batch_size, seed=0)
+  batches = [ds[j]['inputs'] for j in range(3 * n // batch_size)]
+  order = [i for batch in batches for i in window_ids({'inputs': batch})]
   epochs = [order[:n], order[n:2 * n], order[2 * n:]]
   for epoch in epochs:
     assert sorted(epoch) == list(range(n))
   assert epochs[0] != list(range(n))
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+  offsets = [{int(x) for x in np.concatenate(batches[e * 6:(e + 1) * 6])[:, 0] % 10} for e in range(3)]
+  assert offsets[0] == {0} and len(offsets[1]) == len(offsets[2]) == 1  # one offset per epoch
+  assert offsets[1] != {0} or offsets[2] != {0}
 
 
 @pytest.mark.parametrize('process_count', [2, 4])
 def test_processes_see_slices_of_the_same_global_batches(process_count):
-  windows = numbered_windows(50)
-  single = pipeline.train_dataset(windows, global_batch_size=8, seed=3)
-  per_process = [pipeline.train_dataset(windows, global_batch_size=8, seed=3,
-                                        process_index=p, process_count=process_count)
+  single = dataset(50, global_batch_size=8, seed=3)
+  per_process = [dataset(50, global_batch_size=8, seed=3, process_index=p, process_count=process_count)
                  for p in range(process_count)]
   for j in range(20):  # Crosses epoch boundaries (50 windows, 8 per batch).
     rows = np.concatenate([ds[j]['inputs'] for ds in per_process])
@@ -201,8 +209,7 @@ def test_processes_see_slices_of_the_same_global_batches(process_count):
 
 def test_global_batch_not_divisible_names_both_numbers():
   with pytest.raises(ValueError, match=r'global_batch_size 10.*process_count 4'):
-    pipeline.train_dataset(numbered_windows(50), global_batch_size=10, seed=0,
-                           process_index=0, process_count=4)
+    dataset(50, global_batch_size=10, seed=0, process_index=0, process_count=4)
 
 
 def test_iterator_state_restores_the_next_batches(shakespeare_text, data_dir, char_tokenizer):

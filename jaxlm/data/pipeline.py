@@ -7,7 +7,7 @@ Public functions (all keyword-only after the first argument):
   token_stream(*, name, split, tokenizer, data_dir='', files='',
                text_key='text') -> np.ndarray
   pack(tokens, seq_len) -> np.ndarray                      # [windows, seq_len + 1]
-  train_dataset(windows, *, global_batch_size, seed, process_index=0,
+  train_dataset(tokens, *, seq_len, global_batch_size, seed, process_index=0,
                 process_count=1) -> grain.MapDataset
   train_iterator(*, name, split, tokenizer, seq_len, global_batch_size, seed,
                  process_index=0, process_count=1, data_dir='', files='',
@@ -31,7 +31,8 @@ vocabulary fits, else int32) and cached per (source, split, tokenizer) within
 the process: fine for corpora up to a few GB of tokens, not beyond.
 
 Training order: windows are shuffled with `seed`, reshuffled every epoch (a
-different permutation per epoch, each window once per epoch), and batched into
+different permutation per epoch, each window once per epoch; after the first
+epoch the window boundaries shift by a random offset per epoch), and batched into
 global batches; process p of P gets rows p*b..(p+1)*b of every global batch, so
 the global batches do not depend on the process count. The returned
 `grain.DatasetIterator` is checkpointable: `get_state()` is a small
@@ -162,20 +163,23 @@ def _check_windows(windows: np.ndarray, global_batch_size: int, what: str) -> No
         ' global_batch_size, or use more data.')
 
 
-def train_dataset(windows: np.ndarray, *, global_batch_size: int, seed: int,
+def train_dataset(tokens: np.ndarray, *, seq_len: int, global_batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """Shuffled, repeated, batched windows for one process (an infinite MapDataset).
+  """Shuffled, repeated, batched windows of `tokens` for one process (an infinite MapDataset).
 
-  Shuffle before repeat: Grain's shuffle derives a new seed for every epoch
-  from the index, so each epoch is a new permutation of all windows. Global
-  batch j is the shuffled rows j*G..(j+1)*G; batching by b = G/P and keeping
-  batches p, p+P, p+2P, ... gives process p rows p*b..(p+1)*b of every global
-  batch (batches may span an epoch boundary).
+  Epoch 0 cuts the stream into the windows of `pack`; every later epoch shifts all window
+  boundaries by an offset drawn from (seed, epoch), so a model trained for several epochs sees
+  new windows rather than the same ones again (nanoGPT draws every window at a random offset).
+  Shuffle before repeat: Grain's shuffle derives a new seed for every epoch from the index, so
+  each epoch is a new permutation. Global batch j is the shuffled rows j*G..(j+1)*G; batching by
+  b = G/P and keeping batches p, p+P, p+2P, ... gives process p rows p*b..(p+1)*b of every
+  global batch (batches may span an epoch boundary).
 
   Args:
-    windows: [n, seq_len + 1] token windows (see `pack`).
+    tokens: the token stream of the split (see `token_stream`).
+    seq_len: tokens per example.
     global_batch_size: rows per step over all processes.
-    seed: shuffle seed (0 <= seed < 2**32).
+    seed: shuffle and offset seed (0 <= seed < 2**32).
     process_index: this process.
     process_count: number of processes.
 
@@ -183,10 +187,19 @@ def train_dataset(windows: np.ndarray, *, global_batch_size: int, seed: int,
     A MapDataset of `{'inputs', 'targets'}` batches of int32[b, seq_len].
   """
   b = _per_process_batch_size(global_batch_size, process_index, process_count)
-  _check_windows(windows, global_batch_size, 'The training data')
-  ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()
+  window = seq_len + 1
+  count = max(len(tokens) - seq_len, 0) // window  # windows that fit at every offset
+  _check_windows(pack(tokens, seq_len)[:count], global_batch_size, 'The training data')
+
+  def cut(index: int, j: int) -> dict[str, np.ndarray]:
+    epoch = index // count
+    offset = int(np.random.default_rng([seed, epoch]).integers(window)) if epoch else 0
+    start = offset + int(j) * window
+    return _inputs_targets(tokens[start:start + window])
+
+  ds = grain.MapDataset.range(count).shuffle(seed=seed).repeat().map_with_index(cut)
   ds = ds.batch(b, drop_remainder=True)[process_index::process_count]
-  return ds.map(_inputs_targets)
+  return ds
 
 
 def train_iterator(*, name: str, split: str, tokenizer: tokenizers.Tokenizer, seq_len: int,
@@ -218,9 +231,9 @@ def train_iterator(*, name: str, split: str, tokenizer: tokenizers.Tokenizer, se
   """
   tokens = token_stream(name=name, split=split, tokenizer=tokenizer, data_dir=data_dir,
                         files=files, text_key=text_key)
-  windows = pack(tokens, seq_len)
-  _check_windows(windows, global_batch_size, f'Split {split!r} of {name} ({len(tokens)} tokens)')
-  ds = train_dataset(windows, global_batch_size=global_batch_size, seed=seed,
+  _check_windows(pack(tokens, seq_len), global_batch_size,
+                 f'Split {split!r} of {name} ({len(tokens)} tokens)')
+  ds = train_dataset(tokens, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
                      process_index=process_index, process_count=process_count)
   read_options = grain.ReadOptions(num_threads=num_threads,
                                    prefetch_buffer_size=prefetch_buffer_size)
