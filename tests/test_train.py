@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,3 +176,19 @@ def test_generate_cli_prints_the_greedy_continuation_of_the_latest_checkpoint(da
     prompt = np.array([run.tokenizer.encode("ROMEO:")])
     tokens = generate.generate(run.task.model, jax.device_get(state.params), prompt, 40, temperature=0.0)
     assert result.stdout == "ROMEO:" + run.tokenizer.decode(tokens[0].tolist()) + "\n"
+
+
+@needs_shakespeare
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing_after_it(data_dir, tmp_path):
+    config = tiny_config(data_dir, steps=20, steps_per_call=1)
+    config.optim.update(dict(lr=1e12, warmup_steps=0, clip_norm=0.0))
+    config.checkpoint.every = 1
+    with pytest.raises(loop.NonFiniteLoss, match=r"at step (\d+)") as error:
+        train(config, tmp_path)
+    bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
+    saved = checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step()
+    assert saved is None or saved < bad_step
+
+    config.train.nan_policy = "skip"
+    state = train(config, tmp_path / "skip")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
