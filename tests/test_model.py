@@ -169,3 +169,12 @@ def test_attention_backward_matches_autodiff_of_the_plain_formula():
                          jax.grad(loss(plain), (0, 1, 2, 3))(q, k, v, bias)):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_sampling_never_picks_the_padding_of_a_padded_vocabulary():
+    model = models.get(model_config(vocab_size=56, tie_embeddings=False, use_bias=True))
+    params = init(model)
+    params["lm_head"]["bias"] = params["lm_head"]["bias"].at[50:].set(1e3)  # the padding would win
+    out = generate.generate(model, params, np.array([[1, 2, 3]]), 30, temperature=0.0, vocab_size=50)
+    assert out.max() < 50
+    assert generate.generate(model, params, np.array([[1, 2, 3]]), 5, temperature=0.0).max() >= 50

@@ -31,23 +31,30 @@ def next_token(logits, rng, temperature: float, top_k: int, top_p: float):
     return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "top_k", "top_p"))
-def _segment(model, params, context, rng, *, steps: int, temperature: float, top_k: int, top_p: float):
-    """Prefills with `context` [b, t] and samples `steps` tokens; returns them [b, steps]."""
+@functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "top_k", "top_p",
+                                             "vocab_size"))
+def _segment(model, params, context, rng, *, steps: int, temperature: float, top_k: int, top_p: float,
+             vocab_size: int):
+    """Prefills with `context` [b, t] and samples `steps` tokens; returns them [b, steps].
+
+    Only the first `vocab_size` logits compete: a vocabulary padded for sharding
+    (`model.vocab_multiple`) has ids no tokenizer can decode.
+    """
     batch, length = context.shape
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
         lambda: model.init(jax.random.key(0), context[:, :1], decode=True)["cache"]))
     positions = jnp.broadcast_to(jnp.arange(length), context.shape)
     logits, mutated = model.apply({"params": params, "cache": cache}, context, positions,
                                   decode=True, mutable=["cache"])
-    first = next_token(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k, top_p)
+    first = next_token(logits[:, -1, :vocab_size], jax.random.fold_in(rng, 0), temperature, top_k, top_p)
 
     def decode_one(carry, i):
         cache, token = carry
         pos = jnp.full((batch, 1), length + i, jnp.int32)
         logits, mutated = model.apply({"params": params, "cache": cache}, token[:, None], pos,
                                       decode=True, mutable=["cache"])
-        new = next_token(logits[:, -1], jax.random.fold_in(rng, i + 1), temperature, top_k, top_p)
+        new = next_token(logits[:, -1, :vocab_size], jax.random.fold_in(rng, i + 1), temperature, top_k,
+                         top_p)
         return (mutated["cache"], new), token
 
     (_, last), tokens = jax.lax.scan(decode_one, (mutated["cache"], first), jnp.arange(steps - 1))
@@ -55,8 +62,12 @@ def _segment(model, params, context, rng, *, steps: int, temperature: float, top
 
 
 def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, seed: int = 0,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
-    """Samples `max_new_tokens` after `prompt` (int [batch, length]); returns the new tokens."""
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             vocab_size: int | None = None) -> np.ndarray:
+    """Samples `max_new_tokens` after `prompt` (int [batch, length]); returns the new tokens.
+
+    `vocab_size` (default: the model's) limits sampling to the ids the tokenizer knows.
+    """
     prompt = np.asarray(prompt, np.int32)
     max_len = model.max_len
     if prompt.shape[1] < 1:
@@ -69,7 +80,7 @@ def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, seed: in
         steps = min(max_len - context.shape[1], max_new_tokens - produced)
         tokens = np.asarray(_segment(model, params, jnp.asarray(context), jax.random.fold_in(rng, produced),
                                      steps=steps, temperature=float(temperature), top_k=int(top_k),
-                                     top_p=float(top_p)))
+                                     top_p=float(top_p), vocab_size=vocab_size or model.vocab_size))
         out.append(tokens)
         produced += steps
         context = np.concatenate([context, tokens], 1)[:, -(max_len // 2):]
@@ -81,5 +92,5 @@ def sample_text(model, params, tokenizer, sample_config, seed: int = 0) -> str:
     prompt = np.array([tokenizer.encode(sample_config.prompt)], np.int32)
     new = generate(model, params, prompt, sample_config.max_new_tokens, seed=seed,
                    temperature=sample_config.temperature, top_k=sample_config.top_k,
-                   top_p=sample_config.top_p)
+                   top_p=sample_config.top_p, vocab_size=tokenizer.vocab_size)
     return sample_config.prompt + tokenizer.decode(new[0].tolist())
