@@ -25,90 +25,109 @@ from collections.abc import Iterator, Sequence
 
 
 def expand_globs(files: str) -> list[str]:
-  """Returns the sorted files matching comma-separated globs; errors if none match."""
-  patterns = [p.strip() for p in files.split(',') if p.strip()]
-  if not patterns:
-    raise ValueError('--files is empty; give a glob such as --files="data/*.txt".')
-  paths = set()
-  for pattern in patterns:
-    paths.update(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
-  if not paths:
-    raise FileNotFoundError(f'No files match --files={files!r}.')
-  return sorted(paths)
+    """Returns the sorted files matching comma-separated globs; errors if none match."""
+    patterns = [p.strip() for p in files.split(",") if p.strip()]
+    if not patterns:
+        raise ValueError('--files is empty; give a glob such as --files="data/*.txt".')
+    paths = set()
+    for pattern in patterns:
+        paths.update(
+            p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+        )
+    if not paths:
+        raise FileNotFoundError(f"No files match --files={files!r}.")
+    return sorted(paths)
 
 
 def iter_lines(paths: Sequence[str]) -> Iterator[str]:
-  """Yields the lines of `paths`, newline included (invalid UTF-8 decoded as U+FFFD)."""
-  for path in paths:
-    with open(path, encoding='utf-8', errors='replace') as f:
-      yield from f
+    """Yields the lines of `paths`, newline included (invalid UTF-8 decoded as U+FFFD)."""
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield from f
 
 
-def train(files: str, *, vocab_size: int, model_type: str, output: str,
-          character_coverage: float = 0.9995, input_sentence_size: int = 0,
-          num_threads: int = 0) -> str:
-  """Trains a sentencepiece model and returns the path of the `.model` file.
+def train(
+    files: str,
+    *,
+    vocab_size: int,
+    model_type: str,
+    output: str,
+    character_coverage: float = 0.9995,
+    input_sentence_size: int = 0,
+    num_threads: int = 0,
+) -> str:
+    """Trains a sentencepiece model and returns the path of the `.model` file.
 
-  Args:
-    files: comma-separated globs of UTF-8 text files.
-    vocab_size: size of the vocabulary, specials and byte pieces included.
-    model_type: 'bpe' or 'unigram'.
-    output: model prefix; writes OUTPUT.model and OUTPUT.vocab.
-    character_coverage: fraction of characters that get their own piece.
-    input_sentence_size: sample at most this many lines (0: all).
-    num_threads: trainer threads (0: all CPU cores).
+    Args:
+      files: comma-separated globs of UTF-8 text files.
+      vocab_size: size of the vocabulary, specials and byte pieces included.
+      model_type: 'bpe' or 'unigram'.
+      output: model prefix; writes OUTPUT.model and OUTPUT.vocab.
+      character_coverage: fraction of characters that get their own piece.
+      input_sentence_size: sample at most this many lines (0: all).
+      num_threads: trainer threads (0: all CPU cores).
 
-  Returns:
-    The path of the written `.model` file.
-  """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    Returns:
+      The path of the written `.model` file.
+    """
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
-  paths = expand_globs(files)
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter_lines(paths),
-      model_prefix=output,
-      vocab_size=vocab_size,
-      model_type=model_type,
-      character_coverage=character_coverage,
-      byte_fallback=True,
-      # Lossless for a language model: keep text as is (no NFKC, no collapsing
-      # of spaces, no dummy prefix), so decode(encode(text)) == text and
-      # newlines and indentation get their own pieces.
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
-      add_dummy_prefix=False,
-      allow_whitespace_only_pieces=True,
-      pad_id=0, eos_id=1, unk_id=2, bos_id=3,
-      input_sentence_size=input_sentence_size,
-      shuffle_input_sentence=input_sentence_size > 0,
-      num_threads=num_threads or os.cpu_count() or 1,
-      minloglevel=1,
-  )
-  return output + '.model'
+    paths = expand_globs(files)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter_lines(paths),
+        model_prefix=output,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=True,
+        # Lossless for a language model: keep text as is (no NFKC, no collapsing
+        # of spaces, no dummy prefix), so decode(encode(text)) == text and
+        # newlines and indentation get their own pieces.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=3,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=input_sentence_size > 0,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=1,
+    )
+    return output + ".model"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--files', required=True, help='comma-separated globs of text files')
-  parser.add_argument('--vocab_size', type=int, default=8000)
-  parser.add_argument('--model_type', choices=('bpe', 'unigram'), default='bpe')
-  parser.add_argument('--output', required=True, help='model prefix: writes OUTPUT.model')
-  parser.add_argument('--character_coverage', type=float, default=0.9995)
-  parser.add_argument('--input_sentence_size', type=int, default=0,
-                      help='sample at most this many lines (0: all)')
-  parser.add_argument('--num_threads', type=int, default=0, help='0: all CPU cores')
-  args = parser.parse_args(argv)
-  try:
-    path = train(args.files, vocab_size=args.vocab_size, model_type=args.model_type,
-                 output=args.output, character_coverage=args.character_coverage,
-                 input_sentence_size=args.input_sentence_size, num_threads=args.num_threads)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  print(path)
-  return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", required=True, help="comma-separated globs of text files")
+    parser.add_argument("--vocab_size", type=int, default=8000)
+    parser.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
+    parser.add_argument("--output", required=True, help="model prefix: writes OUTPUT.model")
+    parser.add_argument("--character_coverage", type=float, default=0.9995)
+    parser.add_argument(
+        "--input_sentence_size", type=int, default=0, help="sample at most this many lines (0: all)"
+    )
+    parser.add_argument("--num_threads", type=int, default=0, help="0: all CPU cores")
+    args = parser.parse_args(argv)
+    try:
+        path = train(
+            args.files,
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            output=args.output,
+            character_coverage=args.character_coverage,
+            input_sentence_size=args.input_sentence_size,
+            num_threads=args.num_threads,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
