@@ -14,7 +14,6 @@ on the mesh's first device, times the mesh's device count. The last line printed
 
 import json
 import logging
-import math
 import os
 import shlex
 import subprocess
@@ -45,23 +44,6 @@ flags.mark_flags_as_required(["config"])
 MB = 2 ** 20
 
 
-def bytes_on_device(tree, device) -> int:
-    """Bytes `device` holds of a tree of sharded arrays (or ShapeDtypeStructs with shardings)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        index = x.sharding.devices_indices_map(x.shape).get(device)
-        if index is not None:  # an uneven shard is as long as its slice
-            total += math.prod(len(range(*s.indices(n))) for s, n in zip(index, x.shape)) * x.dtype.itemsize
-    return total
-
-
-def state_memory(abstract_state, device) -> dict:
-    """Bytes of the train state on `device`, known before anything is allocated."""
-    params = bytes_on_device(abstract_state.params, device)
-    opt_state = bytes_on_device(abstract_state.opt_state, device)
-    return dict(params=params, opt_state=opt_state, state=bytes_on_device(abstract_state, device))
-
-
 def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
     """Compiles and times the train call of `config`; returns the figures."""
     if steps < 1 or warmup < 0:
@@ -71,7 +53,7 @@ def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
     partitioner = run.partitioner
     devices = list(partitioner.mesh.devices.flat)
     local = [d for d in devices if d.process_index == jax.process_index()]
-    memory = state_memory(run.abstract_state(), local[0])
+    memory = metrics_lib.state_memory(run.abstract_state(), local[0])
     state = state_lib.init(partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
     train_iter = pipeline.train_iterator(
         tokenizer=run.tokenizer, split=config.data.train_split, global_batch_size=t.batch_size,

@@ -111,8 +111,10 @@ def train_and_evaluate(config, workdir: str):
                                    async_save=config.checkpoint.async_save)
     state = restore_or_init(run, ckpt, train_iter, workdir)
     start_step = int(state.step)
-    log.info("parameters: %s, mesh: %s", f"{metrics_lib.count_params(state.params):,}",
-             dict(partitioner.mesh.shape))
+    memory = metrics_lib.state_memory(run.abstract_state(), partitioner.mesh.devices.flat[0])
+    log.info("parameters: %s, mesh: %s, train state per device: %.1f MB (params %.1f, optimizer %.1f)",
+             f"{metrics_lib.count_params(state.params):,}", dict(partitioner.mesh.shape),
+             *(memory[k] / 2 ** 20 for k in ("state", "params", "opt_state")))
 
     steps_fn = make_train_call(run)
     compiled = {}
@@ -171,9 +173,12 @@ def train_and_evaluate(config, workdir: str):
         stop.restore()
         ckpt.close()
         writer.close()
-    if not stop.raised and jax.process_index() == 0 and config.sample.max_new_tokens > 0:
-        print(generate.sample_text(run.task.model, state.params, run.tokenizer, config.sample,
-                                   seed=config.seed), flush=True)
+    if not stop.raised and config.sample.max_new_tokens > 0:
+        # Every process takes part (the parameters are global arrays); process 0 prints.
+        text = generate.sample_text(run.task.model, state.params, run.tokenizer, config.sample,
+                                    seed=config.seed)
+        if jax.process_index() == 0:
+            print(text, flush=True)
     return state
 
 

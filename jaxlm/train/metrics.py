@@ -1,6 +1,7 @@
 """Where figures go: `metrics.jsonl`, TensorBoard event files, and a console progress bar."""
 
 import json
+import math
 import os
 import sys
 import time
@@ -67,3 +68,20 @@ def measure_matmul_peak(device=None, n: int = 2048, repeats: int = 5) -> float:
         matmul(x).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2.0 * n ** 3 / best
+
+
+def bytes_on_device(tree, device) -> int:
+    """Bytes `device` holds of a tree of sharded arrays (or ShapeDtypeStructs with shardings)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        index = x.sharding.devices_indices_map(x.shape).get(device)
+        if index is not None:  # an uneven shard is as long as its slice
+            total += math.prod(len(range(*s.indices(n))) for s, n in zip(index, x.shape)) * x.dtype.itemsize
+    return total
+
+
+def state_memory(abstract_state, device) -> dict:
+    """Bytes of the train state on `device`, known before anything is allocated."""
+    params = bytes_on_device(abstract_state.params, device)
+    opt_state = bytes_on_device(abstract_state.opt_state, device)
+    return dict(params=params, opt_state=opt_state, state=bytes_on_device(abstract_state, device))
