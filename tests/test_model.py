@@ -178,3 +178,21 @@ def test_sampling_never_picks_the_padding_of_a_padded_vocabulary():
     out = generate.generate(model, params, np.array([[1, 2, 3]]), 30, temperature=0.0, vocab_size=50)
     assert out.max() < 50
     assert generate.generate(model, params, np.array([[1, 2, 3]]), 5, temperature=0.0).max() >= 50
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_layer_norm_matches_flax_in_value_and_gradient(use_bias):
+    from jaxlm.models import layers
+    cfg = models.block_config(model_config(use_bias=use_bias))
+    x = jax.random.normal(jax.random.key(0), (6, 32)) * 3 + 1
+    ours, reference = layers.LayerNorm(cfg), nn.LayerNorm(use_bias=use_bias, epsilon=cfg.norm_eps)
+    params = {"scale": jax.random.normal(jax.random.key(1), (32,))}
+    if use_bias:
+        params["bias"] = jax.random.normal(jax.random.key(2), (32,))
+    d_out = jax.random.normal(jax.random.key(3), x.shape)
+    loss = lambda module: lambda p, x: jnp.sum(module.apply({"params": p}, x) * d_out)
+    np.testing.assert_allclose(ours.apply({"params": params}, x), reference.apply({"params": params}, x),
+                               atol=1e-5)
+    got, want = jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(reference), (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-4)

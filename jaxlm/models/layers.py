@@ -11,6 +11,7 @@ Only attention sees [batch, length, heads, head_dim].
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -87,18 +88,63 @@ def dense(features, axes, cfg: BlockConfig, name: str, in_axis=-1, std=None, use
     return Dense(features, tuple(axes), cfg, in_axes, std, use_bias, name=name)
 
 
+def _normalize(x: Array, eps: float):
+    centered = x - jnp.mean(x, -1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(centered * centered, -1, keepdims=True) + eps)
+    return centered * rstd, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def layer_norm(x: Array, scale: Array, eps: float) -> Array:
+    """(x - mean) / std * scale over the last axis, with the closed-form backward.
+
+    The hand-written gradient saves the normalized input and the inverse std instead of letting
+    autodiff replay the reductions: a few percent of a small model's step on CPU.
+    """
+    return _normalize(x, eps)[0] * scale
+
+
+def _layer_norm_forward(x, scale, eps):
+    normalized, rstd = _normalize(x, eps)
+    return normalized * scale, (normalized, rstd, scale)
+
+
+def _layer_norm_backward(eps, saved, d_out):
+    normalized, rstd, scale = saved
+    d_scale = jnp.sum(d_out * normalized, axis=tuple(range(d_out.ndim - 1)))
+    g = d_out * scale
+    d_x = rstd * (g - jnp.mean(g, -1, keepdims=True)
+                  - normalized * jnp.mean(g * normalized, -1, keepdims=True))
+    return d_x, d_scale
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm in float32 (parameters `scale` and, with `use_bias`, `bias`, as in Flax)."""
+
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg, features = self.cfg, x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (features,), cfg.param_dtype)
+        y = layer_norm(x.astype(jnp.float32), scale.astype(jnp.float32), cfg.norm_eps)
+        if cfg.use_bias:
+            y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                               (features,), cfg.param_dtype).astype(jnp.float32)
+        return y
+
+
 def norm(cfg: BlockConfig, name: str) -> nn.Module:
-    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
-    common = dict(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype, name=name)
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(
-            use_bias=cfg.use_bias,
-            scale_init=scale_init,
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-            **common,
-        )
+        return LayerNorm(cfg, name=name)
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(scale_init=scale_init, **common)
+        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype,
+                          scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                          name=name)
     raise ValueError(f"model.norm={cfg.norm!r}: expected 'layernorm' or 'rmsnorm'")
 
 
