@@ -17,11 +17,12 @@ def get_config():
     config.data.seq_len = 64
     config.model.update(dict(num_layers=4, num_heads=4, emb_dim=128, max_len=64, dropout=0.0,
                              scan_layers=False))  # a Python loop of 4 blocks runs faster on CPU
-    # Eval on the whole validation split (111k characters) every 500 steps.
-    config.train.update(dict(steps=2000, batch_size=12, log_every=50, eval_every=500,
-                             eval_batches=0, steps_per_call=50))
+    # Eval every 250 steps on 20 batches as nanoGPT does; for the whole validation split run
+    # `python -m jaxlm.evaluate --workdir=DIR` afterwards.
+    config.train.update(dict(steps=2000, batch_size=12, log_every=50, eval_every=250,
+                             eval_batches=20, steps_per_call=50))
     config.optim.update(dict(lr=1e-3, end_lr=1e-4, warmup_steps=100, b1=0.9, b2=0.99,
                              weight_decay=0.1, clip_norm=1.0))
     config.checkpoint.every = 1000
-    config.sample.update(dict(prompt="ROMEO:", max_new_tokens=300))
+    config.sample.update(dict(prompt="ROMEO:", max_new_tokens=50))  # more: python -m jaxlm.generate
     return config

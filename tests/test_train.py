@@ -192,3 +192,16 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing_after
     config.train.nan_policy = "skip"
     state = train(config, tmp_path / "skip")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+@needs_shakespeare
+def test_evaluate_reproduces_the_runs_last_eval_and_writes_it(data_dir, tmp_path):
+    from jaxlm import evaluate
+    train(tiny_config(data_dir, steps=5), tmp_path)
+    metrics = evaluate.evaluate(str(tmp_path), eval_batches=2)
+    assert metrics["step"] == 5
+    assert metrics["eval/loss"] == pytest.approx(read_metrics(tmp_path, "eval/loss")[5], rel=1e-6)
+    with open(tmp_path / "eval" / "validation" / "metrics.json") as f:
+        assert json.load(f) == metrics
+    whole = evaluate.evaluate(str(tmp_path))  # the whole split: another figure
+    assert whole["eval/loss"] != metrics["eval/loss"]

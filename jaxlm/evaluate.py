@@ -1,0 +1,50 @@
+"""Evaluates the latest checkpoint of a run: `python -m jaxlm.evaluate --workdir=DIR`.
+
+Writes `DIR/eval/SPLIT/metrics.json` and prints the metrics as JSON on stdout.
+"""
+
+import json
+import os
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from jaxlm import config as config_lib
+from jaxlm.train import checkpoint, loop
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A jaxlm run directory.")
+flags.DEFINE_string("split", None, "The split to evaluate (default: the run's data.eval_split).")
+flags.DEFINE_integer("eval_batches", 0, "Batches to evaluate (0: the whole split).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def evaluate(workdir: str, split: str | None = None, eval_batches: int = 0) -> dict:
+    """Metrics of the latest checkpoint in `workdir` on `split`; also written to the workdir."""
+    config = config_lib.load(workdir)
+    config.mesh.update(dict(data=-1, fsdp=1, tensor=1, stage=1, num_devices=0))
+    config.data.eval_split = split or config.data.eval_split
+    config.train.eval_batches = eval_batches
+    run = loop.setup(config, workdir)
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    params = ckpt.restore(run.abstract_state()).params
+    ckpt.close()
+    metrics = {"step": step, **loop.Evaluator(run, config)(params)}
+    out = os.path.join(workdir, "eval", config.data.eval_split)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def main(argv):
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    print(json.dumps(evaluate(FLAGS.workdir, FLAGS.split, FLAGS.eval_batches)))
+
+
+if __name__ == "__main__":
+    app.run(main)
