@@ -77,14 +77,17 @@ def generate(model, params, prompt: np.ndarray, max_new_tokens: int, *, seed: in
     context = prompt if prompt.shape[1] < max_len else prompt[:, -(max_len // 2):]
     rng, out, produced = jax.random.key(seed), [], 0
     while produced < max_new_tokens:
-        steps = min(max_len - context.shape[1], max_new_tokens - produced)
+        # After the first segment every segment decodes a full window, so one compiled segment
+        # serves them all; the last one's surplus tokens are dropped below.
+        room = max_len - context.shape[1]
+        steps = min(room, max_new_tokens) if produced == 0 else room
         tokens = np.asarray(_segment(model, params, jnp.asarray(context), jax.random.fold_in(rng, produced),
                                      steps=steps, temperature=float(temperature), top_k=int(top_k),
                                      top_p=float(top_p), vocab_size=vocab_size or model.vocab_size))
         out.append(tokens)
         produced += steps
         context = np.concatenate([context, tokens], 1)[:, -(max_len // 2):]
-    return np.concatenate(out, 1)
+    return np.concatenate(out, 1)[:, :max_new_tokens]
 
 
 def sample_text(model, params, tokenizer, sample_config, seed: int = 0) -> str:
