@@ -205,3 +205,16 @@ def test_evaluate_reproduces_the_runs_last_eval_and_writes_it(data_dir, tmp_path
         assert json.load(f) == metrics
     whole = evaluate.evaluate(str(tmp_path))  # the whole split: another figure
     assert whole["eval/loss"] != metrics["eval/loss"]
+
+
+@needs_shakespeare
+def test_a_run_that_cannot_restore_the_workdir_changes_nothing_in_it(data_dir, tmp_path):
+    train(tiny_config(data_dir, steps=5), tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+    config = tiny_config(data_dir, steps=10)
+    config.model.emb_dim = 64  # another model: its state cannot come from this checkpoint
+    with pytest.raises(ValueError, match=r"step 5 .* does not fit(.|\n)*params\.decoder\.layers\.mlp\.wi\.kernel: "
+                                         r"saved \(2, 32, 128\), this config \(2, 64, 256\)"):
+        train(config, tmp_path)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
+    assert after == before

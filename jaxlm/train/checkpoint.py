@@ -9,6 +9,7 @@ overwritten.
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data_iter"
@@ -42,6 +43,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        self.check_shapes(step, abstract_state)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -52,6 +54,22 @@ class Checkpointer:
                 f"cannot restore checkpoint step {step} from {self.directory}: {e}. The checkpoint "
                 "was left untouched; move it away to start from the previous one.") from e
         return restored[STATE]
+
+    def check_shapes(self, step: int, abstract_state) -> None:
+        """Raises naming the arrays whose saved shape differs from what the config builds."""
+        saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(self.manager.item_metadata(step)[STATE])}
+        wanted = {_dotted(path): tuple(x.shape)
+                  for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        problems = [f"{name}: saved {saved.get(name, 'nothing')}, this config {shape}"
+                    for name, shape in wanted.items() if saved.get(name) != shape]
+        problems += [f"{name}: saved {shape}, this config has no such array"
+                     for name, shape in saved.items() if name not in wanted]
+        if problems:
+            shown = "\n  ".join(sorted(problems, key=lambda p: not p.startswith("params"))[:8])
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} does not fit this config "
+                f"({len(problems)} arrays differ):\n  {shown}\nUse the config it was written "
+                "with, or another workdir; the checkpoint was left untouched.")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -70,3 +88,6 @@ def restore_params(workdir: str, abstract_state):
         source.close()
 
 
+def _dotted(path) -> str:
+    """`opt_state.1.0.mu.decoder.kernel`: the names Orbax gives saved arrays."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)

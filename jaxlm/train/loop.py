@@ -100,7 +100,6 @@ def train_and_evaluate(config, workdir: str):
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
     os.makedirs(workdir, exist_ok=True)
     run = setup(config, workdir)
-    config_lib.save(config, workdir)
     t = config.train
     partitioner = run.partitioner
     train_iter = pipeline.train_iterator(
@@ -110,6 +109,7 @@ def train_and_evaluate(config, workdir: str):
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
     state = restore_or_init(run, ckpt, train_iter, workdir)
+    config_lib.save(config, workdir)  # only now: a failed restore leaves the run's config as it was
     start_step = int(state.step)
     memory = metrics_lib.state_memory(run.abstract_state(), partitioner.mesh.devices.flat[0])
     log.info("parameters: %s, mesh: %s, train state per device: %.1f MB (params %.1f, optimizer %.1f)",
