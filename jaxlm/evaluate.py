@@ -10,7 +10,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from jaxlm import config as config_lib
-from jaxlm.train import checkpoint, loop
+from jaxlm.train import loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A jaxlm run directory.")
@@ -22,16 +22,9 @@ flags.mark_flags_as_required(["workdir"])
 def evaluate(workdir: str, split: str | None = None, eval_batches: int = 0) -> dict:
     """Metrics of the latest checkpoint in `workdir` on `split`; also written to the workdir."""
     config = config_lib.load(workdir)
-    config.mesh.update(dict(data=-1, fsdp=1, tensor=1, stage=1, num_devices=0))
     config.data.eval_split = split or config.data.eval_split
     config.train.eval_batches = eval_batches
-    run = loop.setup(config, workdir)
-    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    params = ckpt.restore(run.abstract_state()).params
-    ckpt.close()
+    run, params, step = loop.restore_latest(workdir, config)
     metrics = {"step": step, **loop.Evaluator(run, config)(params)}
     out = os.path.join(workdir, "eval", config.data.eval_split)
     os.makedirs(out, exist_ok=True)

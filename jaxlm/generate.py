@@ -3,13 +3,10 @@
 The text goes to stdout, logs to stderr.
 """
 
-import sys
-
 from absl import app, flags
 
-from jaxlm import config as config_lib
 from jaxlm.infer import generate
-from jaxlm.train import checkpoint, loop
+from jaxlm.train import loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A jaxlm run directory (config.json, tokenizer, checkpoints).")
@@ -25,15 +22,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    config = config_lib.load(FLAGS.workdir)
-    config.mesh.update(dict(data=-1, fsdp=1, tensor=1, stage=1))  # any checkpoint restores here
-    run = loop.setup(config, FLAGS.workdir)
-    ckpt = checkpoint.Checkpointer(FLAGS.workdir, read_only=True)
-    if ckpt.latest_step() is None:
-        sys.exit(f"no checkpoint in {ckpt.directory}")
-    params = ckpt.restore(run.abstract_state()).params
-    ckpt.close()
-    sample = config.sample
+    run, params, _ = loop.restore_latest(FLAGS.workdir)
+    sample = run.config.sample
     sample.update(dict(prompt=FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
                        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p))
     for i in range(FLAGS.num_samples):

@@ -72,8 +72,14 @@ def _write_config(directory: str | os.PathLike[str], config: dict) -> Path:
     return directory
 
 
-def _as_id_array(ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    return np.asarray(ids, dtype=np.int64).reshape(-1)
+def _as_id_array(ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+    """`ids` as a flat int array; raises unless every id is in [0, vocab_size)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(
+            f"Token ids must be in [0, {vocab_size}); got min {ids.min()}, max {ids.max()}."
+        )
+    return ids
 
 
 class CharTokenizer(Tokenizer):
@@ -122,12 +128,7 @@ class CharTokenizer(Tokenizer):
         return ids.astype(np.int32)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        ids = _as_id_array(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(
-                f"Token ids must be in [0, {self.vocab_size}); got"
-                f" min {ids.min()}, max {ids.max()}."
-            )
+        ids = _as_id_array(ids, self.vocab_size)
         return "".join(self._chars_array[ids].tolist())
 
     def save(self, directory: str | os.PathLike[str]) -> None:
@@ -153,12 +154,7 @@ class ByteTokenizer(Tokenizer):
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        ids = _as_id_array(ids)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(
-                f"Token ids must be in [0, {self.vocab_size}); got"
-                f" min {ids.min()}, max {ids.max()}."
-            )
+        ids = _as_id_array(ids, self.vocab_size)
         return ids[ids != self.eos_id].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def save(self, directory: str | os.PathLike[str]) -> None:
@@ -202,7 +198,7 @@ class SentencePieceTokenizer(Tokenizer):
         return np.asarray(self._sp.encode(text), dtype=np.int32)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self._sp.decode(_as_id_array(ids).tolist())
+        return self._sp.decode(_as_id_array(ids, self.vocab_size).tolist())
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         directory = _write_config(directory, {"kind": self.kind, "model_file": SENTENCEPIECE_FILE})

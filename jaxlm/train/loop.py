@@ -90,6 +90,25 @@ def make_train_call(run):
                            donate_argnums=0)
 
 
+def restore_latest(workdir: str, config=None):
+    """(run, params, step): a finished or running run's latest parameters, for inference.
+
+    `config` defaults to the run's own `config.json`; the mesh becomes all local devices on the
+    data axis, which any checkpoint restores onto.
+    """
+    config = config_lib.load(workdir) if config is None else config
+    config.mesh.update(dict(data=-1, fsdp=1, tensor=1, stage=1, num_devices=0))
+    run = setup(config, workdir)
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+        return run, ckpt.restore(run.abstract_state()).params, step
+    finally:
+        ckpt.close()
+
+
 def data_kwargs(config) -> dict:
     d = config.data
     return dict(name=d.name, seq_len=d.seq_len, data_dir=d.data_dir, files=d.files, text_key=d.text_key,
