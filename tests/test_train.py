@@ -218,3 +218,21 @@ def test_a_run_that_cannot_restore_the_workdir_changes_nothing_in_it(data_dir, t
         train(config, tmp_path)
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
     assert after == before
+
+
+@needs_shakespeare
+def test_init_from_loads_only_the_parameters_of_another_run(data_dir, tmp_path):
+    source = train(tiny_config(data_dir, steps=5), tmp_path / "source")
+    config = tiny_config(data_dir, steps=0)
+    config.optim.clip_norm = 0.0  # another optimizer state layout: only the parameters carry over
+    config.init_from = str(tmp_path / "source")
+    state = train(config, tmp_path / "target")
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(source.params)):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.step) == 0
+
+    config = tiny_config(data_dir, steps=0)
+    config.model.emb_dim = 64
+    config.init_from = str(tmp_path / "source")
+    with pytest.raises(ValueError, match=r"params\.decoder\.layers\.attn\.key\.kernel is saved as \(2, 32, 4, 8\)"):
+        train(config, tmp_path / "mismatch")

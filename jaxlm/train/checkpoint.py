@@ -79,11 +79,31 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(workdir: str, abstract_state):
-    """The parameters of the latest checkpoint in another jaxlm workdir (for `init_from`)."""
-    source = Checkpointer(workdir, read_only=True)
+def restore_params(workdir: str, abstract_params):
+    """The parameters of the latest checkpoint in another jaxlm workdir (for `init_from`).
+
+    Only the parameters are read, so the source run may have used another optimizer; a
+    parameter whose shape differs is an error that names it.
+    """
+    source = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
     try:
-        return source.restore(abstract_state).params
+        step = source.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"init_from: no checkpoint in {workdir}/checkpoints")
+        saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(source.item_metadata(step)[STATE])}
+        for path, x in jax.tree_util.tree_leaves_with_path(abstract_params):
+            name = "params." + _dotted(path)
+            if saved.get(name) != tuple(x.shape):
+                raise ValueError(f"init_from {workdir} step {step}: {name} is saved as "
+                                 f"{saved.get(name, 'nothing')}, this config builds {tuple(x.shape)}")
+        item = {"params": abstract_params}
+        restored = source.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True)}))
+        return restored[STATE]["params"]
     finally:
         source.close()
 

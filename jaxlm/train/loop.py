@@ -212,7 +212,8 @@ def restore_or_init(run, ckpt, train_iter, workdir: str):
         if os.path.abspath(config.init_from) == os.path.abspath(workdir):
             raise ValueError("init_from names this run's own workdir")
         log.info("initializing parameters from %s", config.init_from)
-        state = state.replace(params=checkpoint.restore_params(config.init_from, run.abstract_state()))
+        state = state.replace(params=checkpoint.restore_params(config.init_from,
+                                                               run.abstract_state().params))
     return state
 
 
