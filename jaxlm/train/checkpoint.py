@@ -57,11 +57,10 @@ class Checkpointer:
 
     def check_shapes(self, step: int, abstract_state) -> None:
         """Raises naming the arrays whose saved shape differs from what the config builds."""
-        saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(self.manager.item_metadata(step)[STATE])}
-        wanted = {_dotted(path): tuple(x.shape)
-                  for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        saved = _saved_shapes(self.manager, step)
+        wanted = _shapes(abstract_state)
         problems = [f"{name}: saved {saved.get(name, 'nothing')}, this config {shape}"
-                    for name, shape in wanted.items() if saved.get(name) != shape]
+                    for name, shape in _differing(saved, wanted)]
         problems += [f"{name}: saved {shape}, this config has no such array"
                      for name, shape in saved.items() if name not in wanted]
         if problems:
@@ -93,12 +92,10 @@ def restore_params(workdir: str, abstract_params):
         step = source.latest_step()
         if step is None:
             raise FileNotFoundError(f"init_from: no checkpoint in {workdir}/checkpoints")
-        saved = {m.name: tuple(m.shape) for m in jax.tree.leaves(source.item_metadata(step)[STATE])}
-        for path, x in jax.tree_util.tree_leaves_with_path(abstract_params):
-            name = "params." + _dotted(path)
-            if saved.get(name) != tuple(x.shape):
-                raise ValueError(f"init_from {workdir} step {step}: {name} is saved as "
-                                 f"{saved.get(name, 'nothing')}, this config builds {tuple(x.shape)}")
+        saved = _saved_shapes(source, step)
+        for name, shape in _differing(saved, _shapes({"params": abstract_params}))[:1]:
+            raise ValueError(f"init_from {workdir} step {step}: {name} is saved as "
+                             f"{saved.get(name, 'nothing')}, this config builds {shape}")
         item = {"params": abstract_params}
         restored = source.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -106,6 +103,19 @@ def restore_params(workdir: str, abstract_params):
         return restored[STATE]["params"]
     finally:
         source.close()
+
+
+def _saved_shapes(manager, step: int) -> dict:
+    return {m.name: tuple(m.shape) for m in jax.tree.leaves(manager.item_metadata(step)[STATE])}
+
+
+def _shapes(tree) -> dict:
+    return {_dotted(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _differing(saved: dict, wanted: dict) -> list[tuple[str, tuple]]:
+    """(name, wanted shape) of the arrays whose saved shape is not the wanted one."""
+    return [(name, shape) for name, shape in wanted.items() if saved.get(name) != shape]
 
 
 def _dotted(path) -> str:
