@@ -53,7 +53,7 @@ def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
     partitioner = run.partitioner
     devices = list(partitioner.mesh.devices.flat)
     local = [d for d in devices if d.process_index == jax.process_index()]
-    memory = metrics_lib.state_memory(run.abstract_state(), local[0])
+    memory = metrics_lib.state_memory(run.abstract_state, local[0])
     state = state_lib.init(partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
     train_iter = pipeline.train_iterator(
         tokenizer=run.tokenizer, split=config.data.train_split, global_batch_size=t.batch_size,

@@ -6,6 +6,7 @@ fetched from the device only when they are logged, so the host never waits on a 
 need to see.
 """
 
+import functools
 import logging
 import os
 import signal
@@ -74,7 +75,9 @@ class Run:
         self.tx, self.lr_schedule = tx, lr_schedule
         self.partitioner, self.shardings = partitioner, shardings
 
+    @functools.cached_property
     def abstract_state(self):
+        """The state's ShapeDtypeStructs with shardings (traced once, used several times)."""
         return state_lib.abstract(self.partitioner, self.task, self.tx, self.shardings)
 
 
@@ -104,7 +107,7 @@ def restore_latest(workdir: str, config=None):
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-        return run, ckpt.restore(run.abstract_state()).params, step
+        return run, ckpt.restore(run.abstract_state).params, step
     finally:
         ckpt.close()
 
@@ -130,7 +133,7 @@ def train_and_evaluate(config, workdir: str):
     state = restore_or_init(run, ckpt, train_iter, workdir)
     config_lib.save(config, workdir)  # only now: a failed restore leaves the run's config as it was
     start_step = int(state.step)
-    memory = metrics_lib.state_memory(run.abstract_state(), partitioner.mesh.devices.flat[0])
+    memory = metrics_lib.state_memory(run.abstract_state, partitioner.mesh.devices.flat[0])
     log.info("parameters: %s, mesh: %s, train state per device: %.1f MB (params %.1f, optimizer %.1f)",
              f"{metrics_lib.count_params(state.params):,}", dict(partitioner.mesh.shape),
              *(memory[k] / 2 ** 20 for k in ("state", "params", "opt_state")))
@@ -206,14 +209,14 @@ def restore_or_init(run, ckpt, train_iter, workdir: str):
     config = run.config
     if ckpt.latest_step() is not None:
         log.info("resuming from %s step %d", ckpt.directory, ckpt.latest_step())
-        return ckpt.restore(run.abstract_state(), train_iter)
+        return ckpt.restore(run.abstract_state, train_iter)
     state = state_lib.init(run.partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
     if config.init_from:
         if os.path.abspath(config.init_from) == os.path.abspath(workdir):
             raise ValueError("init_from names this run's own workdir")
         log.info("initializing parameters from %s", config.init_from)
         state = state.replace(params=checkpoint.restore_params(config.init_from,
-                                                               run.abstract_state().params))
+                                                               run.abstract_state.params))
     return state
 
 
@@ -257,11 +260,16 @@ def _stack(batches: list) -> dict:
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+def _merge(pending: list) -> dict:
+    """The per-step metrics of the pending calls, fetched and joined into one array per key."""
+    values = jax.device_get(pending)
+    return {k: np.concatenate([np.atleast_1d(v[k]) for v in values]) for k in values[0]}
+
+
 def _summarize(pending: list, config, step: int) -> dict:
     """Means over the logged interval (the learning rate is the last step's)."""
-    values = jax.device_get(pending)
-    merged = {k: np.concatenate([np.atleast_1d(v[k]) for v in values]) for k in values[0]}
-    _raise_if_nonfinite(merged, config, step)
+    merged = _merge(pending)
+    _raise_if_nonfinite(merged["finite"], config, step)
     figures = {f"train/{k}": float(np.mean(v)) for k, v in merged.items() if k not in ("finite", "learning_rate")}
     figures["train/learning_rate"] = float(merged["learning_rate"][-1])
     return figures
@@ -270,13 +278,10 @@ def _summarize(pending: list, config, step: int) -> dict:
 def _check_finite(pending: list, config, step: int) -> None:
     """Before a save: never write a checkpoint of a run whose loss went non-finite."""
     if pending:
-        values = jax.device_get(pending)
-        merged = {"finite": np.concatenate([np.atleast_1d(v["finite"]) for v in values])}
-        _raise_if_nonfinite(merged, config, step)
+        _raise_if_nonfinite(_merge(pending)["finite"], config, step)
 
 
-def _raise_if_nonfinite(merged: dict, config, step: int) -> None:
-    finite = merged["finite"]
+def _raise_if_nonfinite(finite: np.ndarray, config, step: int) -> None:
     if config.train.nan_policy == "stop" and not finite.all():
         bad = step - len(finite) + int(np.argmin(finite)) + 1
         raise NonFiniteLoss(f"non-finite loss or gradient at step {bad} (train.nan_policy='stop'); "
