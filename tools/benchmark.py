@@ -5,7 +5,7 @@ r"""Measures a config's train step: compile time, ms/step, tokens/s, MFU and mem
 
 The run is built the way the trainer builds it: `loop.setup`, `state.init`, the same jitted
 `repeat_steps(train_step)` with the state's shardings and donation, and real batches from
-`pipeline.train_iterator`. Each call runs `train.steps_per_call` steps; figures are per step.
+the task's `train_iterator`. Each call runs `train.steps_per_call` steps; figures are per step.
 Only the train call is timed (fetching and sharding the next batches is timed apart, as
 `data_ms_per_step`). The MFU denominator is `train.peak_flops` when set, else a matmul measured
 on the mesh's first device, times the mesh's device count. The last line printed is
@@ -30,7 +30,6 @@ from ml_collections import config_flags
 # The checkout's jaxlm, also when it is not pip-installed (`python tools/benchmark.py ...`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxlm.data import pipeline
 from jaxlm.train import loop, metrics as metrics_lib, state as state_lib
 
 FLAGS = flags.FLAGS
@@ -55,9 +54,7 @@ def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
     local = [d for d in devices if d.process_index == jax.process_index()]
     memory = metrics_lib.state_memory(run.abstract_state, local[0])
     state = state_lib.init(partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
-    train_iter = pipeline.train_iterator(
-        tokenizer=run.tokenizer, split=config.data.train_split, global_batch_size=t.batch_size,
-        seed=config.seed, **loop.data_kwargs(config))
+    train_iter = run.task.train_iterator()
     k = t.steps_per_call
 
     def next_batches():
@@ -90,8 +87,9 @@ def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
     losses = np.concatenate(jax.device_get(losses))
 
     peak_flops = t.peak_flops or metrics_lib.measure_matmul_peak(local[0])
-    tokens_per_step = t.batch_size * config.data.seq_len
-    flops_per_step = metrics_lib.flops_per_token(config.model, state.params, config.data.seq_len) * tokens_per_step
+    tokens_per_step = t.batch_size * run.task.tokens_per_example
+    flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
+        config.model, state.params, run.task.tokens_per_example)
     p10, p50, p90 = np.percentile(call_s, [10, 50, 90]) / k
     compiled_memory = compiled.memory_analysis()
     device_stats = [d.memory_stats() or {} for d in local]

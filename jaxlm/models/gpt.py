@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models.layers import BlockConfig, Embed, constrain, dense, norm
-from jaxlm.models.transformer import DecoderBlock, Stack
+from jaxlm.models.transformer import Context, Stack
 
 
 class GPT(nn.Module):
@@ -33,9 +33,9 @@ class GPT(nn.Module):
         batch, length = tokens.shape
         x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
-        x = Stack(DecoderBlock, self.num_layers, scan=self.scan_layers, remat=self.remat,
+        x = Stack(self.num_layers, scan=self.scan_layers, remat=self.remat,
                   block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),
-                  name="decoder")(x, positions, deterministic, decode)
+                  name="decoder")(x, Context(positions), deterministic, decode)
         x = norm(cfg, "final_norm")(x).astype(cfg.dtype)
         if self.tie_embeddings:
             logits = embed.attend(x)

@@ -39,6 +39,8 @@ class BlockConfig:
     rope_theta: float = 10000.0
     dropout: float = 0.0
     use_bias: bool = False
+    post_norm: bool = False  # BERT: normalize after each residual add instead of before the branch
+    scale_queries: bool = True  # T5 folds 1/sqrt(head_dim) into its initialization instead
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     init_std: float = 0.02
@@ -224,12 +226,21 @@ def causal_bias(q_positions: Array, k_len: int) -> Array:
     return jnp.where(visible, 0.0, MASKED)[None, None].astype(jnp.float32)
 
 
+def padding_bias(mask: Array) -> Array:
+    """[batch, 1, 1, k_len] additive bias from a key mask [batch, k_len] (True/1 = a real token)."""
+    return jnp.where(mask.astype(bool), 0.0, MASKED)[:, None, None, :].astype(jnp.float32)
+
+
 class Attention(nn.Module):
     """Multi-head attention on flat activations [batch * length, embed].
 
-    With `decode=True` keys and values go to a `cache` collection of `max_len` positions; a
-    call with T new tokens writes them at the current index and attends causally over all that
-    was written (prefill and one-token steps are the same code).
+    Self-attention unless `memory` (flat [batch * memory_length, embed], e.g. the encoder output)
+    is given: then keys and values come from it (cross-attention). `bias` is added to the scores
+    (padding masks, relative position biases); a causal mask is added when `causal`.
+
+    With `decode=True` self-attention keys and values go to a `cache` collection of `max_len`
+    positions; a call with T new tokens writes them at the current index and attends causally
+    over all that was written (prefill and one-token steps are the same code).
     """
 
     cfg: BlockConfig
@@ -237,24 +248,26 @@ class Attention(nn.Module):
     max_len: int = 0  # cache length for decoding
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, deterministic: bool = True, decode: bool = False):
+    def __call__(self, x: Array, positions: Array, bias: Array | None = None,
+                 memory: Array | None = None, deterministic: bool = True, decode: bool = False):
         cfg = self.cfg
         batch, length = positions.shape
-        split = lambda y: y.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+        heads = lambda y: y.reshape(batch, -1, cfg.num_heads, cfg.head_dim)
         proj = lambda name: dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg, name)
-        q, k, v = (split(proj(name)(x)) for name in ("query", "key", "value"))
-        if cfg.positions == "rotary":
+        source = x if memory is None else memory
+        q, k, v = heads(proj("query")(x)), heads(proj("key")(source)), heads(proj("value")(source))
+        if cfg.positions == "rotary" and memory is None:
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
-        q = nn.with_logical_constraint(q / jnp.sqrt(cfg.head_dim).astype(q.dtype),
-                                       ("batch", "length", "heads", "kv"))
-        if decode:
+        if cfg.scale_queries:
+            q = q / jnp.sqrt(cfg.head_dim).astype(q.dtype)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        scores_bias = jnp.zeros((1, 1, 1, 1), jnp.float32) if bias is None else bias
+        if decode and memory is None:
             k, v, q_positions = self._update_cache(k, v)
-            bias = causal_bias(q_positions, self.max_len)
-        elif self.causal:
-            bias = causal_bias(jnp.arange(length), length)
-        else:
-            bias = jnp.zeros((1, 1, 1, 1), jnp.float32)
-        out = attention(q, k, v, bias).reshape(batch * length, cfg.num_heads, cfg.head_dim)
+            scores_bias = scores_bias + causal_bias(q_positions, self.max_len)
+        elif self.causal and memory is None:
+            scores_bias = scores_bias + causal_bias(jnp.arange(length), length)
+        out = attention(q, k, v, scores_bias).reshape(batch * length, cfg.num_heads, cfg.head_dim)
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         out = dense(cfg.emb_dim, ("heads", "kv", "embed"), cfg, "out", in_axis=(-2, -1),
                     std=cfg.out_init_std)(out)
@@ -274,19 +287,68 @@ class Attention(nn.Module):
         return cached_k.value, cached_v.value, start + jnp.arange(length)
 
 
+def relative_bucket(relative: Array, bidirectional: bool, num_buckets: int, max_distance: int):
+    """T5's bucket of each key-minus-query offset: exact for small offsets, log-spaced beyond,
+    all offsets past `max_distance` share the last bucket; bidirectional halves per direction."""
+    bucket = jnp.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = jnp.where(relative > 0, num_buckets, 0)
+        distance = jnp.abs(relative)
+    else:
+        distance = jnp.maximum(-relative, 0)
+    exact = num_buckets // 2
+    log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / jnp.log(max_distance / exact)
+    far = exact + (log_ratio * (num_buckets - exact)).astype(jnp.int32)
+    far = jnp.minimum(far, num_buckets - 1)
+    return bucket + jnp.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned scalar bias per (bucket of key - query offset, head), shared by all layers."""
+
+    num_buckets: int
+    max_distance: int
+    bidirectional: bool
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, q_positions: Array, k_positions: Array) -> Array:
+        """[1, heads, q_len, k_len] for 1-D query and key positions."""
+        table = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std),
+                                                      ("relpos_buckets", "heads")),
+            (self.num_buckets, self.cfg.num_heads), self.cfg.param_dtype)
+        buckets = relative_bucket(k_positions[None, :] - q_positions[:, None], self.bidirectional,
+                                  self.num_buckets, self.max_distance)
+        return jnp.take(table, buckets, axis=0).astype(jnp.float32).transpose(2, 0, 1)[None]
+
+
+# model.mlp -> (activation, gated). gelu is the tanh approximation (GPT-2, T5.1.1's gated-gelu),
+# gelu_exact the erf form (BERT, ViT); relu is T5.1.0's.
+ACTIVATIONS = {
+    "gelu": (functools.partial(nn.gelu, approximate=True), False),
+    "gelu_exact": (functools.partial(nn.gelu, approximate=False), False),
+    "relu": (nn.relu, False),
+    "swiglu": (nn.silu, True),
+    "geglu": (functools.partial(nn.gelu, approximate=True), True),
+}
+
+
 class Mlp(nn.Module):
     cfg: BlockConfig
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         cfg = self.cfg
+        if cfg.mlp not in ACTIVATIONS:
+            raise ValueError(f"model.mlp={cfg.mlp!r}: expected one of {sorted(ACTIVATIONS)}")
+        activation, gated = ACTIVATIONS[cfg.mlp]
         up = dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "wi")(x)
-        if cfg.mlp == "swiglu":
-            up = nn.silu(dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "wg")(x)) * up
-        elif cfg.mlp in ("gelu", "gelu_exact"):
-            up = nn.gelu(up, approximate=cfg.mlp == "gelu")
+        if gated:  # GLU: activation(x @ wg) * (x @ wi)
+            up = activation(dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "wg")(x)) * up
         else:
-            raise ValueError(f"model.mlp={cfg.mlp!r}: expected 'gelu', 'gelu_exact' or 'swiglu'")
+            up = activation(up)
         up = nn.with_logical_constraint(up, ("batch", "mlp"))
         up = nn.Dropout(cfg.dropout)(up, deterministic=deterministic)
         return constrain(dense(cfg.emb_dim, ("mlp", "embed"), cfg, "wo", std=cfg.out_init_std)(up))

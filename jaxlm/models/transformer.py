@@ -1,9 +1,10 @@
 """Transformer blocks and the layer stack (scanned or unrolled, with remat), shared by all families."""
 
 import flax.linen as nn
+import flax.struct
 import jax
 
-from jaxlm.models.layers import Attention, BlockConfig, Mlp, constrain, norm
+from jaxlm.models.layers import Array, Attention, BlockConfig, Mlp, constrain, norm
 
 REMAT_POLICIES = {
     "none": None,
@@ -12,40 +13,67 @@ REMAT_POLICIES = {
 }
 
 
-class DecoderBlock(nn.Module):
-    """Pre-norm self-attention + MLP block (GPT-2 / Llama layout)."""
+@flax.struct.dataclass
+class Context:
+    """What every layer of a stack sees besides its input, computed once per forward pass.
+
+    positions: int [batch, length] of the layer's tokens (rotary, KV-cache index).
+    bias: additive self-attention bias (padding mask, relative positions) or None.
+    memory: flat [batch * memory_length, embed] for cross-attention (the encoder output) or None.
+    memory_bias: additive cross-attention bias (the memory's padding mask) or None.
+    """
+
+    positions: Array
+    bias: Array | None = None
+    memory: Array | None = None
+    memory_bias: Array | None = None
+
+
+class Block(nn.Module):
+    """Self-attention (+ cross-attention when `cross`) + MLP, each a residual branch.
+
+    Pre-norm (GPT-2, T5, ViT: normalize the branch input) or, with `cfg.post_norm`, post-norm
+    (BERT: normalize after each residual add).
+    """
 
     cfg: BlockConfig
     causal: bool = True
+    cross: bool = False
     max_len: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, deterministic: bool = True, decode: bool = False):
+    def __call__(self, x, ctx: Context, deterministic: bool = True, decode: bool = False):
         cfg = self.cfg
-        drop = nn.Dropout(cfg.dropout)
-        h = norm(cfg, "attn_norm")(x)
-        h = Attention(cfg, causal=self.causal, max_len=self.max_len, name="attn")(
-            h, positions, deterministic, decode)
-        x = x + drop(h, deterministic=deterministic)
-        h = Mlp(cfg, name="mlp")(norm(cfg, "mlp_norm")(x), deterministic)
-        x = constrain(x + drop(h, deterministic=deterministic))
-        return x, None  # (carry, output) so the block can be scanned
+        branches = [("attn", lambda h: Attention(cfg, self.causal, self.max_len, name="attn")(
+            h, ctx.positions, ctx.bias, None, deterministic, decode))]
+        if self.cross:
+            branches.append(("cross", lambda h: Attention(cfg, False, name="cross_attn")(
+                h, ctx.positions, ctx.memory_bias, ctx.memory, deterministic)))
+        branches.append(("mlp", lambda h: Mlp(cfg, name="mlp")(h, deterministic)))
+        for name, branch in branches:
+            if cfg.post_norm:
+                x = norm(cfg, f"{name}_norm")(x + self._dropout(branch(x), deterministic))
+            else:
+                x = x + self._dropout(branch(norm(cfg, f"{name}_norm")(x)), deterministic)
+        return constrain(x.astype(cfg.dtype)), None  # (carry, output) so the block can be scanned
+
+    def _dropout(self, h, deterministic):
+        return nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
 
 
 class Stack(nn.Module):
     """`num_layers` blocks: one scanned block with a leading `layers` axis, or a Python loop."""
 
-    block: type[nn.Module]
     num_layers: int
     scan: bool = True
     remat: str = "none"
     block_kwargs: dict = None
 
     @nn.compact
-    def __call__(self, x, positions, deterministic: bool = True, decode: bool = False):
+    def __call__(self, x, ctx: Context, deterministic: bool = True, decode: bool = False):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        block = self.block
+        block = Block
         if self.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan,
                              static_argnums=(3, 4))
@@ -59,8 +87,8 @@ class Stack(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(name="layers", **kwargs)(x, positions, deterministic, decode)
+            x, _ = scanned(name="layers", **kwargs)(x, ctx, deterministic, decode)
             return x
         for i in range(self.num_layers):
-            x, _ = block(name=f"layers_{i}", **kwargs)(x, positions, deterministic, decode)
+            x, _ = block(name=f"layers_{i}", **kwargs)(x, ctx, deterministic, decode)
         return x

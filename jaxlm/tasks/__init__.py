@@ -1,16 +1,21 @@
-"""Objectives, kept apart from the trainer: `get(config, model)` returns the task object.
+"""Objectives, kept apart from the trainer (see `base.Task` for what a task offers).
 
-A task offers `init(rng)`, `loss(params, batch, rng, train) -> (loss_sum, metric sums)` and
-`summarize(sums) -> metrics`, so one trainer serves every family and every fine-tuning task.
+  task_class = tasks.get(config.task.name)
+  tokenizer = task_class.build_tokenizer(config, workdir)
+  task = task_class(config, tokenizer)   # fills config.model.vocab_size, builds task.model
 """
 
-from jaxlm.tasks import causal_lm
+import importlib
 
-TASKS = {"causal_lm": lambda config, model: causal_lm.CausalLM(model, config.data.seq_len)}
+# task name -> "module:class", imported on use so a text run never imports the image stack.
+TASKS = {
+    "causal_lm": "causal_lm:CausalLM",
+}
 
 
-def get(config, model):
-    name = config.task.name
+def get(name: str):
+    """The task class registered under `name` (`config.task.name`)."""
     if name not in TASKS:
         raise ValueError(f"task.name={name!r}: expected one of {sorted(TASKS)}")
-    return TASKS[name](config, model)
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(f"jaxlm.tasks.{module}"), cls)

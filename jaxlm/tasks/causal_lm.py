@@ -1,48 +1,55 @@
-"""Causal language modelling: predict token t+1 from tokens <= t.
+"""Causal language modelling: predict token t+1 from tokens <= t."""
 
-A task owns what the trainer must not know about: the batch layout, how to run the model on it,
-the loss and the metrics. Losses are returned as sums with their weight so that gradient
-accumulation and multi-device reduction stay exact.
-"""
-
-import jax
 import jax.numpy as jnp
-import optax
+
+from jaxlm.data import pipeline
+from jaxlm.infer import generate
+from jaxlm.tasks import base
 
 
-def token_loss(logits, targets, weights=None):
-    """Summed softmax cross-entropy (float32) and token accuracy over weighted positions."""
-    if weights is None:
-        weights = jnp.ones(targets.shape, jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    total = jnp.sum(losses * weights)
-    return total, {"loss": total, "correct": jnp.sum(correct * weights), "weight": jnp.sum(weights)}
-
-
-def summarize(sums: dict) -> dict:
-    """Turns summed metrics into means: loss, perplexity, accuracy."""
-    weight = jnp.maximum(sums["weight"], 1.0)
-    loss = sums["loss"] / weight
-    return {"loss": loss, "perplexity": jnp.exp(loss), "accuracy": sums["correct"] / weight}
-
-
-class CausalLM:
+class CausalLM(base.Task):
     """Batches are `{'inputs': int32[b, l], 'targets': int32[b, l]}` (+ optional float `weights`)."""
 
-    def __init__(self, model, seq_len: int):
-        self.model = model
-        self.seq_len = seq_len
+    def __init__(self, config, tokenizer):
+        super().__init__(config, tokenizer)
+        if config.data.seq_len > config.model.max_len:
+            raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
+        self.set_vocab_size(tokenizer.vocab_size)
+        self.model = self.build_model()
+        self.tokens_per_example = config.data.seq_len
 
-    def init(self, rng: jax.Array, batch_size: int = 1):
-        tokens = jnp.zeros((batch_size, self.seq_len), jnp.int32)
-        return self.model.init({"params": rng, "dropout": rng}, tokens)
+    def dummy_batch(self):
+        return {"inputs": jnp.zeros((1, self.config.data.seq_len), jnp.int32)}
+
+    def model_inputs(self, batch):
+        return {"tokens": batch["inputs"]}
 
     def loss(self, params, batch, rng=None, train: bool = False):
         """Returns (summed loss, {'loss': sum, 'correct': sum, 'weight': sum})."""
-        rngs = {"dropout": rng} if train and rng is not None else {}
-        logits = self.model.apply({"params": params}, batch["inputs"], deterministic=not train,
-                                  rngs=rngs)
-        return token_loss(logits, batch["targets"], batch.get("weights"))
+        logits = self.model.apply({"params": params}, **self.model_inputs(batch),
+                                  deterministic=not train, rngs=self.rngs(rng, train))
+        loss, correct, weight = base.cross_entropy(logits, batch["targets"], batch.get("weights"))
+        return loss, {"loss": loss, "correct": correct, "weight": weight}
 
-    summarize = staticmethod(summarize)
+    @staticmethod
+    def summarize(sums: dict) -> dict:
+        metrics = base.mean_metrics(sums)
+        return {**metrics, "perplexity": jnp.exp(metrics["loss"])}
+
+    def data_kwargs(self, split: str) -> dict:
+        d = self.config.data
+        return dict(name=d.name, split=split, tokenizer=self.tokenizer, seq_len=d.seq_len,
+                    data_dir=d.data_dir, files=d.files, text_key=d.text_key, **self.process_kwargs())
+
+    def train_iterator(self):
+        c = self.config
+        return pipeline.train_iterator(global_batch_size=c.train.batch_size, seed=c.seed,
+                                       **self.data_kwargs(c.data.train_split))
+
+    def eval_batches(self, split: str, max_batches: int):
+        return pipeline.eval_batches(global_batch_size=self.config.train.batch_size,
+                                     max_batches=max_batches, **self.data_kwargs(split))
+
+    def sample(self, params) -> str | None:
+        return generate.sample_text(self.model, params, self.tokenizer, self.config.sample,
+                                    seed=self.config.seed)

@@ -17,9 +17,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import models, tasks
-from jaxlm.data import pipeline
-from jaxlm.infer import generate
+from jaxlm import tasks
 from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 
@@ -32,19 +30,11 @@ class NonFiniteLoss(RuntimeError):
 
 
 def setup(config, workdir: str):
-    """Everything a run or a tool needs before training: tokenizer, model, task, optimizer,
-    partitioner and the state's shardings. Fills `config.model.vocab_size` from the tokenizer."""
-    tokenizer = pipeline.build_tokenizer(
-        config.data.tokenizer, workdir=workdir, name=config.data.name, split=config.data.train_split,
-        model_path=config.data.tokenizer_path, data_dir=config.data.data_dir,
-        files=config.data.files, text_key=config.data.text_key)
-    if config.model.vocab_size <= 0:
-        multiple = config.model.vocab_multiple
-        config.model.vocab_size = -(-tokenizer.vocab_size // multiple) * multiple
-    if config.data.seq_len > config.model.max_len:
-        raise ValueError(f"data.seq_len={config.data.seq_len} exceeds model.max_len={config.model.max_len}")
-    model = models.get(config.model)
-    task = tasks.get(config, model)
+    """Everything a run or a tool needs before training: tokenizer, task (with its model),
+    optimizer, partitioner and the state's shardings. Fills `config.model.vocab_size`."""
+    task_class = tasks.get(config.task.name)
+    tokenizer = task_class.build_tokenizer(config, workdir)
+    task = task_class(config, tokenizer)
     tx, lr_schedule = optim.make(config.optim, config.train.steps)
     partitioner = Partitioner.from_config(config)
     check_batch(config, partitioner)
@@ -112,21 +102,13 @@ def restore_latest(workdir: str, config=None):
         ckpt.close()
 
 
-def data_kwargs(config) -> dict:
-    d = config.data
-    return dict(name=d.name, seq_len=d.seq_len, data_dir=d.data_dir, files=d.files, text_key=d.text_key,
-                process_index=jax.process_index(), process_count=jax.process_count())
-
-
 def train_and_evaluate(config, workdir: str):
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
     os.makedirs(workdir, exist_ok=True)
     run = setup(config, workdir)
     t = config.train
     partitioner = run.partitioner
-    train_iter = pipeline.train_iterator(
-        tokenizer=run.tokenizer, split=config.data.train_split, global_batch_size=t.batch_size,
-        seed=config.seed, **data_kwargs(config))
+    train_iter = run.task.train_iterator()
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                    async_save=config.checkpoint.async_save)
@@ -142,7 +124,7 @@ def train_and_evaluate(config, workdir: str):
     compiled = {}
 
     def run_steps(state, batches):
-        k = len(batches["inputs"])
+        k = len(jax.tree.leaves(batches)[0])
         if k not in compiled:
             start = time.perf_counter()
             compiled[k] = steps_fn.lower(state, batches).compile()
@@ -152,8 +134,9 @@ def train_and_evaluate(config, workdir: str):
 
     evaluator = Evaluator(run, config)
     writer = metrics_lib.MetricWriter(workdir)
-    tokens_per_step = t.batch_size * config.data.seq_len
-    flops_per_step = metrics_lib.flops_per_token(config.model, state.params, config.data.seq_len) * tokens_per_step
+    tokens_per_step = t.batch_size * run.task.tokens_per_example
+    flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
+        config.model, state.params, run.task.tokens_per_example)
     peak = t.peak_flops or metrics_lib.measure_matmul_peak()
     stop = _SigtermFlag()
     bar = metrics_lib.progress_bar(t.steps, start_step)
@@ -172,11 +155,13 @@ def train_and_evaluate(config, workdir: str):
                 now = time.perf_counter()
                 elapsed = now - last_time
                 steps_done = sum(len(m["loss"]) for m in pending)
-                figures["train/tokens_per_sec"] = steps_done * tokens_per_step / elapsed
-                figures["train/mfu"] = steps_done * flops_per_step / elapsed / (peak * partitioner.mesh.size)
+                figures["train/examples_per_sec"] = steps_done * t.batch_size / elapsed
+                if tokens_per_step:
+                    figures["train/tokens_per_sec"] = steps_done * tokens_per_step / elapsed
+                    figures["train/mfu"] = steps_done * flops_per_step / elapsed / (peak * partitioner.mesh.size)
                 writer.write(step, figures)
                 bar.set_postfix(loss=f"{figures['train/loss']:.4f}",
-                                tok_s=f"{figures['train/tokens_per_sec']:.0f}")
+                                ex_s=f"{figures['train/examples_per_sec']:.0f}")
                 pending, last_time = [], now
             if step % t.eval_every == 0 or step == t.steps:
                 figures = evaluator(state.params)
@@ -197,9 +182,8 @@ def train_and_evaluate(config, workdir: str):
         writer.close()
     if not stop.raised and config.sample.max_new_tokens > 0:
         # Every process takes part (the parameters are global arrays); process 0 prints.
-        text = generate.sample_text(run.task.model, state.params, run.tokenizer, config.sample,
-                                    seed=config.seed)
-        if jax.process_index() == 0:
+        text = run.task.sample(state.params)
+        if text is not None and jax.process_index() == 0:
             print(text, flush=True)
     return state
 
@@ -233,19 +217,18 @@ class Evaluator:
             sums = jax.lax.map(lambda b: eval_step(params, b), batches)
             return run.task.summarize(jax.tree.map(lambda x: x.sum(0), sums))
 
+        self.split = config.data.eval_split
+
         self.fn = run.partitioner.jit(
             evaluate, in_shardings=(run.shardings.params, run.partitioner.sharding(STACKED)),
             out_shardings=run.partitioner.replicated)
 
     def __call__(self, params) -> dict:
         if self.batches is None:
-            config = self.config
-            batches = pipeline.eval_batches(
-                tokenizer=self.run.tokenizer, split=config.data.eval_split,
-                global_batch_size=config.train.batch_size, max_batches=config.train.eval_batches,
-                **data_kwargs(config))
+            batches = self.run.task.eval_batches(self.split, self.config.train.eval_batches)
             self.batches = self.run.partitioner.shard_batch(_stack(list(batches)), STACKED)
         figures = jax.device_get(self.fn(params, self.batches))
+        figures.update(self.run.task.generation_metrics(params, self.split))
         return {f"eval/{k}": float(v) for k, v in figures.items()}
 
 

@@ -1,0 +1,80 @@
+"""What every task offers the trainer; the trainer knows nothing else about objectives.
+
+A task owns the batch layout, its data pipeline, how to run the model on a batch, the loss and
+the metrics. Losses are returned as sums with their weight so that gradient accumulation and
+multi-device reduction stay exact.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm import models
+from jaxlm.data import pipeline
+
+
+def cross_entropy(logits, targets, weights=None):
+    """Summed softmax cross-entropy (float32), correct predictions and weight over positions."""
+    if weights is None:
+        weights = jnp.ones(targets.shape, jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def mean_metrics(sums: dict, prefix: str = "") -> dict:
+    """`{prefix}loss`, `{prefix}perplexity`-free means: loss and accuracy from summed figures."""
+    weight = jnp.maximum(sums[f"{prefix}weight"], 1.0)
+    return {f"{prefix}loss": sums[f"{prefix}loss"] / weight,
+            f"{prefix}accuracy": sums[f"{prefix}correct"] / weight}
+
+
+class Task:
+    """Base class: `config` is the run's config, `tokenizer` the run's tokenizer (or None).
+
+    Subclasses set `self.model` (usually `models.get(config.model)` after fixing the vocabulary)
+    and implement `dummy_batch`, `loss`, `summarize`, `train_iterator` and `eval_batches`.
+    """
+
+    tokens_per_example = 0  # for tokens/s and MFU; 0 when the examples are not token sequences
+
+    def __init__(self, config, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def build_tokenizer(cls, config, workdir: str):
+        """The run's tokenizer, saved in (or loaded from) `workdir/tokenizer`."""
+        d = config.data
+        return pipeline.build_tokenizer(d.tokenizer, workdir=workdir, name=d.name, split=d.train_split,
+                                        model_path=d.tokenizer_path, data_dir=d.data_dir,
+                                        files=d.files, text_key=d.text_key)
+
+    def set_vocab_size(self, needed: int) -> None:
+        """Fills `model.vocab_size` (rounded up to `model.vocab_multiple`) or checks it is enough."""
+        m = self.config.model
+        if m.vocab_size <= 0:
+            m.vocab_size = -(-needed // m.vocab_multiple) * m.vocab_multiple
+        elif m.vocab_size < needed:
+            raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the {needed} ids the "
+                             "tokenizer and the task need")
+
+    def build_model(self):
+        return models.get(self.config.model)
+
+    def init(self, rng: jax.Array):
+        return self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(self.dummy_batch()))
+
+    def rngs(self, rng, train: bool) -> dict:
+        return {"dropout": rng} if train and rng is not None else {}
+
+    def sample(self, params) -> str | None:
+        """Text to print at the end of training (a generation), or None."""
+        return None
+
+    def generation_metrics(self, params, split: str) -> dict:
+        """Metrics that need decoding rather than a summed loss (e.g. BLEU); {} by default."""
+        return {}
+
+    def process_kwargs(self) -> dict:
+        return dict(process_index=jax.process_index(), process_count=jax.process_count())
