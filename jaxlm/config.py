@@ -32,7 +32,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.init_from = ""  # a jaxlm workdir whose latest checkpoint initializes the parameters
 
-    c.task = ml_collections.ConfigDict(dict(name="causal_lm"))
+    c.task = ml_collections.ConfigDict(dict(
+        name="causal_lm",  # causal_lm | mlm_nsp | span_corruption | seq2seq | image_classification
+        mlm_probability=0.15,  # mlm_nsp: share of tokens to predict (80% [MASK], 10% random, 10% kept)
+        whole_word_masking=False,  # mlm_nsp: mask whole words (wordpiece '##' pieces go together)
+        nsp=True,  # mlm_nsp: sentence pairs with a next-sentence label (False: MLM on one segment)
+        noise_density=0.15,  # span_corruption: share of tokens corrupted
+        mean_noise_span_length=3.0,  # span_corruption
+        extra_ids=100,  # span_corruption/seq2seq: sentinel ids appended to the vocabulary (T5)
+        source_prefix="",  # seq2seq: text put before every source, e.g. "translate English to German: "
+        beam_size=4,  # seq2seq: beam search width for eval/bleu and samples (1: greedy)
+        eval_bleu_batches=0,  # seq2seq: eval batches decoded for BLEU (0: the whole eval split)
+    ))
 
     c.model = ml_collections.ConfigDict(dict(
         name="gpt",
@@ -57,6 +68,14 @@ def default_config() -> ml_collections.ConfigDict:
         dtype="float32",
         param_dtype="float32",
         init_std=0.02,
+        type_vocab_size=2,  # bert: segment (token type) embeddings
+        num_decoder_layers=0,  # t5: 0 means num_layers
+        relative_buckets=32,  # t5: relative position bias buckets
+        relative_max_distance=128,  # t5
+        patch_size=4,  # vit
+        pool="cls",  # vit: cls | mean
+        image_size=0,  # vit: 0 means taken from the data (square images)
+        num_classes=0,  # vit/cnn: 0 means taken from the data
     ))
 
     c.data = ml_collections.ConfigDict(dict(
@@ -68,7 +87,12 @@ def default_config() -> ml_collections.ConfigDict:
         eval_split="validation",
         tokenizer="char",  # char | byte | sentencepiece
         tokenizer_path="",  # sentencepiece .model file
-        seq_len=64,
+        seq_len=64,  # tokens per example (seq2seq: source tokens)
+        target_len=0,  # seq2seq/span_corruption targets (0: seq_len for seq2seq, derived for T5 noise)
+        source_key="source",  # seq2seq: the feature holding the source text (multi30k: en)
+        target_key="target",  # seq2seq: the feature holding the target text (multi30k: de)
+        tokenizer_vocab_size=8000,  # sentencepiece trained on the train split when no tokenizer_path
+        augment="none",  # image_classification: none | shift
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -183,7 +183,7 @@ def test_sampling_never_picks_the_padding_of_a_padded_vocabulary():
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_layer_norm_matches_flax_in_value_and_gradient(use_bias):
     from jaxlm.models import layers
-    cfg = models.block_config(model_config(use_bias=use_bias))
+    cfg = layers.block_config(model_config(use_bias=use_bias))
     x = jax.random.normal(jax.random.key(0), (6, 32)) * 3 + 1
     ours, reference = layers.LayerNorm(cfg), nn.LayerNorm(use_bias=use_bias, epsilon=cfg.norm_eps)
     params = {"scale": jax.random.normal(jax.random.key(1), (32,))}

@@ -1,7 +1,9 @@
 """TFDS builders for local text, read as array_record data sources (no TensorFlow).
 
 `get_source(name, split, ...)` returns the documents of one split as a sequence
-of `str` (`len`, `src[i]`, `src.__getitems__(indices)`):
+of `str` (`len`, `src[i]`, `src.__getitems__(indices)`); `get_pairs(name, split,
+source_key=, target_key=, ...)` returns the translation pairs of a parallel
+corpus as a sequence of `(source, target)` strings:
 
 * `jaxlm_tiny_shakespeare`: `$JAXLM_DATA_DIR/tinyshakespeare/input.txt` with
   nanoGPT's split (first 90% of the characters `train`, the rest
@@ -9,15 +11,25 @@ of `str` (`len`, `src[i]`, `src.__getitems__(indices)`):
   characters of one logical document.
 * `jaxlm_text_files`: your own files (`files='a/*.txt,b/**/*.py'`); one file is
   one document; every k-th file of the sorted list is `validation`.
+* `jaxlm_multi30k`: Multi30k task 1 from `$JAXLM_DATA_DIR/multi30k/`
+  (`{train,val}.{en,de}.gz`), splits `train` (29,000 pairs) and `validation`
+  (1,014), features `en` and `de`.
+* `jaxlm_parallel_text`: your own line-aligned files (`files='SRC,TGT'`, plain
+  or .gz; line i of SRC translates line i of TGT), one split `train`, features
+  `source` and `target`.
 * any other name: a TFDS catalog dataset, read with `tfds.data_source` (it must
-  be, or be preparable as, array_record; `text_key` names its text feature).
+  be, or be preparable as, array_record; `text_key` names its text feature, or
+  `source_key` and `target_key` the two sides of a pair, e.g. 'en' and 'de' of
+  'wmt14_translate/de-en').
 
 The jaxlm builders prepare on first use and then just read. Prepared data lives
 under `data_dir` (default `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`):
-`DATA_DIR/jaxlm_tiny_shakespeare/1.0.0/` and
-`DATA_DIR/jaxlm_text_files/files_<hash>/1.0.0/`, where the hash covers the
-globs, `val_fraction` and the matched files' paths, sizes and modification
-times, so different corpora never collide and edited files are prepared anew.
+`DATA_DIR/jaxlm_tiny_shakespeare/1.0.0/`, `DATA_DIR/jaxlm_multi30k/1.0.0/`,
+`DATA_DIR/jaxlm_text_files/files_<hash>/1.0.0/` and
+`DATA_DIR/jaxlm_parallel_text/files_<hash>/1.0.0/`, where the hash covers the
+globs (or the two files), `val_fraction` and the files' paths, sizes and
+modification times, so different corpora never collide and edited files are
+prepared anew.
 Preparing is not safe to run from several processes at once into one shared
 directory: on many hosts, prepare once (e.g. on host 0, then barrier) or give
 each host its own `data_dir`.
@@ -33,19 +45,23 @@ from __future__ import annotations
 
 import dataclasses
 import glob as globlib
+import gzip
 import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
 from etils import epath
 
 TINY_SHAKESPEARE = "jaxlm_tiny_shakespeare"
 TEXT_FILES = "jaxlm_text_files"
+MULTI30K = "jaxlm_multi30k"
+PARALLEL_TEXT = "jaxlm_parallel_text"
+JAXLM_BUILDERS = (TINY_SHAKESPEARE, TEXT_FILES, MULTI30K, PARALLEL_TEXT)
 CHUNK_CHARS = 10_000
 TRAIN_FRACTION = 0.9  # nanoGPT: train = data[:int(n * 0.9)]
 _VERSION = tfds.core.Version("1.0.0")
@@ -113,7 +129,7 @@ class JaxlmTinyShakespeare(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
 
     name = TINY_SHAKESPEARE
     VERSION = _VERSION
-    RELEASE_NOTES = {"1.0.0": "nanoGPT split, 10k-character chunks."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "nanoGPT split, 10k-character chunks."}
 
     def __init__(self, *, input_path: str = "", **kwargs: Any):
         """Args: input_path: the raw text (default `$JAXLM_DATA_DIR/tinyshakespeare/input.txt`)."""
@@ -186,6 +202,13 @@ def match_files(files: str) -> list[str]:
     return sorted(paths)
 
 
+def _files_config_name(settings: list[Any], paths: Sequence[str]) -> str:
+    """`files_` + a hash of `settings` and each file's path, size and modification time."""
+    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    key = json.dumps([*settings, stats])
+    return "files_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def text_files_config(files: str, val_fraction: float = 0.1) -> TextFilesConfig:
     """The builder config for the corpus that `files` (comma-separated globs) matches.
 
@@ -196,10 +219,8 @@ def text_files_config(files: str, val_fraction: float = 0.1) -> TextFilesConfig:
         raise ValueError(f"val_fraction must be in (0, 0.5]; got {val_fraction}.")
     paths = match_files(files)
     patterns = tuple(sorted(_expand(p.strip()) for p in files.split(",") if p.strip()))
-    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
-    key = json.dumps([patterns, val_fraction, stats])
     return TextFilesConfig(
-        name="files_" + hashlib.sha256(key.encode()).hexdigest()[:16],
+        name=_files_config_name([patterns, val_fraction], paths),
         description=f"{len(paths)} files matching {', '.join(patterns)}",
         patterns=patterns,
         paths=tuple(paths),
@@ -238,7 +259,9 @@ class JaxlmTextFiles(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
 
     name = TEXT_FILES
     VERSION = _VERSION
-    RELEASE_NOTES = {"1.0.0": "One document per file; every k-th file is validation."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "One document per file; every k-th file is validation."
+    }
 
     @property
     def one_document(self) -> bool:
@@ -272,6 +295,186 @@ class JaxlmTextFiles(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
             yield i, {"text": _read(path)}
 
 
+def read_lines(path: str | os.PathLike[str]) -> list[str]:
+    """Returns the lines of a UTF-8 text file (plain, or gzip when the name ends in .gz).
+
+    Only '\\n' ends a line (a '\\r' before it is dropped): `str.splitlines` would also split at
+    characters such as U+2028 inside a sentence and break the alignment of a parallel corpus.
+    Invalid UTF-8 is decoded as U+FFFD.
+    """
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        lines = f.read().decode("utf-8", errors="replace").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # The newline that ends the last line (or an empty file).
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_aligned(
+    source_path: str | os.PathLike[str], target_path: str | os.PathLike[str]
+) -> list[tuple[str, str]]:
+    """Returns the (source line, target line) pairs of two line-aligned files.
+
+    Raises:
+      ValueError: naming both files, when their line counts differ.
+    """
+    sources, targets = read_lines(source_path), read_lines(target_path)
+    if len(sources) != len(targets):
+        raise ValueError(
+            f"Line counts differ: {str(source_path)!r} has {len(sources)} lines but"
+            f" {str(target_path)!r} has {len(targets)}; line i of the source file must translate"
+            " line i of the target file."
+        )
+    return list(zip(sources, targets))
+
+
+def _pair_examples(
+    pairs: Sequence[tuple[str, str]], keys: tuple[str, str]
+) -> Iterator[tuple[int, dict[str, str]]]:
+    for i, (source, target) in enumerate(pairs):
+        yield i, {keys[0]: source, keys[1]: target}
+
+
+class JaxlmMulti30k(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+    """Multi30k task 1: English-German image captions, one example per sentence pair.
+
+    Example i of a split is line i of its raw `.en` and `.de` files (raw text: not tokenized, not
+    lower-cased).
+    """
+
+    name = MULTI30K
+    VERSION = _VERSION
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Task 1 train (29,000 pairs) and validation (1,014), raw text."
+    }
+    # Split -> the raw files' prefix.
+    SPLIT_FILES: ClassVar[dict[str, str]] = {"train": "train", "validation": "val"}
+    LANGUAGES = ("en", "de")
+    one_document = False  # See TextSource.
+
+    def __init__(self, *, input_dir: str = "", **kwargs: Any):
+        """Args: input_dir: the raw files' directory (default `$JAXLM_DATA_DIR/multi30k`)."""
+        self._input_dir = input_dir
+        super().__init__(**kwargs)
+
+    @property
+    def input_dir(self) -> Path:
+        return Path(self._input_dir or jaxlm_data_dir() / "multi30k")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Multi30k task 1 (Elliott et al. 2016), English-German, raw text.",
+            features=tfds.features.FeaturesDict(
+                {language: tfds.features.Text() for language in self.LANGUAGES}
+            ),
+            homepage="https://github.com/multi30k/dataset",
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager  # Offline: the files are local.
+        splits = {}
+        for split, prefix in self.SPLIT_FILES.items():
+            paths = [self.input_dir / f"{prefix}.{language}.gz" for language in self.LANGUAGES]
+            for path in paths:
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"Multi30k file not found at {str(path)!r}. Set $JAXLM_DATA_DIR to the"
+                        " directory holding multi30k/{train,val}.{en,de}.gz."
+                    )
+            splits[split] = self._generate_examples(read_aligned(*paths))
+        return splits
+
+    def _generate_examples(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> Iterator[tuple[int, dict[str, str]]]:
+        return _pair_examples(pairs, self.LANGUAGES)
+
+
+@dataclasses.dataclass(eq=False)
+class ParallelTextConfig(tfds.core.BuilderConfig):
+    """Two line-aligned local files; build it with `parallel_text_config`.
+
+    Attributes:
+      source_path: the source sentences, one per line (absolute path).
+      target_path: their translations, line by line (absolute path).
+    """
+
+    source_path: str = ""
+    target_path: str = ""
+
+
+def parallel_text_config(files: str) -> ParallelTextConfig:
+    """The builder config for `files='SOURCE_FILE,TARGET_FILE'` (plain or .gz).
+
+    Its name, and so its directory under the data dir, is a hash of both files' paths, sizes and
+    modification times.
+    """
+    paths = [_expand(p.strip()) for p in files.split(",") if p.strip()]
+    if len(paths) != 2:
+        raise ValueError(
+            f'{PARALLEL_TEXT} needs files="SOURCE_FILE,TARGET_FILE" (two files); got {files!r}.'
+        )
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Parallel text file not found: {path!r} (files={files!r}).")
+    return ParallelTextConfig(
+        name=_files_config_name([PARALLEL_TEXT], paths),
+        description=f"{paths[0]} -> {paths[1]}",
+        source_path=paths[0],
+        target_path=paths[1],
+    )
+
+
+class JaxlmParallelText(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+    """Two local line-aligned files: example i is (line i of the source, line i of the target).
+
+    One split, `train`; carve validation out with TFDS slicing (e.g. 'train[-1000:]') or give
+    another pair of files. Build it with `config=parallel_text_config(files)`.
+    """
+
+    name = PARALLEL_TEXT
+    VERSION = _VERSION
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "One example per line pair."}
+    one_document = False  # See TextSource.
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Local parallel text, one sentence pair per line.",
+            features=tfds.features.FeaturesDict(
+                {"source": tfds.features.Text(), "target": tfds.features.Text()}
+            ),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager
+        config = self.builder_config
+        if not isinstance(config, ParallelTextConfig) or not config.source_path:
+            raise ValueError(f"{PARALLEL_TEXT} needs config=parallel_text_config(files).")
+        return {
+            "train": self._generate_examples(read_aligned(config.source_path, config.target_path))
+        }
+
+    def _generate_examples(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> Iterator[tuple[int, dict[str, str]]]:
+        return _pair_examples(pairs, ("source", "target"))
+
+
+def _feature_text(example: dict[str, Any], key: str, setting: str) -> str:
+    """The text of feature `key` of `example`; a missing key names the `setting` to change."""
+    try:
+        value = example[key]
+    except KeyError:
+        raise KeyError(
+            f"Examples have no feature {key!r}; features: {sorted(example)}. Set {setting}."
+        ) from None
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
 class TextSource(Sequence[str]):
     """The documents of one split as `str`, over a TFDS data source.
 
@@ -289,14 +492,7 @@ class TextSource(Sequence[str]):
         return len(self.source)
 
     def _text(self, example: dict[str, Any]) -> str:
-        try:
-            value = example[self.text_key]
-        except KeyError:
-            raise KeyError(
-                f"Examples have no feature {self.text_key!r}; features:"
-                f" {sorted(example)}. Set text_key."
-            ) from None
-        return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+        return _feature_text(example, self.text_key, "text_key")
 
     def __getitem__(self, index: int) -> str:  # type: ignore[override]
         if not -len(self) <= index < len(self):
@@ -308,6 +504,44 @@ class TextSource(Sequence[str]):
 
     def iter_texts(self, batch_size: int = 256) -> Iterator[str]:
         """Yields the documents in order, reading `batch_size` at a time."""
+        for start in range(0, len(self), batch_size):
+            yield from self.__getitems__(range(start, min(start + batch_size, len(self))))
+
+
+class PairSource(Sequence[tuple[str, str]]):
+    """The (source, target) sentence pairs of one split, over a TFDS data source.
+
+    Attributes:
+      key: identifies the data (the prepared directory, or the catalog name and data dir; the
+        split; the two keys): equal keys mean equal pairs, so that encodings can be cached across
+        `get_pairs` calls.
+    """
+
+    def __init__(self, source: Any, *, source_key: str, target_key: str, key: tuple = ()):
+        self.source = source
+        self.source_key = source_key
+        self.target_key = target_key
+        self.key = key
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _pair(self, example: dict[str, Any]) -> tuple[str, str]:
+        return (
+            _feature_text(example, self.source_key, "source_key"),
+            _feature_text(example, self.target_key, "target_key"),
+        )
+
+    def __getitem__(self, index: int) -> tuple[str, str]:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        return self._pair(self.source[index % len(self)])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[str, str]]:
+        return [self._pair(e) for e in self.source.__getitems__(list(indices))]
+
+    def iter_pairs(self, batch_size: int = 1024) -> Iterator[tuple[str, str]]:
+        """Yields the pairs in order, reading `batch_size` at a time."""
         for start in range(0, len(self), batch_size):
             yield from self.__getitems__(range(start, min(start + batch_size, len(self))))
 
@@ -324,15 +558,45 @@ def get_builder(
     name: str, *, data_dir: str = "", files: str = "", val_fraction: float = 0.1
 ) -> tfds.core.DatasetBuilder:
     """Returns the prepared jaxlm builder `name` (preparing it on first use)."""
-    kwargs = dict(data_dir=tfds_data_dir(data_dir), file_format="array_record")
+    kwargs = {"data_dir": tfds_data_dir(data_dir), "file_format": "array_record"}
     if name == TINY_SHAKESPEARE:
         builder = JaxlmTinyShakespeare(**kwargs)
     elif name == TEXT_FILES:
         builder = JaxlmTextFiles(config=text_files_config(files, val_fraction), **kwargs)
+    elif name == MULTI30K:
+        builder = JaxlmMulti30k(**kwargs)
+    elif name == PARALLEL_TEXT:
+        builder = JaxlmParallelText(config=parallel_text_config(files), **kwargs)
     else:
-        raise ValueError(f"{name!r} is not a jaxlm builder ({TINY_SHAKESPEARE}, {TEXT_FILES}).")
+        raise ValueError(f"{name!r} is not a jaxlm builder ({', '.join(JAXLM_BUILDERS)}).")
     builder.download_and_prepare()  # Returns at once when prepared already.
     return builder
+
+
+def _prepared_split(
+    name: str, split: str, *, data_dir: str, files: str, **keys: str
+) -> tuple[tfds.core.DatasetBuilder, Any]:
+    """Prepares jaxlm builder `name`; returns it and its data source of `split`.
+
+    `keys` maps each argument that names a feature (e.g. text_key='text') to its value; each must
+    be a feature of the data set.
+    """
+    builder = get_builder(name, data_dir=data_dir, files=files)
+    _check_split(name, split, builder)
+    features = sorted(builder.info.features.keys())
+    for setting, key in keys.items():
+        if key not in features:
+            raise ValueError(
+                f"{name} has the features {', '.join(features)}, not {key!r}; set {setting}."
+            )
+    return builder, builder.as_data_source(split=split)
+
+
+def _check_files(name: str, files: str) -> None:
+    if files and name not in (TEXT_FILES, PARALLEL_TEXT):
+        raise ValueError(
+            f"`files` is only used with name={TEXT_FILES!r} or {PARALLEL_TEXT!r}, not {name!r}."
+        )
 
 
 def get_source(
@@ -341,24 +605,59 @@ def get_source(
     """Returns the documents of `split` of data set `name` as strings.
 
     Args:
-      name: `jaxlm_tiny_shakespeare`, `jaxlm_text_files` or a TFDS catalog name
+      name: a jaxlm builder (`jaxlm_tiny_shakespeare`, `jaxlm_text_files`, or one side of
+        `jaxlm_multi30k` or `jaxlm_parallel_text` chosen by `text_key`) or a TFDS catalog name
         (with optional `/config:version`).
       split: e.g. 'train' or 'validation' (TFDS slicing such as 'train[:10%]' works).
       data_dir: where prepared data lives (default `$TFDS_DATA_DIR`, else
         `~/tensorflow_datasets`).
-      files: for `jaxlm_text_files`, comma-separated globs of text files.
-      text_key: the text feature of a catalog data set.
+      files: for `jaxlm_text_files`, comma-separated globs of text files; for
+        `jaxlm_parallel_text`, 'SOURCE_FILE,TARGET_FILE'.
+      text_key: the text feature ('text'; 'en' or 'de' of Multi30k; 'source' or 'target' of
+        parallel text; any feature of a catalog data set).
 
     Returns:
       A `TextSource`: `len`, `[i]` and `__getitems__` give `str` documents.
     """
-    if files and name != TEXT_FILES:
-        raise ValueError(f"`files` is only used with name={TEXT_FILES!r}, not {name!r}.")
-    if name in (TINY_SHAKESPEARE, TEXT_FILES):
-        if text_key != "text":
-            raise ValueError(f"{name} has the feature 'text', not {text_key!r}.")
-        builder = get_builder(name, data_dir=data_dir, files=files)
-        _check_split(name, split, builder)
-        return TextSource(builder.as_data_source(split=split), one_document=builder.one_document)
+    _check_files(name, files)
+    if name in JAXLM_BUILDERS:
+        builder, source = _prepared_split(
+            name, split, data_dir=data_dir, files=files, text_key=text_key
+        )
+        return TextSource(source, text_key=text_key, one_document=builder.one_document)
     source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=True)
     return TextSource(source, text_key=text_key)
+
+
+def get_pairs(
+    name: str,
+    split: str,
+    *,
+    source_key: str,
+    target_key: str,
+    data_dir: str = "",
+    files: str = "",
+) -> PairSource:
+    """Returns the (source, target) sentence pairs of `split` of a parallel corpus.
+
+    Args:
+      name: `jaxlm_multi30k` (keys 'en', 'de'), `jaxlm_parallel_text` (keys 'source', 'target')
+        or a TFDS catalog name such as 'wmt14_translate/de-en' (keys 'en', 'de').
+      split: e.g. 'train' or 'validation' (TFDS slicing such as 'train[:1000]' works).
+      source_key: the feature translated from.
+      target_key: the feature translated to.
+      data_dir: where prepared data lives (see `get_source`).
+      files: for `jaxlm_parallel_text`, 'SOURCE_FILE,TARGET_FILE' (plain or .gz).
+
+    Returns:
+      A `PairSource`: `len`, `[i]` and `__getitems__` give `(source, target)` strings.
+    """
+    _check_files(name, files)
+    keys = {"source_key": source_key, "target_key": target_key}
+    if name in JAXLM_BUILDERS:
+        builder, source = _prepared_split(name, split, data_dir=data_dir, files=files, **keys)
+        key = (str(builder.data_dir), split)
+    else:
+        source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=True)
+        key = (name, tfds_data_dir(data_dir), split)
+    return PairSource(source, **keys, key=key + (source_key, target_key))

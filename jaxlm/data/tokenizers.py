@@ -1,11 +1,12 @@
-"""Tokenizers: char, byte and sentencepiece behind one small interface.
+"""Tokenizers: char, byte, sentencepiece and BERT wordpiece behind one small interface.
 
-Every tokenizer has `vocab_size`, `eos_id` (None when it has no EOS token),
-`bos_id`, `pad_id`, `encode(text) -> np.ndarray[int32]`, `decode(ids) -> str`
+Every tokenizer has `vocab_size`, the special ids `eos_id`, `bos_id`, `pad_id`,
+`cls_id`, `sep_id`, `mask_id`, `unk_id` (None when it has no such token),
+`encode(text) -> np.ndarray[int32]`, `decode(ids) -> str`, `word_starts(ids)`
 and `save(directory)`. A run saves its tokenizer into `WORKDIR/tokenizer/`
 (a `tokenizer.json` with the kind and vocabulary, plus the sentencepiece
-`.model` file when there is one), so that generation can rebuild it from the
-workdir alone:
+`.model` or wordpiece `vocab.txt` file when there is one), so that generation
+can rebuild it from the workdir alone:
 
   tok = tokenizers.create('char', texts=[train_text])
   tok.save(workdir / 'tokenizer')
@@ -18,14 +19,16 @@ import abc
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-KINDS = ("char", "byte", "sentencepiece")
+KINDS = ("char", "byte", "sentencepiece", "wordpiece")
 CONFIG_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "sentencepiece.model"
+WORDPIECE_FILE = "vocab.txt"
 
 
 class Tokenizer(abc.ABC):
@@ -36,6 +39,10 @@ class Tokenizer(abc.ABC):
     eos_id: int | None = None
     bos_id: int | None = None
     pad_id: int | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
+    mask_id: int | None = None
+    unk_id: int | None = None
 
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
@@ -44,6 +51,10 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Returns the text of token `ids`."""
+
+    def word_starts(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Whether each token starts a word (whole-word masking); here every token does."""
+        return np.ones(np.shape(ids), dtype=bool)
 
     @abc.abstractmethod
     def save(self, directory: str | os.PathLike[str]) -> None:
@@ -211,13 +222,184 @@ class SentencePieceTokenizer(Tokenizer):
         return "sp-" + hashlib.sha256(self._model_bytes).hexdigest()[:16]
 
 
-def create(kind: str, *, texts: Iterable[str] | None = None, model_path: str = "") -> Tokenizer:
+# BERT's "Chinese character" blocks (CJK Unified Ideographs and extensions, compatibility
+# ideographs); the English vocabularies hold some of them as single-character tokens.
+_CJK_RANGES = (
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
+MAX_WORD_CHARS = 100  # Longer words encode as [UNK], as in BERT.
+_WORD_CACHE_SIZE = 1 << 20
+
+
+def _is_punctuation(char: str) -> bool:
+    cp = ord(char)
+    # BERT counts every non-alphanumeric printable ASCII character as punctuation,
+    # including "$", "^", "`" and "+", which Unicode calls symbols.
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(char).startswith("P")
+
+
+def _clean_char(char: str) -> str:
+    """BERT's cleanup of one character: control and invalid characters go, whitespace becomes
+    a space, CJK characters get spaces around them (so each is a word)."""
+    cp = ord(char)
+    if cp in (0, 0xFFFD) or (char not in "\t\n\r" and unicodedata.category(char)[0] == "C"):
+        return ""
+    if char.isspace():
+        return " "
+    if any(lo <= cp <= hi for lo, hi in _CJK_RANGES):
+        return f" {char} "
+    return char
+
+
+def _lower_char(char: str) -> str:
+    """Lower-cases one character of NFD text and drops combining marks (accents).
+
+    Per character, like Hugging Face's normalizer (so a final sigma stays sigma)."""
+    return "" if unicodedata.category(char) == "Mn" else char.lower()
+
+
+def _split_punctuation_char(char: str) -> str:
+    return f" {char} " if _is_punctuation(char) else char
+
+
+class _CharTable(dict):
+    """A `str.translate` table that maps each character by `fn`, computed on first sight."""
+
+    def __init__(self, fn: Callable[[str], str]):
+        super().__init__()
+        self._fn = fn
+
+    def __missing__(self, cp: int) -> str:
+        self[cp] = value = self._fn(chr(cp))
+        return value
+
+
+_CLEAN = _CharTable(_clean_char)
+_LOWER = _CharTable(_lower_char)
+_SPLIT_PUNCTUATION = _CharTable(_split_punctuation_char)
+
+
+def _vocab_lines(text: str) -> list[str]:
+    # Split like Python's text-mode `readlines()`, as Hugging Face reads vocab.txt: on
+    # newlines only; `str.splitlines` would also split on characters such as U+2028.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT's WordPiece tokenizer; ids equal Hugging Face `BertTokenizer`'s.
+
+    Basic tokenization (cleanup, lower-casing and accent stripping when
+    `lower_case`, punctuation and CJK characters split off) then greedy
+    longest-match-first word pieces, continuations prefixed with '##'.
+    `encode` adds no [CLS]/[SEP]; unlike Hugging Face it also never reads
+    special tokens such as '[MASK]' out of the text (that is '[', 'mask', ']'),
+    so no text can inject structure into a pretraining example.
+    """
+
+    kind = "wordpiece"
+
+    def __init__(self, vocab_path: str | os.PathLike[str], *, lower_case: bool = True):
+        self.vocab_path = Path(vocab_path)
+        if not self.vocab_path.is_file():
+            raise FileNotFoundError(
+                f"WordPiece vocabulary file not found: {str(self.vocab_path)!r}. Pass the"
+                " vocab.txt of a BERT checkpoint (one token per line)."
+            )
+        self.lower_case = lower_case
+        self._vocab_bytes = self.vocab_path.read_bytes()
+        self.pieces = _vocab_lines(self._vocab_bytes.decode("utf-8"))
+        self._ids = {piece: i for i, piece in enumerate(self.pieces)}
+        if "[UNK]" not in self._ids:
+            raise ValueError(f"WordPiece vocabulary {str(self.vocab_path)!r} has no '[UNK]' token.")
+        self.vocab_size = len(self.pieces)
+        self.unk_id = self._ids["[UNK]"]
+        self.cls_id = self._ids.get("[CLS]")
+        self.sep_id = self._ids.get("[SEP]")
+        self.mask_id = self._ids.get("[MASK]")
+        self.pad_id = self._ids.get("[PAD]")
+        self._continuation = np.array([p.startswith("##") for p in self.pieces], dtype=bool)
+        self._word_cache: dict[str, tuple[int, ...]] = {}
+
+    def _words(self, text: str) -> list[str]:
+        text = text.translate(_CLEAN)
+        if self.lower_case:
+            text = unicodedata.normalize("NFD", text).translate(_LOWER)
+        return text.translate(_SPLIT_PUNCTUATION).split()
+
+    def _word_pieces(self, word: str) -> tuple[int, ...]:
+        if len(word) > MAX_WORD_CHARS:
+            return (self.unk_id,)
+        ids = []
+        start = 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self._ids:
+                    ids.append(self._ids[piece])
+                    start = end
+                    break
+            else:
+                return (self.unk_id,)
+        return tuple(ids)
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        ids = self._word_cache.get(word)
+        if ids is None:
+            ids = self._word_pieces(word)
+            if len(self._word_cache) < _WORD_CACHE_SIZE:
+                self._word_cache[word] = ids
+        return ids
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = [i for word in self._words(text) for i in self._word_ids(word)]
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = _as_id_array(ids, self.vocab_size)
+        pieces = [self.pieces[i] for i in ids.tolist() if i != self.pad_id]
+        return " ".join(pieces).replace(" ##", "").strip()
+
+    def word_starts(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """True where a token starts a word (does not begin with '##')."""
+        return ~self._continuation[_as_id_array(ids, self.vocab_size)]
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        config = {"kind": self.kind, "vocab_file": WORDPIECE_FILE, "lower_case": self.lower_case}
+        target = _write_config(directory, config) / WORDPIECE_FILE
+        if not (target.exists() and target.resolve() == self.vocab_path.resolve()):
+            _write_atomic(target, self._vocab_bytes)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self._vocab_bytes + bytes([self.lower_case])).hexdigest()[:16]
+        return "wordpiece-" + digest
+
+
+def create(
+    kind: str,
+    *,
+    texts: Iterable[str] | None = None,
+    model_path: str = "",
+    lower_case: bool = True,
+) -> Tokenizer:
     """Creates a tokenizer.
 
     Args:
-      kind: one of KINDS: 'char', 'byte', 'sentencepiece'.
+      kind: one of KINDS: 'char', 'byte', 'sentencepiece', 'wordpiece'.
       texts: for 'char', the texts whose character set is the vocabulary.
-      model_path: for 'sentencepiece', the `.model` file.
+      model_path: for 'sentencepiece', the `.model` file; for 'wordpiece', the
+        `vocab.txt` file.
+      lower_case: for 'wordpiece', lower-case and strip accents (uncased BERT).
 
     Returns:
       The tokenizer.
@@ -232,6 +414,10 @@ def create(kind: str, *, texts: Iterable[str] | None = None, model_path: str = "
         if not model_path:
             raise ValueError("Tokenizer kind 'sentencepiece' needs `model_path` (a .model file).")
         return SentencePieceTokenizer(model_path)
+    if kind == "wordpiece":
+        if not model_path:
+            raise ValueError("Tokenizer kind 'wordpiece' needs `model_path` (a vocab.txt file).")
+        return WordPieceTokenizer(model_path, lower_case=lower_case)
     raise ValueError(f"Unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}.")
 
 
@@ -258,6 +444,10 @@ def load(directory: str | os.PathLike[str]) -> Tokenizer:
         return ByteTokenizer()
     if kind == "sentencepiece":
         return SentencePieceTokenizer(Path(directory) / config["model_file"])
+    if kind == "wordpiece":
+        return WordPieceTokenizer(
+            Path(directory) / config["vocab_file"], lower_case=config["lower_case"]
+        )
     raise ValueError(
         f"{str(path)!r} names unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}."
     )

@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.models.layers import BlockConfig, Embed, constrain, dense, norm
+from jaxlm.models.layers import BlockConfig, Embed, block_config, constrain, dense, learned_positions, norm
 from jaxlm.models.transformer import Context, Stack
 
 
@@ -25,11 +25,7 @@ class GPT(nn.Module):
         embed = Embed(self.vocab_size, cfg, name="embed")
         x = embed(tokens)
         if cfg.positions == "learned":
-            pos_embed = self.param(
-                "pos_embedding",
-                nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("length", "embed")),
-                (self.max_len, cfg.emb_dim), cfg.param_dtype)
-            x = x + jnp.take(pos_embed, positions, axis=0).astype(cfg.dtype)
+            x = x + jnp.take(learned_positions(self, self.max_len, cfg), positions, axis=0).astype(cfg.dtype)
         batch, length = tokens.shape
         x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
@@ -43,3 +39,10 @@ class GPT(nn.Module):
             logits = dense(self.vocab_size, ("embed", "vocab"), cfg, "lm_head")(x)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "vocab"))
         return logits.reshape(batch, length, self.vocab_size)
+
+
+def from_config(m) -> GPT:
+    if m.vocab_size <= 0:
+        raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
+    return GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers, cfg=block_config(m),
+               tie_embeddings=m.tie_embeddings, scan_layers=m.scan_layers, remat=m.remat)

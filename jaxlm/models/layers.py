@@ -12,6 +12,7 @@ Only attention sees [batch, length, heads, head_dim].
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -45,6 +46,37 @@ class BlockConfig:
     param_dtype: DType = jnp.float32
     init_std: float = 0.02
     out_init_std: float = 0.02  # residual projections (GPT-2 scales them by 1/sqrt(2 * layers))
+
+
+def block_config(m, **overrides) -> BlockConfig:
+    """The BlockConfig of `config.model` (`m`), with family-specific `overrides`."""
+    if m.emb_dim % m.num_heads and not m.head_dim:
+        raise ValueError(f"model.emb_dim={m.emb_dim} is not divisible by model.num_heads={m.num_heads}")
+    values = dict(
+        emb_dim=m.emb_dim,
+        num_heads=m.num_heads,
+        head_dim=m.head_dim or m.emb_dim // m.num_heads,
+        mlp_dim=m.mlp_dim or 4 * m.emb_dim,
+        mlp=m.mlp,
+        norm=m.norm,
+        norm_eps=m.norm_eps,
+        positions=m.positions,
+        rope_theta=m.rope_theta,
+        dropout=m.dropout,
+        use_bias=m.use_bias,
+        dtype=jnp.dtype(m.dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
+        init_std=m.init_std,
+        out_init_std=m.init_std / math.sqrt(2 * m.num_layers),
+    )
+    return BlockConfig(**{**values, **overrides})
+
+
+def learned_positions(module: nn.Module, length: int, cfg: BlockConfig, name="pos_embedding"):
+    """A learned position table [length, embed] owned by `module`."""
+    return module.param(name, nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                           ("length", "embed")),
+                        (length, cfg.emb_dim), cfg.param_dtype)
 
 
 def constrain(x: Array, axes: tuple[str, ...] = ACTIVATION_AXES) -> Array:
@@ -83,7 +115,8 @@ class Dense(nn.Module):
         return y
 
 
-def dense(features, axes, cfg: BlockConfig, name: str, in_axis=-1, std=None, use_bias=None):
+def dense(features, axes, cfg: BlockConfig, name: str | None = None, in_axis=-1, std=None,
+          use_bias=None):
     """A `Dense` to `features` (int or tuple) over `in_axis` (int or tuple)."""
     features = (features,) if isinstance(features, int) else tuple(features)
     in_axes = (in_axis,) if isinstance(in_axis, int) else tuple(in_axis)
@@ -140,7 +173,7 @@ class LayerNorm(nn.Module):
         return y
 
 
-def norm(cfg: BlockConfig, name: str) -> nn.Module:
+def norm(cfg: BlockConfig, name: str | None = None) -> nn.Module:
     if cfg.norm == "layernorm":
         return LayerNorm(cfg, name=name)
     if cfg.norm == "rmsnorm":

@@ -5,6 +5,8 @@ the metrics. Losses are returned as sums with their weight so that gradient accu
 multi-device reduction stay exact.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,10 +25,21 @@ def cross_entropy(logits, targets, weights=None):
 
 
 def mean_metrics(sums: dict, prefix: str = "") -> dict:
-    """`{prefix}loss`, `{prefix}perplexity`-free means: loss and accuracy from summed figures."""
+    """Mean `{prefix}loss` and `{prefix}accuracy` from summed loss, correct and weight."""
     weight = jnp.maximum(sums[f"{prefix}weight"], 1.0)
     return {f"{prefix}loss": sums[f"{prefix}loss"] / weight,
             f"{prefix}accuracy": sums[f"{prefix}correct"] / weight}
+
+
+def hf_vocab(name: str) -> str:
+    """The `vocab.txt` of a Hugging Face model folder or of an installed package shipping one."""
+    from jaxlm import convert  # pylint: disable=import-outside-toplevel  (pulls in safetensors)
+
+    hf_dir = convert.resolve(name) if name else None
+    if hf_dir is None or not os.path.isfile(os.path.join(hf_dir, "vocab.txt")):
+        raise FileNotFoundError(f"data.tokenizer='wordpiece' needs data.tokenizer_path: a vocab.txt, "
+                                f"or a Hugging Face folder or package holding one (got {name!r})")
+    return os.path.join(hf_dir, "vocab.txt")
 
 
 class Task:
@@ -46,8 +59,11 @@ class Task:
     def build_tokenizer(cls, config, workdir: str):
         """The run's tokenizer, saved in (or loaded from) `workdir/tokenizer`."""
         d = config.data
+        model_path = d.tokenizer_path
+        if d.tokenizer == "wordpiece" and not os.path.isfile(model_path):
+            model_path = hf_vocab(model_path or config.init_from)
         return pipeline.build_tokenizer(d.tokenizer, workdir=workdir, name=d.name, split=d.train_split,
-                                        model_path=d.tokenizer_path, data_dir=d.data_dir,
+                                        model_path=model_path, data_dir=d.data_dir,
                                         files=d.files, text_key=d.text_key)
 
     def set_vocab_size(self, needed: int) -> None:

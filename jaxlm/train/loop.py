@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 
+import flax
 import jax
 import numpy as np
 
@@ -32,6 +33,10 @@ class NonFiniteLoss(RuntimeError):
 def setup(config, workdir: str):
     """Everything a run or a tool needs before training: tokenizer, task (with its model),
     optimizer, partitioner and the state's shardings. Fills `config.model.vocab_size`."""
+    hf_dir = hf_source(config.init_from)
+    if hf_dir:  # the architecture comes from the Hugging Face config
+        from jaxlm import convert  # pylint: disable=import-outside-toplevel
+        config.model.update(convert.model_overrides(hf_dir))
     task_class = tasks.get(config.task.name)
     tokenizer = task_class.build_tokenizer(config, workdir)
     task = task_class(config, tokenizer)
@@ -40,6 +45,15 @@ def setup(config, workdir: str):
     check_batch(config, partitioner)
     shardings = state_lib.shardings(partitioner, task, tx)
     return Run(config, tokenizer, task, tx, lr_schedule, partitioner, shardings)
+
+
+def hf_source(init_from: str) -> str | None:
+    """The Hugging Face model folder `init_from` names (a folder or an installed package), else
+    None (a jaxlm workdir, or nothing)."""
+    if not init_from:
+        return None
+    from jaxlm import convert  # pylint: disable=import-outside-toplevel  TODO top-level
+    return convert.resolve(init_from)
 
 
 def check_batch(config, partitioner) -> None:
@@ -199,9 +213,36 @@ def restore_or_init(run, ckpt, train_iter, workdir: str):
         if os.path.abspath(config.init_from) == os.path.abspath(workdir):
             raise ValueError("init_from names this run's own workdir")
         log.info("initializing parameters from %s", config.init_from)
-        state = state.replace(params=checkpoint.restore_params(config.init_from,
-                                                               run.abstract_state.params))
+        hf_dir = hf_source(config.init_from)
+        if hf_dir:
+            from jaxlm import convert  # pylint: disable=import-outside-toplevel
+            params = merge_params(state.params, convert.import_params(hf_dir, config.model))
+        else:
+            params = checkpoint.restore_params(config.init_from, run.abstract_state.params)
+        state = state.replace(params=params)
     return state
+
+
+def merge_params(params, loaded: dict):
+    """`params` with the leaves `loaded` has (placed like them); the others keep their fresh
+    values (e.g. heads a pretrained backbone does not have). Shapes must match."""
+    flat = flax.traverse_util.flatten_dict(loaded)
+    fresh = []
+
+    def take(path, leaf):
+        name = tuple(str(getattr(k, "key", k)) for k in path)
+        if name not in flat:
+            fresh.append("/".join(name))
+            return leaf
+        if flat[name].shape != leaf.shape:
+            raise ValueError(f"init_from: {'/'.join(name)} has shape {flat[name].shape}, this "
+                             f"config builds {leaf.shape}")
+        return jax.device_put(flat[name].astype(leaf.dtype), leaf.sharding)
+
+    merged = jax.tree_util.tree_map_with_path(take, params)
+    if fresh:
+        log.info("initialized fresh (not in init_from): %s", ", ".join(fresh))
+    return merged
 
 
 class Evaluator:

@@ -66,8 +66,15 @@ def make_train_step(task, tx, lr_schedule, *, seed: int, microbatches: int = 1,
 
 
 def repeat_steps(train_step):
-    """Runs `train_step` over a stack of batches [k, ...] in one call; metrics come back [k]."""
+    """Runs `train_step` over a stack of batches [k, ...] in one call; metrics come back [k].
+
+    A stack of one is a plain call, not a loop: XLA:CPU runs convolution gradients inside a
+    while loop about 20x slower than outside one (measured on the MNIST CNN).
+    """
     def steps(state, batches):
+        if len(jax.tree.leaves(batches)[0]) == 1:
+            state, metrics = train_step(state, jax.tree.map(lambda x: x[0], batches))
+            return state, jax.tree.map(lambda x: x[None], metrics)
         return jax.lax.scan(train_step, state, batches)
     return steps
 
