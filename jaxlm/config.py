@@ -85,7 +85,7 @@ def default_config() -> ml_collections.ConfigDict:
         text_key="text",
         train_split="train",
         eval_split="validation",
-        tokenizer="char",  # char | byte | sentencepiece
+        tokenizer="char",  # char | byte | sentencepiece | wordpiece | huggingface (tokenizer.json)
         tokenizer_path="",  # sentencepiece .model file
         seq_len=64,  # tokens per example (seq2seq: source tokens)
         target_len=0,  # seq2seq/span_corruption targets (0: seq_len for seq2seq, derived for T5 noise)

@@ -1,12 +1,13 @@
-"""Tokenizers: char, byte, sentencepiece and BERT wordpiece behind one small interface.
+"""Tokenizers: char, byte, sentencepiece, BERT wordpiece and Hugging Face `tokenizer.json`
+behind one small interface.
 
 Every tokenizer has `vocab_size`, the special ids `eos_id`, `bos_id`, `pad_id`,
 `cls_id`, `sep_id`, `mask_id`, `unk_id` (None when it has no such token),
 `encode(text) -> np.ndarray[int32]`, `decode(ids) -> str`, `word_starts(ids)`
 and `save(directory)`. A run saves its tokenizer into `WORKDIR/tokenizer/`
 (a `tokenizer.json` with the kind and vocabulary, plus the sentencepiece
-`.model` or wordpiece `vocab.txt` file when there is one), so that generation
-can rebuild it from the workdir alone:
+`.model`, wordpiece `vocab.txt` or Hugging Face `hf_tokenizer.json` file when
+there is one), so that generation can rebuild it from the workdir alone:
 
   tok = tokenizers.create('char', texts=[train_text])
   tok.save(workdir / 'tokenizer')
@@ -25,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("char", "byte", "sentencepiece", "wordpiece")
+KINDS = ("char", "byte", "sentencepiece", "wordpiece", "huggingface")
 CONFIG_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "sentencepiece.model"
 WORDPIECE_FILE = "vocab.txt"
+HF_TOKENIZER_FILE = "hf_tokenizer.json"  # not tokenizer.json: that name is CONFIG_FILE here
 
 
 class Tokenizer(abc.ABC):
@@ -385,6 +387,65 @@ class WordPieceTokenizer(Tokenizer):
         return "wordpiece-" + digest
 
 
+# The usual spellings of special tokens in Hugging Face `tokenizer.json` files, first match wins.
+_HF_SPECIALS = {
+    "eos_id": ("<|endoftext|>", "</s>"),
+    "bos_id": ("<s>", "<|endoftext|>"),
+    "pad_id": ("<pad>", "[PAD]"),
+    "unk_id": ("<unk>", "[UNK]"),
+    "cls_id": ("[CLS]",),
+    "sep_id": ("[SEP]",),
+    "mask_id": ("[MASK]", "<mask>"),
+}
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json` (e.g. GPT-2's byte-level BPE), run by the `tokenizers`
+    package.
+
+    `encode` adds no special tokens. Special ids are the vocabulary's tokens with the usual
+    spellings (`<|endoftext|>` or `</s>` is EOS, ...); None where it has none.
+    """
+
+    kind = "huggingface"
+
+    def __init__(self, path: str | os.PathLike[str]):
+        try:
+            import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
+        except ImportError as e:
+            raise ImportError(
+                "Tokenizer kind 'huggingface' needs the `tokenizers` package (pip install tokenizers)."
+            ) from e
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"Hugging Face tokenizer file not found: {str(self.path)!r} (a tokenizer.json)."
+            )
+        self._json_bytes = self.path.read_bytes()
+        self._tokenizer = hf_tokenizers.Tokenizer.from_str(self._json_bytes.decode("utf-8"))
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        for attribute, spellings in _HF_SPECIALS.items():
+            ids = (self._tokenizer.token_to_id(token) for token in spellings)
+            setattr(self, attribute, next((i for i in ids if i is not None), None))
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tokenizer.decode(_as_id_array(ids, self.vocab_size).tolist())
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        config = {"kind": self.kind, "tokenizer_file": HF_TOKENIZER_FILE}
+        target = _write_config(directory, config) / HF_TOKENIZER_FILE
+        if not (target.exists() and target.resolve() == self.path.resolve()):
+            _write_atomic(target, self._json_bytes)
+
+    @property
+    def fingerprint(self) -> str:
+        return "hf-" + hashlib.sha256(self._json_bytes).hexdigest()[:16]
+
+
 def create(
     kind: str,
     *,
@@ -395,10 +456,10 @@ def create(
     """Creates a tokenizer.
 
     Args:
-      kind: one of KINDS: 'char', 'byte', 'sentencepiece', 'wordpiece'.
+      kind: one of KINDS: 'char', 'byte', 'sentencepiece', 'wordpiece', 'huggingface'.
       texts: for 'char', the texts whose character set is the vocabulary.
       model_path: for 'sentencepiece', the `.model` file; for 'wordpiece', the
-        `vocab.txt` file.
+        `vocab.txt` file; for 'huggingface', the `tokenizer.json` file.
       lower_case: for 'wordpiece', lower-case and strip accents (uncased BERT).
 
     Returns:
@@ -418,6 +479,10 @@ def create(
         if not model_path:
             raise ValueError("Tokenizer kind 'wordpiece' needs `model_path` (a vocab.txt file).")
         return WordPieceTokenizer(model_path, lower_case=lower_case)
+    if kind == "huggingface":
+        if not model_path:
+            raise ValueError("Tokenizer kind 'huggingface' needs `model_path` (a tokenizer.json file).")
+        return HuggingFaceTokenizer(model_path)
     raise ValueError(f"Unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}.")
 
 
@@ -448,6 +513,8 @@ def load(directory: str | os.PathLike[str]) -> Tokenizer:
         return WordPieceTokenizer(
             Path(directory) / config["vocab_file"], lower_case=config["lower_case"]
         )
+    if kind == "huggingface":
+        return HuggingFaceTokenizer(Path(directory) / config["tokenizer_file"])
     raise ValueError(
         f"{str(path)!r} names unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}."
     )

@@ -7,7 +7,7 @@ embedding table as the decoder, plus a bias) and the next-sentence logits on the
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.models.layers import (BlockConfig, Embed, block_config, constrain, dense, learned_positions,
+from jaxlm.models.layers import (ACTIVATIONS, BlockConfig, Embed, block_config, constrain, dense, learned_positions,
                                  norm, padding_bias)
 from jaxlm.models.transformer import Context, Stack
 
@@ -54,8 +54,8 @@ class BERT(nn.Module):
     def _mlm_logits(self, embed, hidden, positions):
         cfg = self.cfg
         h = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [b, p, e]
-        h = nn.gelu(dense(cfg.emb_dim, ("embed", "mlp"), cfg, "mlm_transform", use_bias=True)(h),
-                    approximate=False)
+        activation = ACTIVATIONS[cfg.mlp][0]  # BERT's hidden_act, as in its MLP
+        h = activation(dense(cfg.emb_dim, ("embed", "mlp"), cfg, "mlm_transform", use_bias=True)(h))
         h = norm(cfg, "mlm_norm")(h).astype(cfg.dtype)
         bias = self.param("mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                           (self.vocab_size,), cfg.param_dtype)

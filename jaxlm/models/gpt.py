@@ -36,7 +36,7 @@ class GPT(nn.Module):
         if self.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = dense(self.vocab_size, ("embed", "vocab"), cfg, "lm_head")(x)
+            logits = dense(self.vocab_size, ("embed", "vocab"), cfg, "lm_head", use_bias=False)(x)
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "vocab"))
         return logits.reshape(batch, length, self.vocab_size)
 

