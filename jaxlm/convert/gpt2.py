@@ -51,7 +51,5 @@ FAMILY = Family(
     ignored=("h.{i}.attn.bias", "h.{i}.attn.masked_bias"),
     prefix="transformer.",
     top_level=("lm_head.",),
-    # jaxlm's untied output layer has a bias with use_bias; GPT-2's has none (a zero bias).
-    optional=("lm_head/bias",),
     tokenizers=(("tokenizer.json", "huggingface"),),
 )
