@@ -33,7 +33,7 @@ FAMILIES = {
                      dict(name="bert", use_bias=True, mlp="gelu_exact"), "tinyshakespeare"),
     "t5_span_corruption": ("span_corruption",
                            dict(name="jaxlm_tiny_shakespeare", tokenizer="sentencepiece",
-                                tokenizer_vocab_size=300, seq_len=32), T5, "tinyshakespeare"),
+                                tokenizer_vocab_size=500, seq_len=32), T5, "tinyshakespeare"),
     "t5_seq2seq": ("seq2seq", dict(name="jaxlm_multi30k", source_key="en", target_key="de",
                                    eval_split="validation", tokenizer="sentencepiece",
                                    tokenizer_vocab_size=500, seq_len=16, target_len=16), T5, "multi30k"),
