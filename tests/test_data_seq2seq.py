@@ -376,7 +376,7 @@ def test_eval_batches_cover_every_multi30k_pair_once(multi30k):
 
 def test_train_sentencepiece_on_multi30k(multi30k, tmp_path):
     texts = [text for pair in multi30k["train"].__getitems__(range(2000)) for text in pair]
-    path = seq2seq.train_sentencepiece(
+    path = tokenizers.train_sentencepiece(
         texts, vocab_size=600, path=tmp_path / "joint", num_threads=1
     )
     assert path == f"{tmp_path}/joint.model"

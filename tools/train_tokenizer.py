@@ -23,6 +23,8 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
+from jaxlm.data import tokenizers
+
 
 def expand_globs(files: str) -> list[str]:
     """Returns the sorted files matching comma-separated globs; errors if none match."""
@@ -70,34 +72,10 @@ def train(
     Returns:
       The path of the written `.model` file.
     """
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
-    paths = expand_globs(files)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter_lines(paths),
-        model_prefix=output,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        byte_fallback=True,
-        # Lossless for a language model: keep text as is (no NFKC, no collapsing
-        # of spaces, no dummy prefix), so decode(encode(text)) == text and
-        # newlines and indentation get their own pieces.
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=3,
-        input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=input_sentence_size > 0,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=1,
-    )
-    return output + ".model"
+    return tokenizers.train_sentencepiece(
+        iter_lines(expand_globs(files)), vocab_size=vocab_size, path=output, model_type=model_type,
+        keep_whitespace=True, character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size, num_threads=num_threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,6 @@ Public functions:
                        eos_id, ...) -> grain.DatasetIterator
   pairs_eval_batches(*, pairs, tokenizer, source_len, target_len, global_batch_size, eos_id,
                      max_batches=0, ...) -> list[dict[str, np.ndarray]]
-  train_sentencepiece(texts, *, vocab_size, path, model_type='unigram') -> str
 
 A batch is a dict of numpy arrays with b = global_batch_size // process_count rows:
 
@@ -56,9 +55,7 @@ window in every epoch. The iterators are checkpointable like `pipeline.train_ite
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -682,58 +679,3 @@ def pairs_eval_batches(
         rows = [row(i) if i < count else padding for i in range(first, first + b)]
         batches.append(_stack(rows))
     return batches
-
-
-# Tokenizer.
-
-
-def train_sentencepiece(
-    texts: Iterable[str],
-    *,
-    vocab_size: int,
-    path: str | os.PathLike[str],
-    model_type: str = "unigram",
-    character_coverage: float = 0.9995,
-    num_threads: int = 0,
-) -> str:
-    """Trains a sentencepiece model on sentences and returns the path of the `.model` file.
-
-    Special ids follow jaxlm's convention (tools/train_tokenizer.py): pad=0, eos=1, unk=2, bos=3.
-    Meant for sentence-level data such as translation pairs (train on both languages for a joint
-    vocabulary): no normalization, so decoding gives back the text itself (what BLEU compares),
-    a dummy prefix so that a sentence's first word gets the same pieces as the others, and byte
-    fallback so that any text encodes; the specials and the 256 byte pieces count towards
-    `vocab_size`.
-
-    Args:
-      texts: the training sentences, one per item.
-      vocab_size: the vocabulary size, specials and byte pieces included.
-      path: the `.model` file to write (".model" is appended when missing; a `.vocab` file is
-        written beside it).
-      model_type: 'unigram' or 'bpe'.
-      character_coverage: fraction of characters that get their own piece.
-      num_threads: trainer threads (0: all CPU cores).
-
-    Returns:
-      The path of the written `.model` file.
-    """
-    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-
-    prefix = str(path).removesuffix(".model")
-    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_prefix=prefix,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=3,
-        num_threads=num_threads or os.cpu_count() or 1,
-        minloglevel=1,
-    )
-    return prefix + ".model"

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm import models
+from jaxlm import convert, models
 from jaxlm.data import pipeline
 
 
@@ -33,8 +33,6 @@ def mean_metrics(sums: dict, prefix: str = "") -> dict:
 
 def hf_vocab(name: str) -> str:
     """The `vocab.txt` of a Hugging Face model folder or of an installed package shipping one."""
-    from jaxlm import convert  # pylint: disable=import-outside-toplevel  (pulls in safetensors)
-
     hf_dir = convert.resolve(name) if name else None
     if hf_dir is None or not os.path.isfile(os.path.join(hf_dir, "vocab.txt")):
         raise FileNotFoundError(f"data.tokenizer='wordpiece' needs data.tokenizer_path: a vocab.txt, "

@@ -10,7 +10,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import builders, pipeline, seq2seq
+from jaxlm.data import builders, pipeline, seq2seq, tokenizers
 from jaxlm.tasks import base
 
 PAD = 0
@@ -35,7 +35,7 @@ class EncoderDecoder(base.Task):
         d = config.data
         directory = os.path.join(workdir, pipeline.TOKENIZER_DIR)
         if d.tokenizer == "sentencepiece" and not d.tokenizer_path and not os.path.isdir(directory):
-            model = seq2seq.train_sentencepiece(cls.tokenizer_texts(config), vocab_size=d.tokenizer_vocab_size,
+            model = tokenizers.train_sentencepiece(cls.tokenizer_texts(config), vocab_size=d.tokenizer_vocab_size,
                                                 path=os.path.join(workdir, "sentencepiece_training", "sp"))
             return pipeline.build_tokenizer("sentencepiece", workdir=workdir, name=d.name, model_path=model)
         return super().build_tokenizer(config, workdir)
