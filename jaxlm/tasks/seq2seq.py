@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import builders, pipeline, seq2seq, tokenizers
+from jaxlm.infer import seq2seq as decoding
 from jaxlm.tasks import base
 
 PAD = 0
@@ -34,9 +35,11 @@ class EncoderDecoder(base.Task):
         """A sentencepiece model trained on the train split when `data.tokenizer_path` is empty."""
         d = config.data
         directory = os.path.join(workdir, pipeline.TOKENIZER_DIR)
-        if d.tokenizer == "sentencepiece" and not d.tokenizer_path and not os.path.isdir(directory):
-            model = tokenizers.train_sentencepiece(cls.tokenizer_texts(config), vocab_size=d.tokenizer_vocab_size,
-                                                path=os.path.join(workdir, "sentencepiece_training", "sp"))
+        if d.tokenizer == "sentencepiece" and not d.tokenizer_path and not tokenizers.exists(directory):
+            # Trained straight into the workdir's tokenizer folder, where saving it finds it.
+            model = tokenizers.train_sentencepiece(
+                cls.tokenizer_texts(config), vocab_size=d.tokenizer_vocab_size,
+                path=os.path.join(directory, tokenizers.SENTENCEPIECE_FILE))
             return pipeline.build_tokenizer("sentencepiece", workdir=workdir, name=d.name, model_path=model)
         return super().build_tokenizer(config, workdir)
 
@@ -144,8 +147,6 @@ class Seq2Seq(EncoderDecoder):
         return seq2seq.pairs_eval_batches(max_batches=max_batches, **self.data_kwargs(split))
 
     def translate(self, params, encoder_tokens: np.ndarray) -> list[str]:
-        from jaxlm.infer import seq2seq as decoding  # pylint: disable=import-outside-toplevel
-
         tokens = decoding.decode(self.model, params, encoder_tokens, max_len=self.target_len,
                                  eos_id=self.eos_id, beam_size=self.config.task.beam_size,
                                  vocab_size=self.tokenizer.vocab_size)
