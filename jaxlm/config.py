@@ -21,7 +21,8 @@ DEFAULT_RULES = (
     ("embed", "fsdp"),
     ("kv", None),
     ("length", None),
-    ("layers", None),
+    ("residual", ("data", "fsdp")),  # the residual stream's tokens; + tensor with sequence_parallel
+    ("layers", "stage"),  # the scanned layer stack: pipeline stages own contiguous layers
     ("stage", "stage"),
     ("norm", None),
 )
@@ -133,6 +134,22 @@ def default_config() -> ml_collections.ConfigDict:
         stage=1,
         num_devices=0,  # use the first N devices (0: all of them)
         rules=DEFAULT_RULES,
+        sequence_parallel=False,  # also shard the residual stream's tokens over `tensor`
+    ))
+
+    # Pipeline parallelism runs whenever mesh.stage > 1 (jaxlm/parallel/pipeline.py).
+    c.pipeline = ml_collections.ConfigDict(dict(
+        microbatches=0,  # microbatches flowing through the stages (0: mesh.stage)
+        schedule="gpipe",  # gpipe | circular (each stage holds `repeats` non-adjacent layer groups)
+        repeats=1,  # circular: layer groups per stage (gpipe: 1)
+    ))
+
+    # Many hosts: the same program on every process. Empty/0 values are read from JAXLM_COORDINATOR,
+    # JAXLM_NUM_PROCESSES, JAXLM_PROCESS_ID, else left to JAX's auto-detection (TPU pods, SLURM).
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator="",  # host:port of process 0
+        num_processes=0,
+        process_id=-1,
     ))
 
     c.sample = ml_collections.ConfigDict(dict(
