@@ -15,13 +15,13 @@ import ml_collections
 # free is used, so activations (which carry `batch` first) fall back to replicated `embed`.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
+    ("residual", ("data", "fsdp")),  # the residual stream's tokens; + tensor with sequence_parallel
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("kv", None),
     ("length", None),
-    ("residual", ("data", "fsdp")),  # the residual stream's tokens; + tensor with sequence_parallel
     ("layers", "stage"),  # the scanned layer stack: pipeline stages own contiguous layers
     ("stage", "stage"),
     ("norm", None),

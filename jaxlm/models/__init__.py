@@ -1,6 +1,6 @@
 """Model families on the shared core; `get(config.model)` builds the Linen module.
 
-Each family module offers `from_config(config.model)`; the task fills what comes from the data
+Each family module offers `from_config(config.model, pipeline)`; the task fills what comes from the data
 (`vocab_size`, `num_classes`, `image_size`) before the model is built.
 """
 
@@ -9,10 +9,11 @@ import importlib
 FAMILIES = ("gpt", "bert", "t5", "vit", "cnn")
 
 
-def get(m):
-    """Builds the model named by `m.name`."""
+def get(m, pipeline=None):
+    """Builds the model named by `m.name`; `pipeline` (a `parallel.pipeline.Pipeline`) runs its
+    layer stacks over the `stage` mesh axis."""
     if m.name not in FAMILIES:
         raise ValueError(f"model.name={m.name!r}: expected one of {list(FAMILIES)}")
     if m.positions not in ("learned", "rotary"):
         raise ValueError(f"model.positions={m.positions!r}: expected 'learned' or 'rotary'")
-    return importlib.import_module(f"jaxlm.models.{m.name}").from_config(m)
+    return importlib.import_module(f"jaxlm.models.{m.name}").from_config(m, pipeline)

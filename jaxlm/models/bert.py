@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxlm.models.layers import (ACTIVATIONS, BlockConfig, Embed, block_config, constrain, dense, learned_positions,
                                  norm, padding_bias)
 from jaxlm.models.transformer import Context, Stack
+from jaxlm.parallel.pipeline import Pipeline
 
 
 class BERT(nn.Module):
@@ -21,6 +22,7 @@ class BERT(nn.Module):
     pretraining_heads: bool = False
     scan_layers: bool = True
     remat: str = "none"
+    pipeline: Pipeline | None = None
 
     @nn.compact
     def __call__(self, input_ids, segment_ids=None, input_mask=None, mlm_positions=None,
@@ -39,7 +41,7 @@ class BERT(nn.Module):
                         segment_ids, axis=0))
         x = norm(cfg, "embed_norm")(constrain(x.reshape(batch * length, cfg.emb_dim))).astype(cfg.dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = Stack(self.num_layers, scan=self.scan_layers, remat=self.remat,
+        x = Stack(self.num_layers, scan=self.scan_layers, remat=self.remat, pipeline=self.pipeline,
                   block_kwargs=dict(cfg=cfg, causal=False),
                   name="encoder")(x, Context(positions, bias=padding_bias(input_mask)), deterministic)
         hidden = x.reshape(batch, length, cfg.emb_dim)
@@ -62,9 +64,9 @@ class BERT(nn.Module):
         return (embed.attend(h) + bias).astype(jnp.float32)
 
 
-def from_config(m) -> BERT:
+def from_config(m, pipeline=None) -> BERT:
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return BERT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
                 cfg=block_config(m, post_norm=True), type_vocab_size=m.type_vocab_size,
-                pretraining_heads=True, scan_layers=m.scan_layers, remat=m.remat)
+                pretraining_heads=True, scan_layers=m.scan_layers, remat=m.remat, pipeline=pipeline)

@@ -28,7 +28,9 @@ class CNN(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def from_config(m) -> CNN:
+def from_config(m, pipeline=None) -> CNN:
+    if pipeline is not None:
+        raise ValueError("the CNN has no layer stack to pipeline: use mesh.stage=1")
     if m.num_classes <= 0:
         raise ValueError("model.num_classes must be set (the task takes it from the data)")
     return CNN(num_classes=m.num_classes, dtype=jnp.dtype(m.dtype))

@@ -23,6 +23,10 @@ Array = jax.Array
 DType = Any
 
 ACTIVATION_AXES = ("batch", "embed")  # flat activations [batch * length, embed]
+# The residual stream and the branch outputs added to it: like ACTIVATION_AXES, except that
+# `mesh.sequence_parallel` also shards its tokens over `tensor` (the branch all-reduce becomes a
+# reduce-scatter, and norms and dropout run on a tensor-shard of the tokens).
+RESIDUAL_AXES = ("residual", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +308,7 @@ class Attention(nn.Module):
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         out = dense(cfg.emb_dim, ("heads", "kv", "embed"), cfg, "out", in_axis=(-2, -1),
                     std=cfg.out_init_std)(out)
-        return constrain(out)
+        return constrain(out, RESIDUAL_AXES)
 
     def _update_cache(self, k: Array, v: Array):
         """Writes k, v at the cache index; returns the whole cache and the new tokens' positions."""
@@ -384,4 +388,5 @@ class Mlp(nn.Module):
             up = activation(up)
         up = nn.with_logical_constraint(up, ("batch", "mlp"))
         up = nn.Dropout(cfg.dropout)(up, deterministic=deterministic)
-        return constrain(dense(cfg.emb_dim, ("mlp", "embed"), cfg, "wo", std=cfg.out_init_std)(up))
+        return constrain(dense(cfg.emb_dim, ("mlp", "embed"), cfg, "wo", std=cfg.out_init_std)(up),
+                         RESIDUAL_AXES)

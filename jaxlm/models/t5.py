@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from jaxlm.models.layers import BlockConfig, Embed, RelativePositionBias, block_config, dense, norm, padding_bias
 from jaxlm.models.transformer import Context, Stack
+from jaxlm.parallel.pipeline import Pipeline
 
 
 class T5(nn.Module):
@@ -22,10 +23,11 @@ class T5(nn.Module):
     tie_embeddings: bool = True
     scan_layers: bool = True
     remat: str = "none"
+    pipeline: Pipeline | None = None
 
     def setup(self):
         cfg = self.cfg
-        stack = dict(scan=self.scan_layers, remat=self.remat)
+        stack = dict(scan=self.scan_layers, remat=self.remat, pipeline=self.pipeline)
         self.embed = Embed(self.vocab_size, cfg)
         self.encoder_bias = RelativePositionBias(self.relative_buckets, self.relative_max_distance,
                                                  True, cfg)
@@ -79,11 +81,11 @@ class T5(nn.Module):
         return self.decode(encoded, encoder_mask, decoder_tokens, deterministic=deterministic)
 
 
-def from_config(m) -> T5:
+def from_config(m, pipeline=None) -> T5:
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return T5(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
               num_decoder_layers=m.num_decoder_layers or m.num_layers,
               cfg=block_config(m, scale_queries=False), relative_buckets=m.relative_buckets,
               relative_max_distance=m.relative_max_distance, tie_embeddings=m.tie_embeddings,
-              scan_layers=m.scan_layers, remat=m.remat)
+              scan_layers=m.scan_layers, remat=m.remat, pipeline=pipeline)

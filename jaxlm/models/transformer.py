@@ -4,7 +4,8 @@ import flax.linen as nn
 import flax.struct
 import jax
 
-from jaxlm.models.layers import Array, Attention, BlockConfig, Mlp, constrain, norm
+from jaxlm.models.layers import RESIDUAL_AXES, Array, Attention, BlockConfig, Mlp, constrain, norm
+from jaxlm.parallel import pipeline as pipeline_lib
 
 REMAT_POLICIES = {
     "none": None,
@@ -55,24 +56,36 @@ class Block(nn.Module):
                 x = norm(cfg, f"{name}_norm")(x + self._dropout(branch(x), deterministic))
             else:
                 x = x + self._dropout(branch(norm(cfg, f"{name}_norm")(x)), deterministic)
-        return constrain(x.astype(cfg.dtype)), None  # (carry, output) so the block can be scanned
+            x = constrain(x, RESIDUAL_AXES)
+        return x.astype(cfg.dtype), None  # (carry, output) so the block can be scanned
 
     def _dropout(self, h, deterministic):
         return nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
 
 
 class Stack(nn.Module):
-    """`num_layers` blocks: one scanned block with a leading `layers` axis, or a Python loop."""
+    """`num_layers` blocks: one scanned block with a leading `layers` axis, or a Python loop.
+
+    With a `pipeline` (mesh.stage > 1) training and evaluation run the scanned block's parameters
+    through `parallel.pipeline`; initialization and KV-cache decoding run the plain scan, so the
+    parameters are the same tree either way.
+    """
 
     num_layers: int
     scan: bool = True
     remat: str = "none"
     block_kwargs: dict = None
+    pipeline: pipeline_lib.Pipeline | None = None
 
     @nn.compact
     def __call__(self, x, ctx: Context, deterministic: bool = True, decode: bool = False):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        if self.pipeline is not None:
+            if not self.scan:
+                raise ValueError("pipeline parallelism (mesh.stage > 1) needs model.scan_layers=True")
+            if not (self.is_initializing() or decode):
+                return self._pipelined(x, ctx, deterministic)
         block = Block
         if self.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan,
@@ -92,3 +105,16 @@ class Stack(nn.Module):
         for i in range(self.num_layers):
             x, _ = block(name=f"layers_{i}", **kwargs)(x, ctx, deterministic, decode)
         return x
+
+    def _pipelined(self, x, ctx: Context, deterministic: bool):
+        block = Block(**(self.block_kwargs or {}), parent=None)
+
+        def layer(params, h, layer_ctx, rng):
+            rngs = {} if rng is None else {"dropout": rng}
+            return block.apply({"params": params}, h, layer_ctx, deterministic, rngs=rngs)[0]
+
+        if self.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat])
+        dropout = not deterministic and block.cfg.dropout > 0
+        rng = self.make_rng("dropout") if dropout else None
+        return pipeline_lib.run(self.pipeline, layer, self.variables["params"]["layers"], x, ctx, rng)

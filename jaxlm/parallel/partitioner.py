@@ -58,6 +58,16 @@ def validate_rules(rules) -> tuple:
     return rules
 
 
+def sequence_parallel(rules) -> tuple:
+    """`rules` with the residual stream's tokens also sharded over `tensor` (Megatron's sequence
+    parallelism: what runs outside attention and the MLP is split over the tensor group too)."""
+    rules = validate_rules(rules)
+    if "residual" not in dict(rules):
+        raise ValueError("mesh.sequence_parallel needs a 'residual' rule in mesh.rules")
+    widen = lambda axes: tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a != "tensor") + ("tensor",)
+    return tuple((name, widen(axes) if name == "residual" else axes) for name, axes in rules)
+
+
 class Partitioner:
     """Owns the mesh and rules; turns logical specs into shardings and jits inside both."""
 
@@ -67,7 +77,10 @@ class Partitioner:
 
     @classmethod
     def from_config(cls, config, devices=None) -> "Partitioner":
-        return cls(make_mesh(config.mesh, devices), config.mesh.rules)
+        rules = config.mesh.rules
+        if config.mesh.sequence_parallel:
+            rules = sequence_parallel(rules)
+        return cls(make_mesh(config.mesh, devices), rules)
 
     @contextlib.contextmanager
     def context(self):

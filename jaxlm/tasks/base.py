@@ -13,6 +13,7 @@ import optax
 
 from jaxlm import convert, models
 from jaxlm.data import pipeline
+from jaxlm.parallel import pipeline as pipeline_lib
 
 
 def cross_entropy(logits, targets, weights=None):
@@ -74,7 +75,7 @@ class Task:
                              "tokenizer and the task need")
 
     def build_model(self):
-        return models.get(self.config.model)
+        return models.get(self.config.model, pipeline_lib.from_config(self.config))
 
     def init(self, rng: jax.Array):
         return self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(self.dummy_batch()))
