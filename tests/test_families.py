@@ -1,5 +1,5 @@
-"""Every family trains end to end from its task, and a data+tensor mesh of 8 devices gives the
-single-device losses (the sharding rules, not the model code, decide the parallelism)."""
+"""Every family trains end to end from its task, and a stage+data+tensor mesh of 8 devices gives
+the single-device losses (the sharding rules, not the model code, decide the parallelism)."""
 
 import numpy as np
 import pytest
@@ -49,7 +49,7 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_trains_and_a_data_tensor_mesh_gives_the_single_device_losses(family, data_dir, tmp_path):
+def test_family_trains_and_a_pipelined_data_tensor_mesh_gives_the_single_device_losses(family, data_dir, tmp_path):
     task, data, model, folder = FAMILIES[family]
     if not (DATA / folder).is_dir():
         pytest.skip(f"{folder} not found under JAXLM_DATA_DIR")
@@ -61,7 +61,9 @@ def test_family_trains_and_a_data_tensor_mesh_gives_the_single_device_losses(fam
     assert len(reference) == 6 and all(np.isfinite(list(reference.values())))
     meshed = tiny(task, data, model, data_dir)
     meshed.train.steps_per_call = single.train.steps_per_call
-    meshed.mesh.update(dict(num_devices=0, data=4, tensor=2))
+    # Transformers also run their layer stacks as a 2-stage pipeline; the CNN has none.
+    meshed.mesh.update(dict(num_devices=0, data=4, tensor=2) if family == "cnn" else
+                       dict(num_devices=0, stage=2, data=2, tensor=2))
     loop.train_and_evaluate(meshed, str(tmp_path / "meshed"))
     losses = read_metrics(tmp_path / "meshed")
     np.testing.assert_allclose([losses[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)],

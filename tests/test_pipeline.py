@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from jaxlm.parallel import pipeline
-from jaxlm.parallel.partitioner import Partitioner, make_mesh
+from jaxlm.parallel.partitioner import make_mesh
 from jaxlm.train import loop, step as step_lib
-from test_train import data_dir, needs_shakespeare, read_metrics, tiny_config  # noqa: F401 (a fixture)
+from test_train import needs_shakespeare, read_metrics, tiny_config
 
 
 def toy_layer(params, h, ctx, rng):

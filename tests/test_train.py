@@ -100,12 +100,18 @@ def test_gradient_accumulation_equals_the_full_batch(data_dir, tmp_path):
 
 
 @needs_shakespeare
-@pytest.mark.parametrize("second_mesh", [dict(num_devices=1), dict(num_devices=0, fsdp=4, tensor=2)])
-def test_stop_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path, second_mesh):
+@pytest.mark.parametrize("first_mesh, second_mesh", [
+    (dict(num_devices=1), dict(num_devices=1)),
+    (dict(num_devices=1), dict(num_devices=0, fsdp=4, tensor=2)),
+    (dict(num_devices=0, stage=2, data=4), dict(num_devices=0, data=8)),
+])
+def test_stop_and_resume_equals_an_uninterrupted_run(data_dir, tmp_path, first_mesh, second_mesh):
     """Same losses step by step (so the same data order) and the same final parameters, also when
-    the second half runs on another mesh."""
+    the second half runs on another mesh (a pipeline's checkpoint resumes without one)."""
     full = train(tiny_config(data_dir, steps=20), tmp_path / "full")
-    train(tiny_config(data_dir, steps=10), tmp_path / "resumed")
+    first = tiny_config(data_dir, steps=10)
+    first.mesh.update(first_mesh)
+    train(first, tmp_path / "resumed")
     config = tiny_config(data_dir, steps=20)
     config.mesh.update(second_mesh)
     resumed = train(config, tmp_path / "resumed")

@@ -7,7 +7,10 @@ The run is built the way the trainer builds it: `loop.setup`, `state.init`, the 
 `repeat_steps(train_step)` with the state's shardings and donation, and real batches from
 the task's `train_iterator`. Each call runs `train.steps_per_call` steps; figures are per step.
 Only the train call is timed (fetching and sharding the next batches is timed apart, as
-`data_ms_per_step`). The MFU denominator is `train.peak_flops` when set, else a matmul measured
+`data_ms_per_step`). Before compiling it prints the memory estimate per device
+(`jaxlm.parallel.memory`); the measured peak per device is XLA's (arguments + outputs + temp -
+aliased, from the compiled call's `memory_analysis()`) and, where the backend keeps them (not
+CPU), the device's own peak bytes in use. The MFU denominator is `train.peak_flops` when set, else a matmul measured
 on the mesh's first device, times the mesh's device count. The last line printed is
 `key=value` figures for scripts; `--json` writes every figure.
 """
@@ -19,10 +22,8 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -30,7 +31,7 @@ from ml_collections import config_flags
 # The checkout's jaxlm, also when it is not pip-installed (`python tools/benchmark.py ...`).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxlm.train import loop, metrics as metrics_lib, state as state_lib
+from jaxlm.train import measure
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
@@ -41,95 +42,6 @@ flags.DEFINE_string("json", None, "Also write the figures as JSON to this path."
 flags.mark_flags_as_required(["config"])
 
 MB = 2 ** 20
-
-
-def benchmark(config, workdir: str, *, steps: int, warmup: int) -> dict:
-    """Compiles and times the train call of `config`; returns the figures."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
-    t = config.train
-    run = loop.setup(config, workdir)
-    partitioner = run.partitioner
-    devices = list(partitioner.mesh.devices.flat)
-    local = [d for d in devices if d.process_index == jax.process_index()]
-    memory = metrics_lib.state_memory(run.abstract_state, local[0])
-    state = state_lib.init(partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
-    train_iter = run.task.train_iterator()
-    k = t.steps_per_call
-
-    def next_batches():
-        batches = [next(train_iter) for _ in range(k)]
-        stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-        return jax.block_until_ready(partitioner.shard_batch(stacked, loop.STACKED))
-
-    batches = next_batches()
-    start = time.perf_counter()
-    lowered = loop.make_train_call(run).lower(state, batches)
-    lower_s = time.perf_counter() - start
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
-
-    losses = []
-    for _ in range(warmup):
-        state, step_metrics = jax.block_until_ready(compiled(state, batches))
-        losses.append(step_metrics["loss"])
-        batches = next_batches()
-    call_s, data_s = [], []
-    for i in range(steps):
-        if i:
-            start = time.perf_counter()
-            batches = next_batches()
-            data_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        state, step_metrics = jax.block_until_ready(compiled(state, batches))
-        call_s.append(time.perf_counter() - start)
-        losses.append(step_metrics["loss"])
-    losses = np.concatenate(jax.device_get(losses))
-
-    peak_flops = t.peak_flops or metrics_lib.measure_matmul_peak(local[0])
-    tokens_per_step = t.batch_size * run.task.tokens_per_example
-    flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
-        config.model, state.params, run.task.tokens_per_example)
-    p10, p50, p90 = np.percentile(call_s, [10, 50, 90]) / k
-    compiled_memory = compiled.memory_analysis()
-    device_stats = [d.memory_stats() or {} for d in local]
-    device_peaks = [s["peak_bytes_in_use"] for s in device_stats if "peak_bytes_in_use" in s]
-    return dict(
-        device_kind=devices[0].device_kind,
-        num_devices=len(devices),
-        mesh=dict(partitioner.mesh.shape),
-        params=metrics_lib.count_params(state.params),
-        batch_size=t.batch_size,
-        seq_len=config.data.seq_len,
-        tokens_per_step=tokens_per_step,
-        steps_per_call=k,
-        steps=steps,
-        warmup=warmup,
-        lower_s=lower_s,
-        compile_s=compile_s,
-        ms_per_step=1e3 * p50,
-        ms_per_step_p10=1e3 * p10,
-        ms_per_step_p90=1e3 * p90,
-        data_ms_per_step=1e3 * float(np.median(data_s)) / k if data_s else 0.0,
-        tokens_per_sec=tokens_per_step / p50,
-        flops_per_step=flops_per_step,
-        flops_per_sec=flops_per_step / p50,
-        peak_flops_per_device=peak_flops,
-        peak_flops_measured=not t.peak_flops,
-        mfu=flops_per_step / p50 / (peak_flops * len(devices)),
-        compiled_argument_bytes=compiled_memory.argument_size_in_bytes,
-        compiled_output_bytes=compiled_memory.output_size_in_bytes,
-        compiled_temp_bytes=compiled_memory.temp_size_in_bytes,
-        compiled_alias_bytes=compiled_memory.alias_size_in_bytes,
-        peak_mem_bytes=(compiled_memory.argument_size_in_bytes + compiled_memory.output_size_in_bytes
-                        + compiled_memory.temp_size_in_bytes - compiled_memory.alias_size_in_bytes),
-        device_peak_mem_bytes=max(device_peaks) if device_peaks else None,
-        est_params_bytes=memory["params"],
-        est_opt_state_bytes=memory["opt_state"],
-        est_state_bytes=memory["state"],
-        loss_first=float(losses[0]),
-        loss_last=float(losses[-1]),
-    )
 
 
 def provenance() -> dict:
@@ -173,8 +85,9 @@ def report(figures: dict) -> str:
         f"{mb(f['compiled_argument_bytes'])} + outputs {mb(f['compiled_output_bytes'])} + temp "
         f"{mb(f['compiled_temp_bytes'])} - aliased {mb(f['compiled_alias_bytes'])}); "
         f"device peak {mb(f['device_peak_mem_bytes'])}",
-        f"estimate/device: params {mb(f['est_params_bytes'])} + optimizer {mb(f['est_opt_state_bytes'])}"
-        f" = state {mb(f['est_state_bytes'])}",
+        f"estimate/device: params {mb(f['est_params_bytes'])} + optimizer {mb(f['est_optimizer_bytes'])}"
+        f" + gradients {mb(f['est_gradients_bytes'])} + activations {mb(f['est_activations_bytes'])}"
+        f" = {mb(f['est_total_bytes'])}",
         f"loss: {f['loss_first']:.4f} -> {f['loss_last']:.4f}",
     ]
     device_peak = f["device_peak_mem_bytes"]
@@ -186,9 +99,9 @@ def report(figures: dict) -> str:
         flops_per_step=f"{f['flops_per_step']:.6g}",
         mfu=f"{f['mfu']:.5f}",
         compile_s=f"{f['compile_s']:.3f}",
-        peak_mem_mb=f"{f['peak_mem_bytes'] / MB:.3f}",
-        device_peak_mem_mb="nan" if device_peak is None else f"{device_peak / MB:.3f}",
-        est_state_mb=f"{f['est_state_bytes'] / MB:.3f}",
+        peak_mb=f"{f['peak_mem_bytes'] / MB:.3f}",
+        device_peak_mb="nan" if device_peak is None else f"{device_peak / MB:.3f}",
+        estimate_mb=f"{f['est_total_bytes'] / MB:.3f}",
         params=str(f["params"]),
         devices=str(f["num_devices"]),
     )
@@ -202,7 +115,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
     logging.getLogger("jaxlm").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="jaxlm_benchmark_") as tmp:
-        figures = benchmark(FLAGS.config, FLAGS.workdir or tmp, steps=FLAGS.steps, warmup=FLAGS.warmup)
+        figures = measure.train_step(FLAGS.config, FLAGS.workdir or tmp, steps=FLAGS.steps, warmup=FLAGS.warmup)
     figures = {**provenance(), **figures}
     if jax.process_index() == 0:
         print(report(figures), flush=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import convert, tasks
+from jaxlm.parallel import memory, pipeline as pipeline_lib
 from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 
@@ -67,6 +68,10 @@ def check_batch(config, partitioner) -> None:
         if size % shards or size % jax.process_count():
             raise ValueError(f"{name}={size} must divide over the {shards} batch shards of the mesh "
                              f"{dict(partitioner.mesh.shape)} and {jax.process_count()} processes")
+    pipe = pipeline_lib.from_config(config)
+    if pipe and (t.batch_size // t.microbatches) % pipe.microbatches:
+        raise ValueError(f"train.batch_size / train.microbatches = {t.batch_size // t.microbatches} "
+                         f"does not split into pipeline.microbatches={pipe.microbatches}")
 
 
 class Run:
@@ -118,6 +123,7 @@ def train_and_evaluate(config, workdir: str):
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
     os.makedirs(workdir, exist_ok=True)
     run = setup(config, workdir)
+    log.info(memory.describe(memory.estimate(run)))  # before anything is allocated
     t = config.train
     partitioner = run.partitioner
     train_iter = run.task.train_iterator()
@@ -127,10 +133,8 @@ def train_and_evaluate(config, workdir: str):
     state = restore_or_init(run, ckpt, train_iter, workdir)
     config_lib.save(config, workdir)  # only now: a failed restore leaves the run's config as it was
     start_step = int(state.step)
-    memory = metrics_lib.state_memory(run.abstract_state, partitioner.mesh.devices.flat[0])
-    log.info("parameters: %s, mesh: %s, train state per device: %.1f MB (params %.1f, optimizer %.1f)",
-             f"{metrics_lib.count_params(state.params):,}", dict(partitioner.mesh.shape),
-             *(memory[k] / 2 ** 20 for k in ("state", "params", "opt_state")))
+    log.info("parameters: %s, mesh: %s", f"{metrics_lib.count_params(state.params):,}",
+             dict(partitioner.mesh.shape))
 
     steps_fn = make_train_call(run)
     compiled = {}
