@@ -197,3 +197,21 @@ def test_bf16_compute_through_the_pipeline_keeps_f32_master_weights(reference, d
     want, got = read_metrics(ref_dir), read_metrics(tmp_path)
     np.testing.assert_allclose([got[s] for s in range(1, 11)], [want[s] for s in range(1, 11)], rtol=2e-2)
     assert got != want  # the compute really ran in bfloat16
+
+
+def test_fsdp_gathers_each_layers_weights_inside_the_scan(data_dir, tmp_path):
+    """With fsdp=8 no device ever holds the whole stack: the loop bodies gather one layer's
+    weights at a time (forward and backward), the top level gathers no stacked weight."""
+    config = config_for(data_dir, dict(mesh=dict(fsdp=8)))
+    run = loop.setup(config, str(tmp_path))
+    batch = {k: v[None] for k, v in next(run.task.train_iterator()).items()}
+    hlo = loop.make_train_call(run).lower(
+        run.abstract_state, run.partitioner.shard_batch(batch, loop.STACKED)).compile().as_text()
+    gathered = {comp.split(" ", 1)[0]: re.findall(r"= f32\[([\d,]*)\]\S* all-gather(?:-start)?\(", comp)
+                for comp in hlo.split("\n\n")}
+    entry = next(shapes for name, shapes in gathered.items() if name.startswith("ENTRY"))
+    in_loops = [s for name, shapes in gathered.items() if not name.startswith("ENTRY") for s in shapes]
+    layers = config.model.num_layers
+    assert not [s for s in entry if s.startswith(f"{layers},")], entry
+    kernels = ["32,4,8", "4,8,32", "32,128", "128,32"]  # query/key/value, out, wi, wo of one layer
+    assert all(in_loops.count(k) >= (3 if k == "32,4,8" else 1) * 2 for k in kernels), in_loops

@@ -45,7 +45,8 @@ def parse_layout(text: str) -> dict:
         if section not in layout or (section == "mesh" and name not in layout["mesh"]
                                      and name != "sequence_parallel"):
             raise ValueError(f"unknown mesh axis or key {key!r} in {text!r}")
-        layout[section][name] = value if name == "schedule" else int(value)
+        layout[section][name] = (value if name == "schedule" else bool(int(value))
+                                 if name == "sequence_parallel" else int(value))
     return layout
 
 
