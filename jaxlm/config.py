@@ -174,7 +174,7 @@ def from_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes the resolved config as JSON (`config.json`) into `workdir`."""
     os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, "config.json.tmp")
+    tmp = os.path.join(workdir, f"config.json.tmp{os.getpid()}")  # every process of a run writes it
     with open(tmp, "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     os.replace(tmp, os.path.join(workdir, "config.json"))

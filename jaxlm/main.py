@@ -6,6 +6,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jaxlm.parallel import distributed
 from jaxlm.train import loop
 
 FLAGS = flags.FLAGS
@@ -19,6 +20,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
     logging.getLogger("jaxlm").setLevel(logging.INFO)
+    distributed.initialize(FLAGS.config)
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -134,7 +134,7 @@ def test_every_parameter_has_logical_axes_and_large_ones_are_sharded():
     params = partitioner.jit(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]),
                              out_shardings=partitioner.shardings_of(boxed))()
     wi = params["decoder"]["layers"]["mlp"]["wi"]["kernel"]  # [layers, embed, mlp]
-    assert wi.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert wi.sharding.spec == jax.sharding.PartitionSpec("stage", "fsdp", "tensor")  # stage: 1 here
     assert wi.addressable_shards[0].data.shape == (2, 16, 128)
     query = params["decoder"]["layers"]["attn"]["query"]["kernel"]  # [layers, embed, heads, kv]
     assert query.addressable_shards[0].data.shape == (2, 16, 2, 16)

@@ -30,9 +30,9 @@ under `data_dir` (default `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`):
 globs (or the two files), `val_fraction` and the files' paths, sizes and
 modification times, so different corpora never collide and edited files are
 prepared anew.
-Preparing is not safe to run from several processes at once into one shared
-directory: on many hosts, prepare once (e.g. on host 0, then barrier) or give
-each host its own `data_dir`.
+Processes that share a `data_dir` (the processes of one multi-process run)
+prepare one at a time under a file lock (`DATA_DIR/.NAME.lock`): the first
+prepares, the others wait and then read what it wrote.
 
 TFDS notes: `as_dataset()` needs TensorFlow, so only `as_data_source()` /
 `tfds.data_source()` are used; the builders are defined outside a TFDS package
@@ -44,13 +44,15 @@ generation order (TFDS otherwise shuffles them by key hash).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
 import glob as globlib
 import gzip
 import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -560,16 +562,32 @@ def get_builder(
     """Returns the prepared jaxlm builder `name` (preparing it on first use)."""
     kwargs = {"data_dir": tfds_data_dir(data_dir), "file_format": "array_record"}
     if name == TINY_SHAKESPEARE:
-        builder = JaxlmTinyShakespeare(**kwargs)
+        make = functools.partial(JaxlmTinyShakespeare, **kwargs)
     elif name == TEXT_FILES:
-        builder = JaxlmTextFiles(config=text_files_config(files, val_fraction), **kwargs)
+        make = functools.partial(JaxlmTextFiles, config=text_files_config(files, val_fraction), **kwargs)
     elif name == MULTI30K:
-        builder = JaxlmMulti30k(**kwargs)
+        make = functools.partial(JaxlmMulti30k, **kwargs)
     elif name == PARALLEL_TEXT:
-        builder = JaxlmParallelText(config=parallel_text_config(files), **kwargs)
+        make = functools.partial(JaxlmParallelText, config=parallel_text_config(files), **kwargs)
     else:
         raise ValueError(f"{name!r} is not a jaxlm builder ({', '.join(JAXLM_BUILDERS)}).")
-    builder.download_and_prepare()  # Returns at once when prepared already.
+    return prepared(make, name, data_dir)
+
+
+def prepared(make: Callable[[], tfds.core.DatasetBuilder], name: str,
+             data_dir: str = "") -> tfds.core.DatasetBuilder:
+    """`make()`'s builder, prepared by one process at a time in `data_dir`.
+
+    Without the lock, two processes preparing at once both write and the second rename fails
+    (`FileExistsError`). The builder is made inside the lock so that a process which waited
+    reads the prepared data's info rather than the empty info it would have seen before.
+    """
+    directory = tfds_data_dir(data_dir)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f".{name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        builder = make()
+        builder.download_and_prepare()  # Returns at once when prepared already.
     return builder
 
 

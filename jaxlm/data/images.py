@@ -214,9 +214,7 @@ def get_builder(name: str, *, data_dir: str = "", input_dir: str = "") -> tfds.c
 
     `input_dir` overrides where the IDX files are read from when preparing.
     """
-    builder = _make_builder(name, data_dir, input_dir)
-    builder.download_and_prepare()  # Returns at once when prepared already.
-    return builder
+    return builders.prepared(functools.partial(_make_builder, name, data_dir, input_dir), name, data_dir)
 
 
 def _data_source(name: str, split: str, data_dir: str) -> Any:

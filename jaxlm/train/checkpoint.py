@@ -4,9 +4,15 @@ Restore order: this run's latest checkpoint, then `config.init_from` (parameters
 scratch. Orbax writes each step into a temporary directory and renames it when complete, so a
 failed or interrupted save never leaves a half-written step behind, and an existing step is never
 overwritten.
+
+The data iterator is saved per process (Grain writes `process_I-of-N.json`); `DataIterHandler`
+also resumes it with another process count (see there). The state alone restores anywhere.
 """
 
+import dataclasses
+import json
 import os
+from typing import Any
 
 import grain
 import jax
@@ -23,8 +29,7 @@ class Checkpointer:
             create=not read_only)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                           DATA: grain.checkpoint.CheckpointHandler()})
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: DataIterHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -32,7 +37,7 @@ class Checkpointer:
     def save(self, step: int, state, data_iter=None) -> None:
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items[DATA] = grain.checkpoint.CheckpointSave(data_iter)
+            items[DATA] = DataIterSave(data_iter)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
@@ -47,9 +52,11 @@ class Checkpointer:
         self.check_shapes(step, abstract_state)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None and DATA in self.manager.item_metadata(step):
-            items[DATA] = grain.checkpoint.CheckpointRestore(data_iter)
+            items[DATA] = DataIterRestore(data_iter)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except DataIterMismatch:
+            raise
         except Exception as e:
             raise RuntimeError(
                 f"cannot restore checkpoint step {step} from {self.directory}: {e}. The checkpoint "
@@ -77,6 +84,57 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class DataIterHandler(grain.checkpoint.CheckpointHandler):
+    """Grain's handler (one `process_I-of-N.json` per process), able to resume with another N.
+
+    jaxlm's pipelines make the global batches independent of the process count and every
+    process reads the same number of them, so when all saved positions agree, that position is
+    valid for any process count. Positions that disagree are an error naming the problem.
+    """
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        if (directory / _iterator_file(jax.process_index(), jax.process_count())).exists():
+            return super().restore(directory, item=item)
+        item.set_state(common_iterator_state(directory))
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_save=True)
+@dataclasses.dataclass
+class DataIterSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIterRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
+class DataIterMismatch(ValueError):
+    """The saved data iterator positions cannot continue in this run's processes."""
+
+
+def common_iterator_state(directory) -> dict:
+    """The one data-iterator position that all processes of the saving run wrote."""
+    files = sorted(directory.glob("process_*-of-*.json"))
+    if not files:
+        raise FileNotFoundError(f"no data iterator state in {directory}")
+    states = [json.loads(f.read_text()) for f in files]
+    if any(state != states[0] for state in states):
+        raise DataIterMismatch(
+            f"the data iterator state in {directory} was saved by {len(files)} processes at "
+            f"different positions, so a run of {jax.process_count()} cannot resume it; resume with "
+            f"{len(files)} processes, or restore only the parameters (init_from, jaxlm.evaluate)")
+    return states[0]
+
+
+def _iterator_file(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.json"  # grain's name for it
 
 
 def restore_params(workdir: str, abstract_params):

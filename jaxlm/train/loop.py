@@ -182,8 +182,9 @@ def train_and_evaluate(config, workdir: str):
             if step % t.eval_every == 0 or step == t.steps:
                 figures = evaluator(state.params)
                 writer.write(step, figures)
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items()),
-                          file=sys.stderr)
+                if jax.process_index() == 0:
+                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items()),
+                              file=sys.stderr)
                 last_time = time.perf_counter()
             if step % config.checkpoint.every == 0 or step == t.steps or stop.raised:
                 _check_finite(pending, config, step)

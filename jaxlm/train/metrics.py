@@ -58,7 +58,7 @@ def flops_per_token(model_config, params, seq_len: int) -> float:
 
 def measure_matmul_peak(device=None, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the fastest of `repeats` f32 n x n matmuls on `device` (the MFU denominator)."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
