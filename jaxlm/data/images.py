@@ -446,10 +446,7 @@ def train_iterator(
         process_index=process_index,
         process_count=process_count,
     )
-    read_options = grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
-    )
-    return iter(ds.to_iter_dataset(read_options))
+    return pipeline.iterate(ds, num_threads, prefetch_buffer_size)
 
 
 def _eval_batch(images: np.ndarray, labels: np.ndarray, start: int, b: int) -> dict[str, Any]:

@@ -11,8 +11,8 @@ Public functions:
                   vocab_size, probability=0.15, whole_word=False,
                   word_starts_fn=None, nsp=True, process_index=0,
                   process_count=1) -> grain.MapDataset
-  mlm_nsp_train_iterator(documents, ..., num_threads=2,
-                         prefetch_buffer_size=8) -> grain.DatasetIterator
+  mlm_nsp_train_iterator(documents, *, num_threads=2, prefetch_buffer_size=8,
+                         **mlm_nsp_dataset_kwargs) -> grain.DatasetIterator
   mlm_nsp_eval_batches(documents, ..., max_batches=0, ...) -> list[dict]
 
 Text follows BERT's create_pretraining_data format: documents are separated by
@@ -494,43 +494,14 @@ def mlm_nsp_dataset(
 def mlm_nsp_train_iterator(
     documents: Sequence[Sequence[np.ndarray]],
     *,
-    seq_len: int,
-    global_batch_size: int,
-    seed: int,
-    specials: Specials,
-    vocab_size: int,
-    probability: float = 0.15,
-    whole_word: bool = False,
-    word_starts_fn: WordStartsFn | None = None,
-    nsp: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
     num_threads: int = 2,
     prefetch_buffer_size: int = 8,
+    **dataset_kwargs: Any,
 ) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator over `mlm_nsp_dataset` (same arguments).
-
-    `get_state()` / `set_state()` save and restore the position; restore into an iterator
-    built with the same arguments.
-    """
-    ds = mlm_nsp_dataset(
-        documents,
-        seq_len=seq_len,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        specials=specials,
-        vocab_size=vocab_size,
-        probability=probability,
-        whole_word=whole_word,
-        word_starts_fn=word_starts_fn,
-        nsp=nsp,
-        process_index=process_index,
-        process_count=process_count,
-    )
-    read_options = grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
-    )
-    return iter(ds.to_iter_dataset(read_options))
+    """An endless, checkpointable iterator over `mlm_nsp_dataset(documents, **dataset_kwargs)`
+    (see `pipeline.iterate`)."""
+    return pipeline.iterate(mlm_nsp_dataset(documents, **dataset_kwargs), num_threads,
+                            prefetch_buffer_size)
 
 
 def mlm_nsp_eval_batches(

@@ -9,6 +9,8 @@ Public functions (all keyword-only after the first argument):
   pack(tokens, seq_len) -> np.ndarray                      # [windows, seq_len + 1]
   train_dataset(tokens, *, seq_len, global_batch_size, seed, process_index=0,
                 process_count=1) -> grain.MapDataset
+  iterate(ds, num_threads=2, prefetch_buffer_size=8) -> grain.DatasetIterator
+                                                           # any jaxlm MapDataset of batches
   train_iterator(*, name, split, tokenizer, seq_len, global_batch_size, seed,
                  process_index=0, process_count=1, data_dir='', files='',
                  text_key='text', num_threads=2,
@@ -231,6 +233,16 @@ def train_dataset(
     return ds
 
 
+def iterate(ds: grain.MapDataset, num_threads: int = 2,
+            prefetch_buffer_size: int = 8) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator over the batches of `ds`, read by `num_threads`
+    Grain threads, `prefetch_buffer_size` batches ahead. `get_state()` / `set_state()` save and
+    restore the position (restore into an iterator built with the same arguments)."""
+    read_options = grain.ReadOptions(num_threads=num_threads,
+                                     prefetch_buffer_size=prefetch_buffer_size)
+    return iter(ds.to_iter_dataset(read_options))
+
+
 def train_iterator(
     *,
     name: str,
@@ -290,10 +302,7 @@ def train_iterator(
         process_index=process_index,
         process_count=process_count,
     )
-    read_options = grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
-    )
-    return iter(ds.to_iter_dataset(read_options))
+    return iterate(ds, num_threads, prefetch_buffer_size)
 
 
 def eval_batches(

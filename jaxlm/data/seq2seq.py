@@ -9,15 +9,15 @@ Public functions:
                           mean_noise_span_length=3.0) -> (tokens_length, targets_length)
   span_corruption_dataset(tokens, *, inputs_length, global_batch_size, seed, vocab_size, eos_id,
                           ...) -> grain.MapDataset
-  span_corruption_train_iterator(*, tokens, inputs_length, global_batch_size, seed, vocab_size,
-                                 eos_id, ...) -> grain.DatasetIterator
+  span_corruption_train_iterator(*, num_threads=2, prefetch_buffer_size=8,
+                                 **span_corruption_dataset_kwargs) -> grain.DatasetIterator
   span_corruption_eval_batches(tokens, *, inputs_length, global_batch_size, seed, vocab_size,
                                eos_id, max_batches=0, ...) -> list[dict[str, np.ndarray]]
   encode_pairs(pairs, tokenizer, *, source_prefix='') -> tuple[(source_ids, target_ids), ...]
   pairs_dataset(pairs, *, tokenizer, source_len, target_len, global_batch_size, seed, eos_id,
                 ...) -> grain.MapDataset
-  pairs_train_iterator(*, pairs, tokenizer, source_len, target_len, global_batch_size, seed,
-                       eos_id, ...) -> grain.DatasetIterator
+  pairs_train_iterator(*, num_threads=2, prefetch_buffer_size=8,
+                       **pairs_dataset_kwargs) -> grain.DatasetIterator
   pairs_eval_batches(*, pairs, tokenizer, source_len, target_len, global_batch_size, eos_id,
                      max_batches=0, ...) -> list[dict[str, np.ndarray]]
 
@@ -374,52 +374,13 @@ def span_corruption_dataset(
     return ds.batch(b, drop_remainder=True)[process_index::process_count]
 
 
-def _iterator(
-    ds: grain.MapDataset, num_threads: int, prefetch_buffer_size: int
-) -> grain.DatasetIterator:
-    read_options = grain.ReadOptions(
-        num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size
-    )
-    return iter(ds.to_iter_dataset(read_options))
-
-
 def span_corruption_train_iterator(
-    *,
-    tokens: np.ndarray,
-    inputs_length: int,
-    global_batch_size: int,
-    seed: int,
-    vocab_size: int,
-    eos_id: int,
-    noise_density: float = 0.15,
-    mean_noise_span_length: float = 3.0,
-    pad_id: int = 0,
-    decoder_start_id: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_threads: int = 2,
-    prefetch_buffer_size: int = 8,
+    *, num_threads: int = 2, prefetch_buffer_size: int = 8, **dataset_kwargs
 ) -> grain.DatasetIterator:
-    """Returns an endless, checkpointable iterator over `span_corruption_dataset`'s batches.
-
-    `get_state()` / `set_state(state)` save and restore the position (restore into an iterator
-    built with the same arguments). `num_threads` and `prefetch_buffer_size` set Grain's reading.
-    """
-    ds = span_corruption_dataset(
-        tokens,
-        inputs_length=inputs_length,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        vocab_size=vocab_size,
-        eos_id=eos_id,
-        noise_density=noise_density,
-        mean_noise_span_length=mean_noise_span_length,
-        pad_id=pad_id,
-        decoder_start_id=decoder_start_id,
-        process_index=process_index,
-        process_count=process_count,
-    )
-    return _iterator(ds, num_threads, prefetch_buffer_size)
+    """An endless, checkpointable iterator over `span_corruption_dataset(**dataset_kwargs)`
+    (see `pipeline.iterate`)."""
+    return pipeline.iterate(span_corruption_dataset(**dataset_kwargs), num_threads,
+                            prefetch_buffer_size)
 
 
 def span_corruption_eval_batches(
@@ -599,42 +560,11 @@ def pairs_dataset(
 
 
 def pairs_train_iterator(
-    *,
-    pairs: Sequence[tuple[str, str]],
-    tokenizer: tokenizers.Tokenizer,
-    source_len: int,
-    target_len: int,
-    global_batch_size: int,
-    seed: int,
-    eos_id: int,
-    pad_id: int = 0,
-    decoder_start_id: int | None = None,
-    source_prefix: str = "",
-    process_index: int = 0,
-    process_count: int = 1,
-    num_threads: int = 2,
-    prefetch_buffer_size: int = 8,
+    *, num_threads: int = 2, prefetch_buffer_size: int = 8, **dataset_kwargs
 ) -> grain.DatasetIterator:
-    """Returns an endless, checkpointable iterator over `pairs_dataset`'s batches.
-
-    `get_state()` / `set_state(state)` save and restore the position (restore into an iterator
-    built with the same arguments). `num_threads` and `prefetch_buffer_size` set Grain's reading.
-    """
-    ds = pairs_dataset(
-        pairs,
-        tokenizer=tokenizer,
-        source_len=source_len,
-        target_len=target_len,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        decoder_start_id=decoder_start_id,
-        source_prefix=source_prefix,
-        process_index=process_index,
-        process_count=process_count,
-    )
-    return _iterator(ds, num_threads, prefetch_buffer_size)
+    """An endless, checkpointable iterator over `pairs_dataset(**dataset_kwargs)` (see
+    `pipeline.iterate`)."""
+    return pipeline.iterate(pairs_dataset(**dataset_kwargs), num_threads, prefetch_buffer_size)
 
 
 def pairs_eval_batches(
