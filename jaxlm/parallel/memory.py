@@ -32,11 +32,9 @@ and XLA:CPU's float32 copies of bfloat16 values (CPU has no native bfloat16 arit
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlm.models import layers
 from jaxlm.parallel import pipeline
@@ -51,11 +49,12 @@ def estimate(run) -> dict:
     activations (None where the model family is not covered) and their total."""
     config = run.config
     device = run.partitioner.mesh.devices.flat[0]
-    state = metrics.state_memory(run.abstract_state, device)
+    params = metrics.bytes_on_device(run.abstract_state.params, device)
     accumulators = 2 if config.train.microbatches > 1 else 1
-    figures = {"params": state["params"], "optimizer": state["opt_state"],
-                   "gradients": accumulators * state["params"],
-                   "activations": activation_bytes(config, run.task, run.partitioner)}
+    figures = {"params": params,
+               "optimizer": metrics.bytes_on_device(run.abstract_state.opt_state, device),
+               "gradients": accumulators * params,
+               "activations": activation_bytes(config, run.task, run.partitioner)}
     figures["total"] = sum(v for v in figures.values() if v is not None)
     return figures
 
@@ -102,7 +101,7 @@ class Shape:
 def activation_bytes(config, task, partitioner) -> int | None:
     """Activations of one train step on one device (see the module docstring)."""
     m, mesh = config.model, dict(partitioner.mesh.shape)
-    rows = config.train.batch_size // config.train.microbatches // batch_shards(partitioner)
+    rows = config.train.batch_size // config.train.microbatches // partitioner.batch_shards
     stacks, head = family_shapes(config, task, mesh["tensor"], rows)
     if stacks is None:
         return None
@@ -111,13 +110,6 @@ def activation_bytes(config, task, partitioner) -> int | None:
         return pipeline_bytes(m, pipe, stacks) + head
     return (sum(num_layers * layer_bytes(m, s) for num_layers, s in stacks)
             + max(working_set(m, s) for _, s in stacks) + head)
-
-
-def batch_shards(partitioner) -> int:
-    """How many ways the `batch` logical axis splits over the mesh (data x fsdp by default)."""
-    spec = partitioner.sharding(("batch",)).spec[0] or ()
-    axes = (spec,) if isinstance(spec, str) else spec
-    return math.prod(partitioner.mesh.shape[a] for a in axes)
 
 
 def family_shapes(config, task, tensor: int, rows: int):
@@ -208,8 +200,8 @@ def pipeline_bytes(m, pipe, stacks) -> int:
 def norm_residuals_per_token(m) -> int:
     """Bytes per token a norm (float32) keeps for its backward, as `jax.vjp` saves them."""
     module = layers.norm(layers.block_config(m))
-    params = module.init(jax.random.key(0), jnp.ones((1, m.emb_dim), jnp.float32))
-    return _residual_bytes_per_row(lambda x: module.apply(params, x), m.emb_dim, jnp.float32, 1)
+    normalize = lambda x: module.apply(module.init(jax.random.key(0), x), x)
+    return _residual_bytes_per_row(normalize, m.emb_dim, jnp.float32, 1)
 
 
 def mlp_residuals_per_token(m, s: Shape) -> int:
@@ -221,9 +213,10 @@ def mlp_residuals_per_token(m, s: Shape) -> int:
 
 def _residual_bytes_per_row(fn, width: int, dtype, num_inputs: int) -> int:
     """What `jax.vjp(fn)` keeps per row of [rows, width] inputs: the residuals of two rows minus
-    those of one (what does not grow with the rows, e.g. a norm's scale, cancels)."""
+    those of one (what does not grow with the rows, e.g. a norm's scale, cancels). Shapes only
+    (`jax.eval_shape`): nothing runs, so the estimate costs no start-up time."""
     def residual_bytes(rows):
-        inputs = [jnp.ones((rows, width), dtype)] * num_inputs
-        _, vjp_fn = jax.vjp(fn, *inputs)
-        return sum(np.asarray(x).nbytes for x in jax.tree.leaves(vjp_fn))
+        inputs = [jax.ShapeDtypeStruct((rows, width), dtype)] * num_inputs
+        residuals = jax.eval_shape(lambda *x: jax.vjp(fn, *x)[1], *inputs)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(residuals))
     return residual_bytes(2) - residual_bytes(1)

@@ -78,10 +78,3 @@ def bytes_on_device(tree, device) -> int:
         if index is not None:  # an uneven shard is as long as its slice
             total += math.prod(len(range(*s.indices(n))) for s, n in zip(index, x.shape)) * x.dtype.itemsize
     return total
-
-
-def state_memory(abstract_state, device) -> dict:
-    """Bytes of the train state on `device`, known before anything is allocated."""
-    params = bytes_on_device(abstract_state.params, device)
-    opt_state = bytes_on_device(abstract_state.opt_state, device)
-    return dict(params=params, opt_state=opt_state, state=bytes_on_device(abstract_state, device))
