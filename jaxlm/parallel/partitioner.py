@@ -47,12 +47,17 @@ def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
                          devices=devices)
 
 
+def axes_tuple(axes) -> tuple:
+    """A rule's or a PartitionSpec entry's mesh axes (None, a name or names) as a tuple."""
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def validate_rules(rules) -> tuple:
     rules = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
                   for name, axes in rules)
     for name, axes in rules:
-        for axis in (axes if isinstance(axes, tuple) else (axes,)):
-            if axis is not None and axis not in MESH_AXES:
+        for axis in axes_tuple(axes):
+            if axis not in MESH_AXES:
                 raise ValueError(f"mesh.rules maps {name!r} to unknown mesh axis {axis!r}; "
                                  f"mesh axes are {MESH_AXES}")
     return rules
@@ -64,7 +69,7 @@ def sequence_parallel(rules) -> tuple:
     rules = validate_rules(rules)
     if "residual" not in dict(rules):
         raise ValueError("mesh.sequence_parallel needs a 'residual' rule in mesh.rules")
-    widen = lambda axes: tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a != "tensor") + ("tensor",)
+    widen = lambda axes: tuple(a for a in axes_tuple(axes) if a != "tensor") + ("tensor",)
     return tuple((name, widen(axes) if name == "residual" else axes) for name, axes in rules)
 
 
@@ -109,14 +114,23 @@ class Partitioner:
         names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
         shape = nn.unbox(leaf).shape
         for dim, (size, axes) in enumerate(zip(shape, sharding.spec)):
-            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-            parts = int(np.prod([self.mesh.shape[a] for a in axes]))
+            axes = axes_tuple(axes)
+            parts = self.devices_over(axes)
             if size % parts:
                 logical = names[dim] if dim < len(names) else None
                 raise ValueError(
                     f"cannot shard {name} of shape {shape}: dimension {dim} ({logical!r}, size "
                     f"{size}) does not divide over mesh axes {axes} ({parts} devices). Change the "
                     f"mesh or mesh.rules{', or set model.vocab_multiple' if logical == 'vocab' else ''}.")
+
+    def devices_over(self, axes) -> int:
+        """How many devices the mesh axes `axes` (None, a name or names) span."""
+        return int(np.prod([self.mesh.shape[a] for a in axes_tuple(axes)]))
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the `batch` logical axis splits over the mesh (data x fsdp by default)."""
+        return self.devices_over(self.sharding(("batch",)).spec[0])
 
     @property
     def replicated(self) -> NamedSharding:

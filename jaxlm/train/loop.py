@@ -44,7 +44,7 @@ def setup(config, workdir: str):
     partitioner = Partitioner.from_config(config)
     check_batch(config, partitioner)
     shardings = state_lib.shardings(partitioner, task, tx)
-    return Run(config, tokenizer, task, tx, lr_schedule, partitioner, shardings)
+    return Run(config, tokenizer, task, tx, lr_schedule, partitioner, shardings, hf_dir)
 
 
 def hf_source(init_from: str) -> str | None:
@@ -61,8 +61,7 @@ def check_batch(config, partitioner) -> None:
         raise ValueError(f"train.nan_policy={t.nan_policy!r}: expected 'stop' or 'skip'")
     if t.batch_size % t.microbatches:
         raise ValueError(f"train.batch_size={t.batch_size} does not split into train.microbatches={t.microbatches}")
-    spec = partitioner.sharding(("batch",)).spec[0] or ()
-    shards = int(np.prod([partitioner.mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec)]))
+    shards = partitioner.batch_shards
     for name, size in (("train.batch_size", t.batch_size), ("train.batch_size / train.microbatches",
                                                             t.batch_size // max(t.microbatches, 1))):
         if size % shards or size % jax.process_count():
@@ -75,12 +74,13 @@ def check_batch(config, partitioner) -> None:
 
 
 class Run:
-    """The pieces `setup` builds, kept together."""
+    """The pieces `setup` builds, kept together (`hf_dir`: the Hugging Face folder `init_from`
+    names, or None)."""
 
-    def __init__(self, config, tokenizer, task, tx, lr_schedule, partitioner, shardings):
+    def __init__(self, config, tokenizer, task, tx, lr_schedule, partitioner, shardings, hf_dir):
         self.config, self.tokenizer, self.task = config, tokenizer, task
         self.tx, self.lr_schedule = tx, lr_schedule
-        self.partitioner, self.shardings = partitioner, shardings
+        self.partitioner, self.shardings, self.hf_dir = partitioner, shardings, hf_dir
 
     @functools.cached_property
     def abstract_state(self):
@@ -216,9 +216,8 @@ def restore_or_init(run, ckpt, train_iter, workdir: str):
         if os.path.abspath(config.init_from) == os.path.abspath(workdir):
             raise ValueError("init_from names this run's own workdir")
         log.info("initializing parameters from %s", config.init_from)
-        hf_dir = hf_source(config.init_from)
-        if hf_dir:
-            params = merge_params(state.params, convert.import_params(hf_dir, config.model))
+        if run.hf_dir:
+            params = merge_params(state.params, convert.import_params(run.hf_dir, config.model))
         else:
             params = checkpoint.restore_params(config.init_from, run.abstract_state.params)
         state = state.replace(params=params)
