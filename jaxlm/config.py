@@ -108,6 +108,20 @@ def default_config() -> ml_collections.ConfigDict:
         peak_flops=0.0,  # per device, for MFU; 0: measured with a matmul at start-up
     ))
 
+    # Parameter-efficient fine-tuning (jaxlm/peft): what trains on top of init_from's model.
+    c.peft = ml_collections.ConfigDict(dict(
+        method="full",  # full | lora | adapter | prompt | prefix | bitfit | head
+        rank=8,  # lora
+        alpha=16.0,  # lora: updates scaled by alpha / rank
+        dropout=0.0,  # lora: dropout on the adapters' input
+        targets="query|value",  # lora: regex searched in layer paths, e.g. "attn/(query|key|value|out)|mlp"
+        adapter="houlsby",  # adapter: houlsby (after attention and MLP) | pfeiffer (after the MLP)
+        adapter_dim=64,  # adapter bottleneck width
+        num_tokens=20,  # prompt: soft tokens before the input; prefix: keys/values per layer
+        trainable="",  # regex of more parameters to train (e.g. "norm" with adapters)
+        frozen="",  # regex of parameters to freeze under any method (e.g. "embed" with full)
+    ))
+
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3,
         end_lr=1e-4,  # the cosine decays from lr to end_lr at `decay_steps`

@@ -107,7 +107,7 @@ def _write_workdir(config, hf_dir: str, tokenizer, workdir: str) -> None:
     run = loop.setup(config, workdir)
     state = state_lib.init(run.partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
     imported = convert.import_params(hf_dir, config.model)
-    state = state.replace(params=loop.merge_params(state.params, imported))
+    state = state.replace(params=loop.merge_params(state.params, imported)[0])
     ckpt = checkpoint.Checkpointer(workdir)
     ckpt.save(0, state)
     ckpt.close()

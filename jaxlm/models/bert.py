@@ -1,12 +1,13 @@
 """BERT: a post-norm Transformer encoder with token, position and segment embeddings.
 
-With `pretraining_heads` it also returns the masked-LM logits (a transform, then the input
+Fine-tuning tasks give `heads` (see `heads.py`) instead. With `pretraining_heads` it returns the masked-LM logits (a transform, then the input
 embedding table as the decoder, plus a bias) and the next-sentence logits on the pooled [CLS].
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxlm.models import heads as heads_lib
 from jaxlm.models.layers import (ACTIVATIONS, BlockConfig, Embed, block_config, constrain, dense, learned_positions,
                                  norm, padding_bias)
 from jaxlm.models.transformer import Context, Stack
@@ -20,6 +21,7 @@ class BERT(nn.Module):
     cfg: BlockConfig
     type_vocab_size: int = 2
     pretraining_heads: bool = False
+    heads: tuple = ()  # (name, source, outputs) task heads
     scan_layers: bool = True
     remat: str = "none"
     pipeline: Pipeline | None = None
@@ -46,7 +48,7 @@ class BERT(nn.Module):
                   name="encoder")(x, Context(positions, bias=padding_bias(input_mask)), deterministic)
         hidden = x.reshape(batch, length, cfg.emb_dim)
         pooled = jnp.tanh(dense(cfg.emb_dim, ("embed", "mlp"), cfg, "pooler", use_bias=True)(hidden[:, 0]))
-        out = {"hidden": hidden, "pooled": pooled}
+        out = heads_lib.apply({"hidden": hidden, "pooled": pooled}, self.heads, cfg, deterministic)
         if self.pretraining_heads:
             out["nsp_logits"] = dense(2, ("embed", None), cfg, "nsp", use_bias=True)(pooled).astype(jnp.float32)
             if mlm_positions is not None:
@@ -64,9 +66,10 @@ class BERT(nn.Module):
         return (embed.attend(h) + bias).astype(jnp.float32)
 
 
-def from_config(m, pipeline=None) -> BERT:
+def from_config(m, pipeline=None, peft=None, heads=None) -> BERT:
+    """BERT with the pretraining heads (MLM, NSP), or with the task `heads` when given."""
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return BERT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
-                cfg=block_config(m, post_norm=True), type_vocab_size=m.type_vocab_size,
-                pretraining_heads=True, scan_layers=m.scan_layers, remat=m.remat, pipeline=pipeline)
+                cfg=block_config(m, peft, post_norm=True), type_vocab_size=m.type_vocab_size,
+                pretraining_heads=heads is None, heads=tuple(heads or ()), scan_layers=m.scan_layers, remat=m.remat, pipeline=pipeline)

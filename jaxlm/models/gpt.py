@@ -43,8 +43,8 @@ class GPT(nn.Module):
         return logits.reshape(batch, length, self.vocab_size)
 
 
-def from_config(m, pipeline=None) -> GPT:
+def from_config(m, pipeline=None, peft=None) -> GPT:
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
-    return GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers, cfg=block_config(m),
+    return GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers, cfg=block_config(m, peft),
                tie_embeddings=m.tie_embeddings, scan_layers=m.scan_layers, remat=m.remat, pipeline=pipeline)

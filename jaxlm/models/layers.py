@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.peft import Peft, lora, prompts
+
 Array = jax.Array
 DType = Any
 
@@ -50,10 +52,11 @@ class BlockConfig:
     param_dtype: DType = jnp.float32
     init_std: float = 0.02
     out_init_std: float = 0.02  # residual projections (GPT-2 scales them by 1/sqrt(2 * layers))
+    peft: Peft = Peft()  # what parameter-efficient fine-tuning adds to the layers
 
 
-def block_config(m, **overrides) -> BlockConfig:
-    """The BlockConfig of `config.model` (`m`), with family-specific `overrides`."""
+def block_config(m, peft: Peft | None = None, **overrides) -> BlockConfig:
+    """The BlockConfig of `config.model` (`m`) and `peft`, with family-specific `overrides`."""
     if m.emb_dim % m.num_heads and not m.head_dim:
         raise ValueError(f"model.emb_dim={m.emb_dim} is not divisible by model.num_heads={m.num_heads}")
     values = dict(
@@ -72,6 +75,7 @@ def block_config(m, **overrides) -> BlockConfig:
         param_dtype=jnp.dtype(m.param_dtype),
         init_std=m.init_std,
         out_init_std=m.init_std / math.sqrt(2 * m.num_layers),
+        peft=peft or Peft(),
     )
     return BlockConfig(**{**values, **overrides})
 
@@ -111,6 +115,8 @@ class Dense(nn.Module):
             in_dims + self.features, cfg.param_dtype)
         contract = ((in_axes, tuple(range(len(in_axes)))), ((), ()))
         y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), contract)
+        if cfg.peft.lora_applies(self.path):
+            y = y + lora.delta(self, x, in_axes, self.features, self.axes, cfg.peft, cfg)
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[len(in_dims):]),
@@ -304,6 +310,8 @@ class Attention(nn.Module):
             scores_bias = scores_bias + causal_bias(q_positions, self.max_len)
         elif self.causal and memory is None:
             scores_bias = scores_bias + causal_bias(jnp.arange(length), length)
+        if cfg.peft.method == "prefix" and memory is None:
+            k, v, scores_bias = prompts.prefix_keys_values(self, k, v, scores_bias, cfg.peft, cfg)
         out = attention(q, k, v, scores_bias).reshape(batch * length, cfg.num_heads, cfg.head_dim)
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         out = dense(cfg.emb_dim, ("heads", "kv", "embed"), cfg, "out", in_axis=(-2, -1),

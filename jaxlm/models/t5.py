@@ -81,11 +81,11 @@ class T5(nn.Module):
         return self.decode(encoded, encoder_mask, decoder_tokens, deterministic=deterministic)
 
 
-def from_config(m, pipeline=None) -> T5:
+def from_config(m, pipeline=None, peft=None) -> T5:
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return T5(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
               num_decoder_layers=m.num_decoder_layers or m.num_layers,
-              cfg=block_config(m, scale_queries=False), relative_buckets=m.relative_buckets,
+              cfg=block_config(m, peft, scale_queries=False), relative_buckets=m.relative_buckets,
               relative_max_distance=m.relative_max_distance, tie_embeddings=m.tie_embeddings,
               scan_layers=m.scan_layers, remat=m.remat, pipeline=pipeline)

@@ -6,6 +6,7 @@ import jax
 
 from jaxlm.models.layers import RESIDUAL_AXES, Array, Attention, BlockConfig, Mlp, constrain, norm
 from jaxlm.parallel import pipeline as pipeline_lib
+from jaxlm.peft import adapters, prompts
 
 REMAT_POLICIES = {
     "none": None,
@@ -53,18 +54,25 @@ class Block(nn.Module):
         branches.append(("mlp", lambda h: Mlp(cfg, name="mlp")(h, deterministic)))
         for name, branch in branches:
             if cfg.post_norm:
-                x = norm(cfg, f"{name}_norm")(x + self._dropout(branch(x), deterministic))
+                x = norm(cfg, f"{name}_norm")(x + self._output(name, branch(x), deterministic))
             else:
-                x = x + self._dropout(branch(norm(cfg, f"{name}_norm")(x)), deterministic)
+                x = x + self._output(name, branch(norm(cfg, f"{name}_norm")(x)), deterministic)
             x = constrain(x, RESIDUAL_AXES)
         return x.astype(cfg.dtype), None  # (carry, output) so the block can be scanned
 
-    def _dropout(self, h, deterministic):
-        return nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
+    def _output(self, name, h, deterministic):
+        """A branch's output as added to the residual: dropout, then the adapter if any."""
+        h = nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
+        if self.cfg.peft.adapter_applies(name):
+            h = adapters.Adapter(self.cfg.peft.adapter_dim, self.cfg, name=f"adapter_{name}")(h)
+        return h
 
 
 class Stack(nn.Module):
     """`num_layers` blocks: one scanned block with a leading `layers` axis, or a Python loop.
+
+    With `peft.method='prompt'` a bidirectional stack (an encoder) reads learned soft tokens
+    before its input and drops them from its output.
 
     With a `pipeline` (mesh.stage > 1) training and evaluation run the scanned block's parameters
     through `parallel.pipeline`; initialization and KV-cache decoding run the plain scan, so the
@@ -81,6 +89,15 @@ class Stack(nn.Module):
     def __call__(self, x, ctx: Context, deterministic: bool = True, decode: bool = False):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+        kwargs = self.block_kwargs or {}
+        cfg = kwargs["cfg"]
+        if cfg.peft.method == "prompt" and not kwargs.get("causal", True):
+            batch = ctx.positions.shape[0]
+            x, ctx = prompts.prepend_prompt(self, x, ctx, cfg.peft, cfg)
+            return prompts.drop_prompt(self._layers(x, ctx, deterministic, decode), batch, cfg.peft, cfg)
+        return self._layers(x, ctx, deterministic, decode)
+
+    def _layers(self, x, ctx: Context, deterministic: bool, decode: bool):
         if self.pipeline is not None:
             if not self.scan:
                 raise ValueError("pipeline parallelism (mesh.stage > 1) needs model.scan_layers=True")

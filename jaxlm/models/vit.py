@@ -47,9 +47,9 @@ class ViT(nn.Module):
         return dense(self.num_classes, ("embed", None), cfg, "head", use_bias=True)(pooled).astype(jnp.float32)
 
 
-def from_config(m, pipeline=None) -> ViT:
+def from_config(m, pipeline=None, peft=None) -> ViT:
     if m.num_classes <= 0 or m.image_size <= 0:
         raise ValueError("model.num_classes and model.image_size must be set (the task takes them from the data)")
     return ViT(num_classes=m.num_classes, image_size=m.image_size, patch_size=m.patch_size,
-               num_layers=m.num_layers, cfg=block_config(m), pool=m.pool, scan_layers=m.scan_layers,
+               num_layers=m.num_layers, cfg=block_config(m, peft), pool=m.pool, scan_layers=m.scan_layers,
                remat=m.remat, pipeline=pipeline)

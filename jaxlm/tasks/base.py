@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm import convert, models
+from jaxlm import convert, models, peft
 from jaxlm.data import pipeline
 from jaxlm.parallel import pipeline as pipeline_lib
 
@@ -44,15 +44,19 @@ def hf_vocab(name: str) -> str:
 class Task:
     """Base class: `config` is the run's config, `tokenizer` the run's tokenizer (or None).
 
-    Subclasses set `self.model` (usually `models.get(config.model)` after fixing the vocabulary)
+    Subclasses set `self.model` (usually `self.build_model()` after fixing the vocabulary)
     and implement `dummy_batch`, `loss`, `summarize`, `train_iterator` and `eval_batches`.
+    `trainable(name)` says which parameters train (see `jaxlm.peft`).
     """
 
     tokens_per_example = 0  # for tokens/s and MFU; 0 when the examples are not token sequences
+    heads = ()  # regexes of the task's own new layers: they train under every PEFT method
 
     def __init__(self, config, tokenizer):
         self.config = config
         self.tokenizer = tokenizer
+        self.peft = peft.from_config(config)
+        self.trainable = peft.trainable_fn(config, self.heads)
 
     @classmethod
     def build_tokenizer(cls, config, workdir: str):
@@ -74,8 +78,9 @@ class Task:
             raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the {needed} ids the "
                              "tokenizer and the task need")
 
-    def build_model(self):
-        return models.get(self.config.model, pipeline_lib.from_config(self.config))
+    def build_model(self, **family_kwargs):
+        return models.get(self.config.model, pipeline_lib.from_config(self.config), self.peft,
+                          **family_kwargs)
 
     def init(self, rng: jax.Array):
         return self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(self.dummy_batch()))

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+import flax
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -35,13 +36,14 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iter=None) -> None:
-        items = {STATE: ocp.args.StandardSave(state)}
+        items = {STATE: ocp.args.StandardSave(state.saved())}
         if data_iter is not None:
             items[DATA] = DataIterSave(data_iter)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state, data_iter=None, step: int | None = None):
-        """Restores `step` (default: latest) onto the shardings in `abstract_state`.
+        """Restores `step` (default: latest) onto the shardings in `abstract_state`; the frozen
+        parameters are not in checkpoints: the state comes back with `frozen={}`.
 
         The iterator, if given, is moved to the saved position in place (a checkpoint written
         without one, e.g. by `tools/convert_hf.py import`, leaves it at the start).
@@ -49,6 +51,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        abstract_state = abstract_state.saved()
         self.check_shapes(step, abstract_state)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None and DATA in self.manager.item_metadata(step):
@@ -137,8 +140,9 @@ def _iterator_file(process_index: int, process_count: int) -> str:
     return f"process_{process_index}-of-{process_count}.json"  # grain's name for it
 
 
-def restore_params(workdir: str, abstract_params):
-    """The parameters of the latest checkpoint in another jaxlm workdir (for `init_from`).
+def restore_params(workdir: str, abstract_params) -> dict:
+    """The parameters of the latest checkpoint in another jaxlm workdir (for `init_from`) that
+    `abstract_params` also has, as a nested dict; parameters it lacks (new heads) are left out.
 
     Only the parameters are read, so the source run may have used another optimizer; a
     parameter whose shape differs is an error that names it.
@@ -152,10 +156,18 @@ def restore_params(workdir: str, abstract_params):
         if step is None:
             raise FileNotFoundError(f"init_from: no checkpoint in {workdir}/checkpoints")
         saved = _saved_shapes(source, step)
-        for name, shape in _differing(saved, _shapes({"params": abstract_params}))[:1]:
-            raise ValueError(f"init_from {workdir} step {step}: {name} is saved as "
-                             f"{saved.get(name, 'nothing')}, this config builds {shape}")
-        item = {"params": abstract_params}
+        present = {}
+        for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_params)).items():
+            name = _dotted(("params",) + path)
+            if name in saved and saved[name] != tuple(leaf.shape):
+                raise ValueError(f"init_from {workdir} step {step}: {name} is saved as "
+                                 f"{saved[name]}, this config builds {tuple(leaf.shape)}")
+            if name in saved:
+                present[path] = leaf
+        if not present:
+            raise ValueError(f"init_from {workdir} step {step}: none of this model's parameters "
+                             "are in its checkpoint")
+        item = {"params": flax.traverse_util.unflatten_dict(present)}
         restored = source.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True)}))

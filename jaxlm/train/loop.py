@@ -7,6 +7,7 @@ need to see.
 """
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import convert, tasks
+from jaxlm import convert, peft, tasks
 from jaxlm.parallel import memory, pipeline as pipeline_lib
 from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
@@ -104,7 +105,8 @@ def restore_latest(workdir: str, config=None):
     """(run, params, step): a finished or running run's latest parameters, for inference.
 
     `config` defaults to the run's own `config.json`; the mesh becomes all local devices on the
-    data axis, which any checkpoint restores onto.
+    data axis, which any checkpoint restores onto. A PEFT run's checkpoint holds only what it
+    trained: the rest comes from its base (`init_from`).
     """
     config = config_lib.load(workdir) if config is None else config
     config.mesh.update(dict(data=-1, fsdp=1, tensor=1, stage=1, num_devices=0))
@@ -114,9 +116,12 @@ def restore_latest(workdir: str, config=None):
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-        return run, ckpt.restore(run.abstract_state).params, step
+        state = ckpt.restore(run.abstract_state)
     finally:
         ckpt.close()
+    if run.abstract_state.frozen:
+        state = state.replace(frozen=base_params(run)[0].frozen)
+    return run, state.model_params, step
 
 
 def train_and_evaluate(config, workdir: str):
@@ -133,8 +138,8 @@ def train_and_evaluate(config, workdir: str):
     state = restore_or_init(run, ckpt, train_iter, workdir)
     config_lib.save(config, workdir)  # only now: a failed restore leaves the run's config as it was
     start_step = int(state.step)
-    log.info("parameters: %s, mesh: %s", f"{metrics_lib.count_params(state.params):,}",
-             dict(partitioner.mesh.shape))
+    log.info("parameters: %s (%s trainable), mesh: %s", f"{metrics_lib.count_params(state.model_params):,}",
+             f"{metrics_lib.count_params(state.params):,}", dict(partitioner.mesh.shape))
 
     steps_fn = make_train_call(run)
     compiled = {}
@@ -152,7 +157,7 @@ def train_and_evaluate(config, workdir: str):
     writer = metrics_lib.MetricWriter(workdir)
     tokens_per_step = t.batch_size * run.task.tokens_per_example
     flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
-        config.model, state.params, run.task.tokens_per_example)
+        config.model, state.model_params, run.task.tokens_per_example)
     peak = t.peak_flops or metrics_lib.measure_matmul_peak()
     stop = _SigtermFlag()
     bar = metrics_lib.progress_bar(t.steps, start_step)
@@ -180,7 +185,7 @@ def train_and_evaluate(config, workdir: str):
                                 ex_s=f"{figures['train/examples_per_sec']:.0f}")
                 pending, last_time = [], now
             if step % t.eval_every == 0 or step == t.steps:
-                figures = evaluator(state.params)
+                figures = evaluator(state.model_params)
                 writer.write(step, figures)
                 if jax.process_index() == 0:
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items()),
@@ -199,34 +204,82 @@ def train_and_evaluate(config, workdir: str):
         writer.close()
     if not stop.raised and config.sample.max_new_tokens > 0:
         # Every process takes part (the parameters are global arrays); process 0 prints.
-        text = run.task.sample(state.params)
+        text = run.task.sample(state.model_params)
         if text is not None and jax.process_index() == 0:
             print(text, flush=True)
     return state
 
 
 def restore_or_init(run, ckpt, train_iter, workdir: str):
-    """This run's latest checkpoint, else `init_from`'s parameters, else a fresh init."""
+    """This run's latest checkpoint, else `init_from`'s parameters, else a fresh init. Frozen
+    parameters (PEFT) always come from `init_from`: checkpoints do not hold them."""
     config = run.config
-    if ckpt.latest_step() is not None:
+    if config.init_from and os.path.abspath(config.init_from) == os.path.abspath(workdir):
+        raise ValueError("init_from names this run's own workdir")
+    resume = ckpt.latest_step() is not None
+    if resume and not run.abstract_state.frozen:
         log.info("resuming from %s step %d", ckpt.directory, ckpt.latest_step())
         return ckpt.restore(run.abstract_state, train_iter)
-    state = state_lib.init(run.partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
-    if config.init_from:
-        if os.path.abspath(config.init_from) == os.path.abspath(workdir):
-            raise ValueError("init_from names this run's own workdir")
-        log.info("initializing parameters from %s", config.init_from)
-        if run.hf_dir:
-            params = merge_params(state.params, convert.import_params(run.hf_dir, config.model))
-        else:
-            params = checkpoint.restore_params(config.init_from, run.abstract_state.params)
-        state = state.replace(params=params)
+    state, report = base_params(run)
+    if resume:
+        log.info("resuming from %s step %d (frozen parameters from %s)", ckpt.directory,
+                 ckpt.latest_step(), config.init_from)
+        return ckpt.restore(run.abstract_state, train_iter).replace(frozen=state.frozen)
+    write_params_report(workdir, state, report)
     return state
 
 
+def base_params(run):
+    """(state, report): a fresh state whose parameters come from `init_from` where it has them.
+
+    `report` lists the parameters `init_from` provided (`loaded`) and those that start fresh
+    (`new`). A fresh parameter that would stay frozen is an error naming it.
+    """
+    config = run.config
+    state = state_lib.init(run.partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
+    params = state.model_params
+    names = peft.names(params)
+    if not config.init_from:
+        return state, {"loaded": [], "new": names}
+    log.info("initializing parameters from %s", config.init_from)
+    if run.hf_dir:
+        loaded = convert.import_params(run.hf_dir, config.model)
+    else:
+        loaded = checkpoint.restore_params(config.init_from, run.abstract_state.model_params)
+    params, new = merge_params(params, loaded)
+    stuck = [n for n in new if not run.task.trainable(n)]
+    if stuck:
+        raise ValueError(f"init_from {config.init_from} has no {', '.join(stuck)}, and "
+                         f"peft.method={config.peft.method!r} freezes them: they would stay random "
+                         "(train them with peft.trainable, or start from a checkpoint that has them)")
+    trainable, frozen = peft.split(params, run.task.trainable)
+    new_set = set(new)
+    return (state.replace(params=trainable, frozen=frozen),
+            {"loaded": [n for n in names if n not in new_set], "new": new})
+
+
+def write_params_report(workdir: str, state, report: dict) -> None:
+    """`workdir/params.json`: parameter counts and names (loaded, new, frozen) at the start."""
+    params = state.model_params
+    sizes = {"/".join(k): int(v.size) for k, v in flax.traverse_util.flatten_dict(params).items()}
+    frozen = peft.names(state.frozen)
+    figures = {"total": sum(sizes.values()),
+               "trainable": sum(sizes.values()) - sum(sizes[n] for n in frozen),
+               "loaded": sum(sizes[n] for n in report["loaded"]),
+               "new": report["new"], "frozen": frozen}
+    log.info("parameters: %s total, %s trainable (%.2f%%), %s loaded; new: %s", f"{figures['total']:,}",
+             f"{figures['trainable']:,}", 100 * figures["trainable"] / figures["total"],
+             f"{figures['loaded']:,}", ", ".join(report["new"]) or "none")
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, "params.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(figures, f, indent=1)
+        os.replace(tmp, os.path.join(workdir, "params.json"))
+
+
 def merge_params(params, loaded: dict):
-    """`params` with the leaves `loaded` has (placed like them); the others keep their fresh
-    values (e.g. heads a pretrained backbone does not have). Shapes must match."""
+    """(`params` with the leaves `loaded` has, placed like them; names of the leaves that keep
+    their fresh values, e.g. heads a pretrained backbone does not have). Shapes must match."""
     flat = flax.traverse_util.flatten_dict(loaded)
     fresh = []
 
@@ -240,10 +293,7 @@ def merge_params(params, loaded: dict):
                              f"config builds {leaf.shape}")
         return jax.device_put(flat[name].astype(leaf.dtype), leaf.sharding)
 
-    merged = jax.tree_util.tree_map_with_path(take, params)
-    if fresh:
-        log.info("initialized fresh (not in init_from): %s", ", ".join(fresh))
-    return merged
+    return jax.tree_util.tree_map_with_path(take, params), fresh
 
 
 class Evaluator:
@@ -262,7 +312,7 @@ class Evaluator:
         self.split = config.data.eval_split
 
         self.fn = run.partitioner.jit(
-            evaluate, in_shardings=(run.shardings.params, run.partitioner.sharding(STACKED)),
+            evaluate, in_shardings=(run.shardings.model_params, run.partitioner.sharding(STACKED)),
             out_shardings=run.partitioner.replicated)
 
     def __call__(self, params) -> dict:

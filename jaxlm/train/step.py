@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm import peft
 from jaxlm.train.state import TrainState
 
 
@@ -16,9 +17,11 @@ def split_microbatches(batch: dict, microbatches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
-def grads_and_sums(task, params, batch, rng, microbatches: int):
-    """Summed loss gradients and metric sums, accumulated over `microbatches` pieces."""
-    grad_fn = jax.grad(lambda p, b, r: task.loss(p, b, r, train=True), has_aux=True)
+def grads_and_sums(task, params, batch, rng, microbatches: int, frozen=None):
+    """Summed loss gradients of `params` and metric sums, accumulated over `microbatches` pieces
+    (`frozen` parameters are constants of the loss)."""
+    grad_fn = jax.grad(lambda p, b, r: task.loss(peft.join(p, frozen) if frozen else p, b, r, train=True),
+                       has_aux=True)
     if microbatches == 1:
         return grad_fn(params, batch, rng)
 
@@ -45,20 +48,19 @@ def make_train_step(task, tx, lr_schedule, *, seed: int, microbatches: int = 1,
 
     def train_step(state: TrainState, batch: dict):
         rng = jax.random.fold_in(base_rng, state.step)
-        grads, sums = grads_and_sums(task, state.params, batch, rng, microbatches)
+        grads, sums = grads_and_sums(task, state.params, batch, rng, microbatches, state.frozen)
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state)
+        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
         metrics = dict(task.summarize(sums))
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = lr_schedule(state.step)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         if skip_nonfinite:
             keep_old = lambda n, o: jnp.where(finite, n, o)
-            new = TrainState(step=new.step,
-                             params=jax.tree.map(keep_old, new.params, state.params),
-                             opt_state=jax.tree.map(keep_old, new.opt_state, state.opt_state))
+            new = new.replace(params=jax.tree.map(keep_old, new.params, state.params),
+                              opt_state=jax.tree.map(keep_old, new.opt_state, state.opt_state))
         metrics["finite"] = finite
         return new, metrics
 
