@@ -94,6 +94,8 @@ def default_config() -> ml_collections.ConfigDict:
         target_key="target",  # seq2seq: the feature holding the target text (multi30k: de)
         tokenizer_vocab_size=8000,  # sentencepiece trained on the train split when no tokenizer_path
         augment="none",  # image_classification: none | shift
+        pad_multiple=16,  # classification/tagging: train batches are cut to their longest row, rounded
+                          # up to this (one compile per length; 0: always seq_len; 1 process only)
     ))
 
     c.train = ml_collections.ConfigDict(dict(

@@ -17,19 +17,36 @@ corpus as a sequence of `(source, target)` strings:
 * `jaxlm_parallel_text`: your own line-aligned files (`files='SRC,TGT'`, plain
   or .gz; line i of SRC translates line i of TGT), one split `train`, features
   `source` and `target`.
+* `jaxlm_sst2`: GLUE SST-2 from `$JAXLM_DATA_DIR/sst2/` (`train.tsv`,
+  `dev.tsv`), splits `train` (67,349 sentences) and `validation` (872),
+  features `text` and `label` (ClassLabel `SST2_LABELS`).
+* `jaxlm_tsv`: your own sentence-classification files, one per split
+  (`files='train=PATH,validation=PATH'`; see `read_tsv`), features `text` and
+  `label` (integer labels 0..k keep their ids; string labels become the sorted
+  names found in the train file).
+* `jaxlm_conll2003`: CoNLL-2003 English NER from `$JAXLM_DATA_DIR/conll2003/`
+  (`train.txt`, `valid.txt`), splits `train` (14,041 sentences) and
+  `validation` (3,250), features `tokens` and `tags` (ClassLabel `CONLL_TAGS`).
+* `jaxlm_conll`: your own CoNLL files, one per split
+  (`files='train=PATH,validation=PATH'`; see `read_conll`), features `tokens`
+  and `tags` (the train file's sorted tags, 'O' first).
 * any other name: a TFDS catalog dataset, read with `tfds.data_source` (it must
   be, or be preparable as, array_record; `text_key` names its text feature, or
   `source_key` and `target_key` the two sides of a pair, e.g. 'en' and 'de' of
   'wmt14_translate/de-en').
 
+The labeled data sets (sst2, tsv, conll2003, conll) are read as examples through
+`jaxlm.data.labeled.classification_source` / `tagging_source`; their raw files
+can also be read without TFDS by `read_tsv` / `read_conll`.
+
 The jaxlm builders prepare on first use and then just read. Prepared data lives
 under `data_dir` (default `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`):
 `DATA_DIR/jaxlm_tiny_shakespeare/1.0.0/`, `DATA_DIR/jaxlm_multi30k/1.0.0/`,
-`DATA_DIR/jaxlm_text_files/files_<hash>/1.0.0/` and
-`DATA_DIR/jaxlm_parallel_text/files_<hash>/1.0.0/`, where the hash covers the
-globs (or the two files), `val_fraction` and the files' paths, sizes and
-modification times, so different corpora never collide and edited files are
-prepared anew.
+`DATA_DIR/jaxlm_text_files/files_<hash>/1.0.0/`,
+`DATA_DIR/jaxlm_parallel_text/files_<hash>/1.0.0/` (and likewise `jaxlm_tsv`,
+`jaxlm_conll`), where the hash covers the globs (or the files and their
+splits), `val_fraction` and the files' paths, sizes and modification times,
+so different corpora never collide and edited files are prepared anew.
 Processes that share a `data_dir` (the processes of one multi-process run)
 prepare one at a time under a file lock (`DATA_DIR/.NAME.lock`): the first
 prepares, the others wait and then read what it wrote.
@@ -63,7 +80,25 @@ TINY_SHAKESPEARE = "jaxlm_tiny_shakespeare"
 TEXT_FILES = "jaxlm_text_files"
 MULTI30K = "jaxlm_multi30k"
 PARALLEL_TEXT = "jaxlm_parallel_text"
-JAXLM_BUILDERS = (TINY_SHAKESPEARE, TEXT_FILES, MULTI30K, PARALLEL_TEXT)
+SST2 = "jaxlm_sst2"
+TSV = "jaxlm_tsv"
+CONLL2003 = "jaxlm_conll2003"
+CONLL = "jaxlm_conll"
+CLASSIFICATION_BUILDERS = (SST2, TSV)
+TAGGING_BUILDERS = (CONLL2003, CONLL)
+FILES_BUILDERS = (TEXT_FILES, PARALLEL_TEXT, TSV, CONLL)  # the builders that read `files`
+JAXLM_BUILDERS = (
+    TINY_SHAKESPEARE,
+    TEXT_FILES,
+    MULTI30K,
+    PARALLEL_TEXT,
+    *CLASSIFICATION_BUILDERS,
+    *TAGGING_BUILDERS,
+)
+SST2_LABELS = ("negative", "positive")
+# IOB2 over PER, ORG, LOC, MISC in Hugging Face conll2003's order, so its label ids carry over.
+CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
+TSV_TEXT_COLUMNS = ("sentence", "text")  # the first of these in the header is the text
 CHUNK_CHARS = 10_000
 TRAIN_FRACTION = 0.9  # nanoGPT: train = data[:int(n * 0.9)]
 _VERSION = tfds.core.Version("1.0.0")
@@ -466,6 +501,284 @@ class JaxlmParallelText(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
         return _pair_examples(pairs, ("source", "target"))
 
 
+def _file_error(path: str | os.PathLike[str], line: int, message: str) -> ValueError:
+    return ValueError(f"{path}, line {line}: {message}")
+
+
+def read_tsv(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """Returns the (texts, labels) of a sentence-classification TSV file, labels as written.
+
+    The first line names the tab-separated columns: the text is the `sentence` or `text`
+    column, the label the `label` column; other columns are ignored, as are blank lines.
+
+    Raises:
+      ValueError: naming the file and line, for a header without those columns, a row whose
+        number of fields differs from the header's, or an empty label.
+    """
+    lines = read_lines(path)
+    header = lines[0].split("\t") if lines else []
+    text_column = next((c for c in TSV_TEXT_COLUMNS if c in header), None)
+    if text_column is None or "label" not in header:
+        raise _file_error(
+            path,
+            1,
+            f"the header {header} needs a text column ({' or '.join(TSV_TEXT_COLUMNS)})"
+            " and a 'label' column, separated by tabs.",
+        )
+    text, label = header.index(text_column), header.index("label")
+    texts, labels = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise _file_error(
+                path, number, f"{len(fields)} tab-separated fields; the header has {len(header)}."
+            )
+        if not fields[label]:
+            raise _file_error(path, number, "the label is empty.")
+        texts.append(fields[text])
+        labels.append(fields[label])
+    return texts, labels
+
+
+def read_conll(path: str | os.PathLike[str]) -> list[tuple[list[str], list[str]]]:
+    """Returns the (tokens, tags) sentences of a CoNLL file, tags as written.
+
+    One token per line in whitespace-separated columns, the token first and its tag last (e.g.
+    CoNLL-2003's `TOKEN POS CHUNK NER`); a blank line ends a sentence; `-DOCSTART-` lines mark
+    documents and are skipped.
+
+    Raises:
+      ValueError: naming the file and line, for a line with one column, or with another number
+        of columns than the file's first token line.
+    """
+    sentences: list[tuple[list[str], list[str]]] = []
+    tokens: list[str] = []
+    tags: list[str] = []
+    columns = 0
+    for number, line in enumerate(read_lines(path), start=1):
+        fields = line.split()
+        if not fields:
+            if tokens:
+                sentences.append((tokens, tags))
+                tokens, tags = [], []
+            continue
+        if len(fields) < 2 or columns and len(fields) != columns:
+            expected = columns or "at least 2 (token ... tag)"
+            raise _file_error(path, number, f"{len(fields)} columns, expected {expected}.")
+        columns = len(fields)
+        if fields[0] != "-DOCSTART-":
+            tokens.append(fields[0])
+            tags.append(fields[-1])
+    if tokens:
+        sentences.append((tokens, tags))
+    return sentences
+
+
+def _is_integer(label: str) -> bool:
+    return re.fullmatch(r"[0-9]+", label) is not None
+
+
+def tsv_label_names(labels: Sequence[str]) -> list[str]:
+    """The class names for `labels`: '0'..'k' when all are integers (k the largest), else the
+    sorted distinct strings."""
+    if all(_is_integer(label) for label in labels):
+        return [str(i) for i in range(max(int(label) for label in labels) + 1)]
+    return sorted(set(labels))
+
+
+def conll_tag_names(sentences: Sequence[tuple[Sequence[str], Sequence[str]]]) -> list[str]:
+    """The sorted distinct tags of `sentences`, 'O' (outside any entity) first."""
+    tags = {tag for _, sentence_tags in sentences for tag in sentence_tags}
+    return sorted(tags, key=lambda tag: (tag != "O", tag))
+
+
+def label_ids(
+    labels: Sequence[str],
+    names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    integers: bool = True,
+) -> list[int]:
+    """Maps labels as written to class ids: a name to its index, else (`integers`) an integer
+    label to itself (SST-2 writes 0/1 for negative/positive).
+
+    Raises:
+      ValueError: naming `path`, for a label that is neither.
+    """
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for label in labels:
+        i = index.get(label, int(label) if integers and _is_integer(label) else -1)
+        if not 0 <= i < len(names):
+            raise ValueError(f"{path}: label {label!r} is not one of {list(names)}.")
+        ids.append(i)
+    return ids
+
+
+@dataclasses.dataclass(eq=False)
+class LabeledFilesConfig(tfds.core.BuilderConfig):
+    """Local labeled files, one per split; build it with `labeled_files_config`.
+
+    Attributes:
+      files: (split, absolute path) pairs, sorted by split.
+      names: the class (or tag) names, read from the train file.
+    """
+
+    files: tuple[tuple[str, str], ...] = ()
+    names: tuple[str, ...] = ()
+
+
+def labeled_files_config(name: str, files: str) -> LabeledFilesConfig:
+    """The builder config of `jaxlm_tsv` or `jaxlm_conll` for `files='train=PATH,SPLIT=PATH'`.
+
+    A `train` file is required: its labels (tags) name the classes. The config's name, and so
+    its directory under the data dir, is a hash of the splits and the files' paths, sizes and
+    modification times.
+    """
+    splits: dict[str, str] = {}
+    for item in filter(None, (item.strip() for item in files.split(","))):
+        split, _, path = (part.strip() for part in item.partition("="))
+        if not re.fullmatch(r"\w+", split) or not path or split in splits:
+            raise ValueError(
+                f'{name} needs files="train=PATH,validation=PATH" (one file per split, each'
+                f" split once); got {files!r}."
+            )
+        splits[split] = _expand(path)
+        if not os.path.isfile(splits[split]):
+            raise FileNotFoundError(f"{name} file not found: {splits[split]!r} (files={files!r}).")
+    if "train" not in splits:
+        raise ValueError(f'{name} needs a train file, files="train=PATH,..."; got {files!r}.')
+    if name == TSV:
+        names = tsv_label_names(read_tsv(splits["train"])[1])
+    else:
+        names = conll_tag_names(read_conll(splits["train"]))
+    items = tuple(sorted(splits.items()))
+    return LabeledFilesConfig(
+        name=_files_config_name([name, [split for split, _ in items]], [p for _, p in items]),
+        description=", ".join(f"{split}={path}" for split, path in items),
+        files=items,
+        names=tuple(names),
+    )
+
+
+class _LabeledBuilder(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+    """Labeled local files, one per split, one example per row (sentence) in file order.
+
+    Bundled data sets name their files in `SPLIT_FILES` (under `$JAXLM_DATA_DIR/DIRECTORY`, or
+    `input_dir`) and their classes in `NAMES`; the others take both from a
+    `LabeledFilesConfig`. Tagging builders read CoNLL files into `tokens` and `tags`, the
+    others TSV files into `text` and `label`.
+    """
+
+    VERSION = _VERSION
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "One example per row, in file order."}
+    DIRECTORY: ClassVar[str] = ""
+    SPLIT_FILES: ClassVar[dict[str, str]] = {}
+    NAMES: ClassVar[tuple[str, ...]] = ()
+    TAGGING: ClassVar[bool] = False
+    one_document = False  # See TextSource.
+
+    def __init__(self, *, input_dir: str = "", **kwargs: Any):
+        """Args: input_dir: a bundled data set's directory (default `$JAXLM_DATA_DIR/DIRECTORY`)."""
+        self._input_dir = input_dir
+        super().__init__(**kwargs)
+
+    @property
+    def split_files(self) -> dict[str, str]:
+        if self.SPLIT_FILES:
+            directory = Path(self._input_dir or jaxlm_data_dir() / self.DIRECTORY)
+            return {split: str(directory / file) for split, file in self.SPLIT_FILES.items()}
+        return dict(self._files_config().files)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.NAMES or self._files_config().names
+
+    def _files_config(self) -> LabeledFilesConfig:
+        config = self.builder_config
+        if not isinstance(config, LabeledFilesConfig) or not config.files:
+            raise ValueError(
+                f"{self.name} needs config=labeled_files_config({self.name!r}, files)."
+            )
+        return config
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        label = tfds.features.ClassLabel(names=list(self.names))
+        if self.TAGGING:
+            features = {
+                "tokens": tfds.features.Sequence(tfds.features.Text()),
+                "tags": tfds.features.Sequence(label),
+            }
+        else:
+            features = {"text": tfds.features.Text(), "label": label}
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(self.__doc__ or "").split("\n")[0],
+            features=tfds.features.FeaturesDict(features),
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager  # Offline: the files are local.
+        for path in self.split_files.values():
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{self.name} file not found at {path!r}. Set $JAXLM_DATA_DIR to the directory"
+                    f" holding {self.DIRECTORY}/."
+                )
+        return {split: self._generate_examples(path) for split, path in self.split_files.items()}
+
+    def _generate_examples(self, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+        if self.TAGGING:
+            for i, (tokens, tags) in enumerate(read_conll(path)):
+                tag_ids = label_ids(tags, self.names, path, integers=False)
+                yield i, {"tokens": tokens, "tags": tag_ids}
+        else:
+            texts, labels = read_tsv(path)
+            for i, (text, label) in enumerate(zip(texts, label_ids(labels, self.names, path))):
+                yield i, {"text": text, "label": label}
+
+
+class JaxlmSst2(_LabeledBuilder):
+    """GLUE SST-2: binary sentiment of movie-review sentences (lower-cased, tokenized)."""
+
+    name = SST2
+    DIRECTORY = "sst2"
+    SPLIT_FILES: ClassVar[dict[str, str]] = {"train": "train.tsv", "validation": "dev.tsv"}
+    NAMES = SST2_LABELS
+
+
+class JaxlmTsv(_LabeledBuilder):
+    """Local sentence-classification TSV files (see `read_tsv`), one per split.
+
+    Build it with `config=labeled_files_config(TSV, files)`.
+    """
+
+    name = TSV
+
+
+class JaxlmConll2003(_LabeledBuilder):
+    """CoNLL-2003 English named entities, IOB2 tags over PER, ORG, LOC and MISC."""
+
+    name = CONLL2003
+    DIRECTORY = "conll2003"
+    SPLIT_FILES: ClassVar[dict[str, str]] = {"train": "train.txt", "validation": "valid.txt"}
+    NAMES = CONLL_TAGS
+    TAGGING = True
+
+
+class JaxlmConll(_LabeledBuilder):
+    """Local CoNLL token-tagging files (see `read_conll`), one per split.
+
+    Build it with `config=labeled_files_config(CONLL, files)`.
+    """
+
+    name = CONLL
+    TAGGING = True
+
+
 def _feature_text(example: dict[str, Any], key: str, setting: str) -> str:
     """The text of feature `key` of `example`; a missing key names the `setting` to change."""
     try:
@@ -564,18 +877,26 @@ def get_builder(
     if name == TINY_SHAKESPEARE:
         make = functools.partial(JaxlmTinyShakespeare, **kwargs)
     elif name == TEXT_FILES:
-        make = functools.partial(JaxlmTextFiles, config=text_files_config(files, val_fraction), **kwargs)
+        make = functools.partial(
+            JaxlmTextFiles, config=text_files_config(files, val_fraction), **kwargs
+        )
     elif name == MULTI30K:
         make = functools.partial(JaxlmMulti30k, **kwargs)
     elif name == PARALLEL_TEXT:
         make = functools.partial(JaxlmParallelText, config=parallel_text_config(files), **kwargs)
+    elif name in (SST2, CONLL2003):
+        make = functools.partial(JaxlmSst2 if name == SST2 else JaxlmConll2003, **kwargs)
+    elif name in (TSV, CONLL):
+        builder = JaxlmTsv if name == TSV else JaxlmConll
+        make = functools.partial(builder, config=labeled_files_config(name, files), **kwargs)
     else:
         raise ValueError(f"{name!r} is not a jaxlm builder ({', '.join(JAXLM_BUILDERS)}).")
     return prepared(make, name, data_dir)
 
 
-def prepared(make: Callable[[], tfds.core.DatasetBuilder], name: str,
-             data_dir: str = "") -> tfds.core.DatasetBuilder:
+def prepared(
+    make: Callable[[], tfds.core.DatasetBuilder], name: str, data_dir: str = ""
+) -> tfds.core.DatasetBuilder:
     """`make()`'s builder, prepared by one process at a time in `data_dir`.
 
     Without the lock, two processes preparing at once both write and the second rename fails
@@ -611,9 +932,9 @@ def _prepared_split(
 
 
 def _check_files(name: str, files: str) -> None:
-    if files and name not in (TEXT_FILES, PARALLEL_TEXT):
+    if files and name not in FILES_BUILDERS:
         raise ValueError(
-            f"`files` is only used with name={TEXT_FILES!r} or {PARALLEL_TEXT!r}, not {name!r}."
+            f"`files` is only used with {', '.join(FILES_BUILDERS)}, not with {name!r}."
         )
 
 

@@ -49,11 +49,12 @@ def estimate(run) -> dict:
     activations (None where the model family is not covered) and their total."""
     config = run.config
     device = run.partitioner.mesh.devices.flat[0]
-    params = metrics.bytes_on_device(run.abstract_state.params, device)
+    state = run.abstract_state
+    trainable = metrics.bytes_on_device(state.params, device)
     accumulators = 2 if config.train.microbatches > 1 else 1
-    figures = {"params": params,
-               "optimizer": metrics.bytes_on_device(run.abstract_state.opt_state, device),
-               "gradients": accumulators * params,
+    figures = {"params": trainable + metrics.bytes_on_device(state.frozen, device),
+               "optimizer": metrics.bytes_on_device(state.opt_state, device),
+               "gradients": accumulators * trainable,  # only what trains has gradients
                "activations": activation_bytes(config, run.task, run.partitioner)}
     figures["total"] = sum(v for v in figures.values() if v is not None)
     return figures
@@ -120,7 +121,7 @@ def family_shapes(config, task, tensor: int, rows: int):
         return [(m.num_layers, Shape.of(m, tensor, rows, length))], logits_bytes(rows * length, vocab)
     if m.name == "bert":
         return ([(m.num_layers, Shape.of(m, tensor, rows, length))],
-                logits_bytes(rows * task.max_predictions, vocab))
+                logits_bytes(rows * getattr(task, "max_predictions", 0), vocab))  # MLM head, if any
     if m.name == "vit":
         tokens = task.tokens_per_example
         return [(m.num_layers, Shape.of(m, tensor, rows, tokens))], logits_bytes(rows, m.num_classes)

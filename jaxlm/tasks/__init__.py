@@ -10,6 +10,8 @@ import importlib
 # task name -> "module:class", imported on use so a text run never imports the image stack.
 TASKS = {
     "causal_lm": "causal_lm:CausalLM",
+    "classification": "classification:SequenceClassification",
+    "token_classification": "classification:TokenClassification",
     "image_classification": "image_classification:ImageClassification",
     "mlm_nsp": "mlm_nsp:MlmNsp",
     "span_corruption": "seq2seq:SpanCorruption",

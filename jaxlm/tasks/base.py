@@ -88,6 +88,11 @@ class Task:
     def rngs(self, rng, train: bool) -> dict:
         return {"dropout": rng} if train and rng is not None else {}
 
+    def fit_length(self, batches: dict) -> dict:
+        """Stacked train batches as the step gets them; tasks with padded sequences cut them to
+        the longest row (see `data.pad_multiple`)."""
+        return batches
+
     def sample(self, params) -> str | None:
         """Text to print at the end of training (a generation), or None."""
         return None

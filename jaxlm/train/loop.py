@@ -145,13 +145,13 @@ def train_and_evaluate(config, workdir: str):
     compiled = {}
 
     def run_steps(state, batches):
-        k = len(jax.tree.leaves(batches)[0])
-        if k not in compiled:
+        shapes = tuple((key, x.shape) for key, x in sorted(batches.items()))  # steps, rows, length
+        if shapes not in compiled:
             start = time.perf_counter()
-            compiled[k] = steps_fn.lower(state, batches).compile()
-            log.info("compiled %d-step call in %.1fs; memory: %s", k, time.perf_counter() - start,
-                     compiled[k].memory_analysis())
-        return compiled[k](state, batches)
+            compiled[shapes] = steps_fn.lower(state, batches).compile()
+            log.info("compiled a call for batches %s in %.1fs; memory: %s", dict(shapes),
+                     time.perf_counter() - start, compiled[shapes].memory_analysis())
+        return compiled[shapes](state, batches)
 
     evaluator = Evaluator(run, config)
     writer = metrics_lib.MetricWriter(workdir)
@@ -166,7 +166,7 @@ def train_and_evaluate(config, workdir: str):
     try:
         while step < t.steps:
             k = min(t.steps_per_call, _steps_to_next_event(step, config))
-            batches = _stack([next(train_iter) for _ in range(k)])
+            batches = run.task.fit_length(_stack([next(train_iter) for _ in range(k)]))
             state, step_metrics = run_steps(state, partitioner.shard_batch(batches, STACKED))
             step += k
             pending.append(step_metrics)

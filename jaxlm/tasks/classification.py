@@ -1,0 +1,199 @@
+"""Fine-tuning an encoder (BERT) with task heads: sentence classification and token tagging.
+
+Batches are those of `jaxlm.data.labeled` (input_ids, segment_ids, input_mask, then `label` [b]
+or `tags` [b, length]); -1 marks rows and positions without a target. Losses are summed over
+the targets with their count as the weight, so gradient accumulation and sharding stay exact.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.data import labeled, mlm
+from jaxlm.tasks import base, entity_f1
+
+ENCODER_KEYS = ("input_ids", "segment_ids", "input_mask")
+LENGTH_KEYS = ENCODER_KEYS + ("tags",)  # the arrays with a token axis (last)
+
+
+class EncoderTask(base.Task):
+    """What the text tasks on a BERT encoder share: WordPiece inputs, examples by split, the
+    forward pass with the task's heads, and predictions for `jaxlm.evaluate` / `jaxlm.predict`.
+
+    Subclasses name their `heads` (name, source, outputs) and implement `read(split, data_path)`
+    -> (examples, names), `encode(example)`, `scores(out, batch)` and `example_row`.
+    """
+
+    def __init__(self, config, tokenizer):
+        super().__init__(config, tokenizer)
+        d, m = config.data, config.model
+        if m.name != "bert":
+            raise ValueError(f"task {config.task.name} needs model.name='bert', not {m.name!r}")
+        if d.seq_len > m.max_len:
+            raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}")
+        self.specials, extra_ids = mlm.specials_for(tokenizer)
+        self.set_vocab_size(tokenizer.vocab_size + extra_ids)
+        self.tokens_per_example = d.seq_len
+        self._examples = {}
+        self.names = self.examples(d.train_split)[1]
+        self.model = self.build_model(heads=self.head_specs())
+
+    def head_specs(self) -> tuple:
+        raise NotImplementedError
+
+    def examples(self, split: str, data_path: str = ""):
+        """(examples, label or tag names) of a split, or of a file in the data set's format."""
+        key = (split, data_path)
+        if key not in self._examples:
+            self._examples[key] = self.read(split, data_path)
+        return self._examples[key]
+
+    def dummy_batch(self):
+        ids = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
+        return {"input_ids": ids, "segment_ids": ids, "input_mask": ids + 1}
+
+    def model_inputs(self, batch):
+        return {k: batch[k] for k in ENCODER_KEYS}
+
+    def forward(self, params, batch, rng=None, train: bool = False) -> dict:
+        return self.model.apply({"params": params}, **self.model_inputs(batch), deterministic=not train,
+                                rngs=self.rngs(rng, train))
+
+    def train_iterator(self):
+        c = self.config
+        return labeled.train_iterator(self.examples(c.data.train_split)[0], self.encode,
+                                      global_batch_size=c.train.batch_size, seed=c.seed, **self.process_kwargs())
+
+    def eval_batches(self, split: str, max_batches: int, data_path: str = ""):
+        return labeled.eval_batches(self.examples(split, data_path)[0], self.encode,
+                                    batch_size=self.config.train.batch_size, max_batches=max_batches,
+                                    **self.process_kwargs())
+
+    def fit_length(self, batches):
+        """Dynamic padding: cut the stacked batches' token axis to the longest row rounded up to
+        `data.pad_multiple`, so short sentences cost short steps (a handful of compiled lengths).
+        Several processes would each cut their own rows differently: they keep `data.seq_len`."""
+        multiple = self.config.data.pad_multiple
+        if multiple <= 0 or jax.process_count() > 1:
+            return batches
+        longest = int(batches["input_mask"].sum(-1).max())
+        length = min(-(-longest // multiple) * multiple, self.config.data.seq_len)
+        return {k: v[..., :length] if k in LENGTH_KEYS else v for k, v in batches.items()}
+
+    @functools.cached_property
+    def _predict(self):
+        return jax.jit(lambda params, batch: self.forward(params, batch))
+
+    def predictions(self, params, split: str, data_path: str = "") -> tuple[dict, list[dict]]:
+        """(metrics, one row per example) over a whole split or file."""
+        examples, _ = self.examples(split, data_path)
+        rows = []
+        for batch in self.eval_batches(split, 0, data_path):
+            out = jax.device_get(self._predict(params, {k: batch[k] for k in ENCODER_KEYS}))
+            for i in np.flatnonzero(batch["index"] >= 0):
+                index = int(batch["index"][i])
+                rows.append({"index": index, **self.example_row(examples[index], out, batch, i)})
+        return self.score_rows(rows), rows
+
+    def predict_text(self, params, text: str) -> dict:
+        """The prediction for raw text (what `jaxlm.predict` prints)."""
+        example = self.text_example(text)
+        batch = jax.tree.map(lambda x: x[None], self.encode(example))
+        out = jax.device_get(self._predict(params, {k: batch[k] for k in ENCODER_KEYS}))
+        row = self.example_row(example, out, batch, 0)
+        return {k: v for k, v in row.items() if not k.startswith("true_")}
+
+
+class SequenceClassification(EncoderTask):
+    """One label per text (SST-2) from the pooled [CLS] vector; metric `accuracy`."""
+
+    heads = (r"^classifier/",)
+
+    def head_specs(self):
+        return (("classifier", "pooled", len(self.names)),)
+
+    def read(self, split, data_path):
+        d = self.config.data
+        return labeled.classification_source(d.name, split, data_dir=d.data_dir, files=d.files,
+                                             data_path=data_path)
+
+    def encode(self, example):
+        text, label = example
+        return {**labeled.encode_text(self.tokenizer, text, self.config.data.seq_len, self.specials),
+                "label": np.int32(label)}
+
+    def text_example(self, text):
+        return (text, labeled.IGNORE)
+
+    def loss(self, params, batch, rng=None, train: bool = False):
+        logits = self.forward(params, batch, rng, train)["classifier"]
+        label = batch["label"]
+        loss, correct, weight = base.cross_entropy(logits, jnp.maximum(label, 0), (label >= 0).astype(jnp.float32))
+        return loss, {"loss": loss, "correct": correct, "weight": weight}
+
+    @staticmethod
+    def summarize(sums: dict) -> dict:
+        return base.mean_metrics(sums)
+
+    def example_row(self, example, out, batch, i):
+        probs = jax.nn.softmax(out["classifier"][i])
+        predicted = int(np.argmax(probs))
+        row = {"text": example[0], "prediction": self.names[predicted], "probability": float(probs[predicted])}
+        if example[1] >= 0:
+            row["true_label"] = self.names[example[1]]
+        return row
+
+    def score_rows(self, rows):
+        scored = [r for r in rows if "true_label" in r]
+        return {"accuracy": float(np.mean([r["prediction"] == r["true_label"] for r in scored])),
+                "examples": len(scored)}
+
+
+class TokenClassification(EncoderTask):
+    """A tag per word (CoNLL NER) from each word's first piece; metrics entity-level `f1`,
+    `precision`, `recall` (as `seqeval` counts them) besides the token loss and accuracy."""
+
+    heads = (r"^classifier/",)
+
+    def head_specs(self):
+        return (("classifier", "hidden", len(self.names)),)
+
+    def read(self, split, data_path):
+        d = self.config.data
+        return labeled.tagging_source(d.name, split, data_dir=d.data_dir, files=d.files, data_path=data_path)
+
+    def encode(self, example):
+        words, tags = example
+        return labeled.encode_words(self.tokenizer, words, tags, self.config.data.seq_len, self.specials)
+
+    def text_example(self, text):
+        words = text.split()
+        return (words, [0] * len(words))  # any tag: it marks each word's first piece
+
+    def loss(self, params, batch, rng=None, train: bool = False):
+        logits = self.forward(params, batch, rng, train)["classifier"]
+        tags = batch["tags"]
+        loss, correct, weight = base.cross_entropy(logits, jnp.maximum(tags, 0), (tags >= 0).astype(jnp.float32))
+        return loss, {"loss": loss, "correct": correct, "weight": weight}
+
+    @staticmethod
+    def summarize(sums: dict) -> dict:
+        return base.mean_metrics(sums)
+
+    def example_row(self, example, out, batch, i):
+        words, tags = example
+        firsts = np.flatnonzero(batch["tags"][i] >= 0)  # each kept word's first piece, in order
+        predicted = [self.names[t] for t in np.argmax(out["classifier"][i][firsts], -1)]
+        predicted += ["O"] * (len(words) - len(predicted))  # words cut off by data.seq_len
+        row = {"words": list(words), "predicted": predicted}
+        if min(tags, default=0) >= 0:
+            row["true_tags"] = [self.names[t] for t in tags]
+        return row
+
+    def score_rows(self, rows):
+        return entity_f1.entity_scores([r["true_tags"] for r in rows], [r["predicted"] for r in rows])
+
+    def generation_metrics(self, params, split: str) -> dict:
+        return self.predictions(params, split)[0]
