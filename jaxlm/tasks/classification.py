@@ -22,11 +22,18 @@ class EncoderTask(base.Task):
     """What the text tasks on a BERT encoder share: WordPiece inputs, examples by split, the
     forward pass with the task's heads, and predictions for `jaxlm.evaluate` / `jaxlm.predict`.
 
-    Subclasses name their `heads` (name, source, outputs) and implement `read(split, data_path)`
-    -> (examples, names), `encode(example)`, `scores(out, batch)` and `example_row`.
+    Subclasses give their head's input (`HEAD_SOURCE`) and target key (`TARGET`) and implement
+    `read(split, data_path)` -> (examples, names), `encode(example)`, `text_example(text)`,
+    `example_row(...)` and `score_rows(rows)`. `head` names the head's layer (a
+    multi-task run gives every task its own).
     """
 
-    def __init__(self, config, tokenizer):
+    HEAD_SOURCE = "pooled"
+    TARGET = "label"  # the batch key of the targets (-1: none)
+
+    def __init__(self, config, tokenizer, head: str = "classifier"):
+        self.head = head
+        self.heads = (rf"^{head}/",)
         super().__init__(config, tokenizer)
         d, m = config.data, config.model
         if m.name != "bert":
@@ -41,7 +48,21 @@ class EncoderTask(base.Task):
         self.model = self.build_model(heads=self.head_specs())
 
     def head_specs(self) -> tuple:
-        raise NotImplementedError
+        return ((self.head, self.HEAD_SOURCE, len(self.names)),)
+
+    def loss(self, params, batch, rng=None, train: bool = False):
+        return self.loss_from(self.forward(params, batch, rng, train), batch)
+
+    def loss_from(self, out, batch):
+        """Summed cross-entropy of the head's logits over the targets that are not -1."""
+        targets = batch[self.TARGET]
+        loss, correct, weight = base.cross_entropy(out[self.head], jnp.maximum(targets, 0),
+                                                   (targets >= 0).astype(jnp.float32))
+        return loss, {"loss": loss, "correct": correct, "weight": weight}
+
+    @staticmethod
+    def summarize(sums: dict) -> dict:
+        return base.mean_metrics(sums)
 
     def examples(self, split: str, data_path: str = ""):
         """(examples, label or tag names) of a split, or of a file in the data set's format."""
@@ -109,11 +130,6 @@ class EncoderTask(base.Task):
 class SequenceClassification(EncoderTask):
     """One label per text (SST-2) from the pooled [CLS] vector; metric `accuracy`."""
 
-    heads = (r"^classifier/",)
-
-    def head_specs(self):
-        return (("classifier", "pooled", len(self.names)),)
-
     def read(self, split, data_path):
         d = self.config.data
         return labeled.classification_source(d.name, split, data_dir=d.data_dir, files=d.files,
@@ -127,18 +143,8 @@ class SequenceClassification(EncoderTask):
     def text_example(self, text):
         return (text, labeled.IGNORE)
 
-    def loss(self, params, batch, rng=None, train: bool = False):
-        logits = self.forward(params, batch, rng, train)["classifier"]
-        label = batch["label"]
-        loss, correct, weight = base.cross_entropy(logits, jnp.maximum(label, 0), (label >= 0).astype(jnp.float32))
-        return loss, {"loss": loss, "correct": correct, "weight": weight}
-
-    @staticmethod
-    def summarize(sums: dict) -> dict:
-        return base.mean_metrics(sums)
-
     def example_row(self, example, out, batch, i):
-        probs = jax.nn.softmax(out["classifier"][i])
+        probs = jax.nn.softmax(out[self.head][i])
         predicted = int(np.argmax(probs))
         row = {"text": example[0], "prediction": self.names[predicted], "probability": float(probs[predicted])}
         if example[1] >= 0:
@@ -155,10 +161,8 @@ class TokenClassification(EncoderTask):
     """A tag per word (CoNLL NER) from each word's first piece; metrics entity-level `f1`,
     `precision`, `recall` (as `seqeval` counts them) besides the token loss and accuracy."""
 
-    heads = (r"^classifier/",)
-
-    def head_specs(self):
-        return (("classifier", "hidden", len(self.names)),)
+    HEAD_SOURCE = "hidden"
+    TARGET = "tags"
 
     def read(self, split, data_path):
         d = self.config.data
@@ -172,20 +176,10 @@ class TokenClassification(EncoderTask):
         words = text.split()
         return (words, [0] * len(words))  # any tag: it marks each word's first piece
 
-    def loss(self, params, batch, rng=None, train: bool = False):
-        logits = self.forward(params, batch, rng, train)["classifier"]
-        tags = batch["tags"]
-        loss, correct, weight = base.cross_entropy(logits, jnp.maximum(tags, 0), (tags >= 0).astype(jnp.float32))
-        return loss, {"loss": loss, "correct": correct, "weight": weight}
-
-    @staticmethod
-    def summarize(sums: dict) -> dict:
-        return base.mean_metrics(sums)
-
     def example_row(self, example, out, batch, i):
         words, tags = example
         firsts = np.flatnonzero(batch["tags"][i] >= 0)  # each kept word's first piece, in order
-        predicted = [self.names[t] for t in np.argmax(out["classifier"][i][firsts], -1)]
+        predicted = [self.names[t] for t in np.argmax(out[self.head][i][firsts], -1)]
         predicted += ["O"] * (len(words) - len(predicted))  # words cut off by data.seq_len
         row = {"words": list(words), "predicted": predicted}
         if min(tags, default=0) >= 0:
