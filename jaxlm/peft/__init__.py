@@ -28,6 +28,17 @@ METHOD_PARAMS = {
     "head": None,  # only the heads
 }
 
+# method -> a peak learning rate that suits it for fine-tuning a BERT-size model with AdamW (few
+# parameters train better at higher rates; soft prompts need the highest). Configs start here.
+LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2,
+                  "bitfit": 2e-3, "head": 3e-3}
+
+
+def learning_rate(method: str) -> float:
+    if method not in LEARNING_RATES:
+        raise ValueError(f"unknown fine-tuning method {method!r}: expected one of {list(METHODS)}")
+    return LEARNING_RATES[method]
+
 
 @dataclasses.dataclass(frozen=True)
 class Peft:

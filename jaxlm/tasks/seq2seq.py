@@ -134,17 +134,27 @@ class Seq2Seq(EncoderDecoder):
             yield source
             yield target
 
-    def data_kwargs(self, split: str) -> dict:
+    def split_pairs(self, split: str, data_path: str = ""):
+        """A split's (source, target) pairs, or those of two line-aligned files 'SOURCE,TARGET'."""
+        if not data_path:
+            return self.pairs(self.config, split)
+        files = data_path.split(",")
+        if len(files) != 2:
+            raise ValueError(f"data_path={data_path!r}: a seq2seq task reads two line-aligned files, "
+                             "given as 'SOURCE_FILE,TARGET_FILE'")
+        return builders.read_aligned(*files)
+
+    def data_kwargs(self, split: str, data_path: str = "") -> dict:
         c = self.config
-        return dict(pairs=self.pairs(c, split), tokenizer=self.tokenizer, source_len=c.data.seq_len,
+        return dict(pairs=self.split_pairs(split, data_path), tokenizer=self.tokenizer, source_len=c.data.seq_len,
                     target_len=self.target_len, global_batch_size=c.train.batch_size, eos_id=self.eos_id,
                     source_prefix=c.task.source_prefix, **self.process_kwargs())
 
     def train_iterator(self):
         return seq2seq.pairs_train_iterator(seed=self.config.seed, **self.data_kwargs(self.config.data.train_split))
 
-    def eval_batches(self, split: str, max_batches: int):
-        return seq2seq.pairs_eval_batches(max_batches=max_batches, **self.data_kwargs(split))
+    def eval_batches(self, split: str, max_batches: int, data_path: str = ""):
+        return seq2seq.pairs_eval_batches(max_batches=max_batches, **self.data_kwargs(split, data_path))
 
     def translate(self, params, encoder_tokens: np.ndarray) -> list[str]:
         tokens = decoding.decode(self.model, params, encoder_tokens, max_len=self.target_len,
@@ -153,22 +163,31 @@ class Seq2Seq(EncoderDecoder):
         return [self.tokenizer.decode(row[: np.argmax(row == self.eos_id) if (row == self.eos_id).any()
                                           else len(row)]) for row in np.asarray(tokens)]
 
-    def generation_metrics(self, params, split: str) -> dict:
+    def predictions(self, params, split: str, data_path: str = "", max_batches: int = 0):
+        """({'bleu'}, a row per pair: source, reference, prediction) by beam search."""
         import sacrebleu  # pylint: disable=import-outside-toplevel
 
-        pairs = self.pairs(self.config, split)
-        batches = self.eval_batches(split, self.config.task.eval_bleu_batches)
-        hypotheses = []
-        for batch in batches:
+        pairs = self.split_pairs(split, data_path)
+        rows = []
+        for batch in self.eval_batches(split, max_batches, data_path):
             real = batch["example_weight"] > 0
-            hypotheses += self.translate(params, batch["encoder_input_tokens"][real])
-        references = [pairs[i][1] for i in range(len(hypotheses))]
-        return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score}
+            for hypothesis in self.translate(params, batch["encoder_input_tokens"][real]):
+                source, reference = pairs[len(rows)]
+                rows.append({"index": len(rows), "source": source, "reference": reference,
+                             "prediction": hypothesis})
+        bleu = sacrebleu.corpus_bleu([r["prediction"] for r in rows], [[r["reference"] for r in rows]])
+        return {"bleu": bleu.score}, rows
+
+    def generation_metrics(self, params, split: str) -> dict:
+        return self.predictions(params, split, max_batches=self.config.task.eval_bleu_batches)[0]
+
+    def predict_text(self, params, text: str) -> dict:
+        batch = seq2seq.pairs_eval_batches(max_batches=1, **{**self.data_kwargs(self.config.data.eval_split),
+                                                             "pairs": [(text, "")], "global_batch_size": 1,
+                                                             "process_index": 0, "process_count": 1})[0]
+        return {"source": text, "translation": self.translate(params, batch["encoder_input_tokens"])[0]}
 
     def sample(self, params) -> str | None:
-        pairs = self.pairs(self.config, self.config.data.eval_split)
-        batch = self.eval_batches(self.config.data.eval_split, 1)[0]
-        lines = []
-        for i, hypothesis in enumerate(self.translate(params, batch["encoder_input_tokens"][:3])):
-            lines += [f"source:     {pairs[i][0]}", f"reference:  {pairs[i][1]}", f"prediction: {hypothesis}"]
-        return "\n".join(lines)
+        _, rows = self.predictions(params, self.config.data.eval_split, max_batches=1)
+        return "\n".join(f"source:     {r['source']}\nreference:  {r['reference']}\nprediction: {r['prediction']}"
+                         for r in rows[:3])

