@@ -9,6 +9,8 @@ from jaxlm.tasks import base
 class ImageClassification(base.Task):
     """Batches are `{'image': float32[b, h, w, c], 'label': int32[b], 'weight': float32[b]}`."""
 
+    heads = (r"^head/",)  # the classifier trains under every PEFT method
+
     def __init__(self, config, tokenizer):
         super().__init__(config, tokenizer)
         d, m = config.data, config.model

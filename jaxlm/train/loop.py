@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -246,6 +247,9 @@ def base_params(run):
         loaded = convert.import_params(run.hf_dir, config.model)
     else:
         loaded = checkpoint.restore_params(config.init_from, run.abstract_state.model_params)
+    if config.init_skip:
+        skip = re.compile(config.init_skip)
+        loaded, _ = peft.split(loaded, lambda name: not skip.search(name))
     params, new = merge_params(params, loaded)
     stuck = [n for n in new if not run.task.trainable(n)]
     if stuck:
