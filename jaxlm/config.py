@@ -31,7 +31,8 @@ DEFAULT_RULES = (
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.init_from = ""  # a jaxlm workdir whose latest checkpoint initializes the parameters
+    c.init_from = ""  # a jaxlm workdir, a Hugging Face folder or a package shipping one: initial parameters
+    c.init_skip = ""  # regex of parameter names not taken from init_from (e.g. "^head/": a new head)
 
     c.task = ml_collections.ConfigDict(dict(
         name="causal_lm",  # causal_lm | mlm_nsp | span_corruption | seq2seq | image_classification
@@ -44,6 +45,10 @@ def default_config() -> ml_collections.ConfigDict:
         source_prefix="",  # seq2seq: text put before every source, e.g. "translate English to German: "
         beam_size=4,  # seq2seq: beam search width for eval/bleu and samples (1: greedy)
         eval_bleu_batches=0,  # seq2seq: eval batches decoded for BLEU (0: the whole eval split)
+        contrastive="pairs",  # contrastive: pairs (data.source_key, target_key) | simcse (data.text_key texts)
+        temperature=0.05,  # contrastive: initial temperature (its inverse, the scale, is learned; <= 100)
+        retrieval_pairs=0,  # contrastive: eval/retrieval_top1 over the first N eval pairs (0: all; -1: none)
+        mixture="",  # multitask: "NAME=TASK:DATASET:WEIGHT,..." parts on one BERT (configs/multitask.py)
     ))
 
     c.model = ml_collections.ConfigDict(dict(
