@@ -220,3 +220,20 @@ def test_frozen_parameters_missing_from_the_base_are_an_error(base_run, tiny_fin
     config.model.num_layers = 3  # layers_2 is not in the base, and 'head' freezes it
     with pytest.raises(ValueError, match="layers_2.*freezes them"):
         loop.train_and_evaluate(config, str(tmp_path / "bad"))
+
+
+def test_a_merged_lora_run_predicts_like_the_lora_run(base_run, tiny_finetune, tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import merge_lora
+
+    workdir = str(tmp_path / "lora")
+    loop.train_and_evaluate(tiny_finetune("sst2.py", "lora", init_from=base_run), workdir)
+    merged = str(tmp_path / "merged")
+    assert merge_lora.merge_workdir(workdir, merged) == 3
+    run, params, _ = loop.restore_latest(merged)
+    assert run.config.peft.method == "full" and not any("lora" in n for n in peft.names(params))
+    lora_run, lora_params, _ = loop.restore_latest(workdir)
+    want, _ = lora_run.task.predictions(lora_params, "validation")
+    got, _ = run.task.predictions(params, "validation")
+    assert got == want
