@@ -14,8 +14,10 @@ TASKS = {
     "token_classification": "classification:TokenClassification",
     "image_classification": "image_classification:ImageClassification",
     "mlm_nsp": "mlm_nsp:MlmNsp",
+    "multitask": "multitask:MultiTask",
     "span_corruption": "seq2seq:SpanCorruption",
     "seq2seq": "seq2seq:Seq2Seq",
+    "contrastive": "contrastive:Contrastive",
 }
 
 
