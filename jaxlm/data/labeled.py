@@ -15,6 +15,7 @@ Public functions:
                        prefetch_buffer_size=8) -> grain.DatasetIterator
   eval_batches(examples, encode, *, batch_size, max_batches=0, process_index=0,
                process_count=1) -> list[dict[str, np.ndarray]]
+  fill_values(rows) -> dict[str, np.ndarray]   (what a row lacking a key gets)
 
 An example is a tuple: (text, label_id) or (words, tag_ids). `encode` maps one example to a
 dict of numpy arrays, e.g. `lambda e: {**encode_text(tok, e[0], 128, specials), 'label':
@@ -238,7 +239,7 @@ def train_iterator(
     return pipeline.iterate(ds, num_threads, prefetch_buffer_size)
 
 
-def _fill_values(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def fill_values(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The value of each key of `rows` for a row that lacks it: IGNORE for `LABEL_KEYS`, else 0,
     in the shape and dtype the rows give it.
 
@@ -302,7 +303,7 @@ def mixed_train_iterator(
     for examples, _ in datasets:
         if not len(examples):
             raise ValueError("A dataset has no examples to train on.")
-    fill = _fill_values([encode(examples[0]) for examples, encode in datasets])
+    fill = fill_values([encode(examples[0]) for examples, encode in datasets])
     if "task_id" in fill:
         raise ValueError("`encode` must not give 'task_id'; the mixture adds it.")
 
@@ -339,7 +340,7 @@ def eval_batches(
     b = pipeline._per_process_batch_size(batch_size, process_index, process_count)
     if not len(examples):
         raise ValueError("There are no examples to evaluate.")
-    padding = {**_fill_values([encode(examples[0])]), "index": np.int32(IGNORE)}
+    padding = {**fill_values([encode(examples[0])]), "index": np.int32(IGNORE)}
     num_batches = -(-len(examples) // batch_size)
     if max_batches > 0:
         num_batches = min(num_batches, max_batches)

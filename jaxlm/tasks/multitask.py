@@ -165,7 +165,7 @@ class MultiTask(base.Task):
         other parts' keys as the train batches are, and tagged with the part's `task_id`."""
         per_task = [t.eval_batches(split, max_batches) for t in self.tasks.values()]
         first_rows = [{k: v[0] for k, v in batches[0].items()} for batches in per_task]
-        fill = labeled._fill_values(first_rows)  # what mixed_train_iterator fills
+        fill = labeled.fill_values(first_rows)  # what mixed_train_iterator fills
         filled = []
         for i, batches in enumerate(per_task):
             for batch in batches:
