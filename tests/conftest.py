@@ -38,6 +38,7 @@ def tiny_finetune(data_dir):
                                  peak_flops=1e12))
         config.optim.update(dict(warmup_steps=1))
         config.checkpoint.update(dict(every=3, async_save=False))
+        config.mesh.num_devices = 1
         return config
 
     return make

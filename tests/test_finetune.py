@@ -90,3 +90,32 @@ def test_the_minilm_loads_with_a_new_head(tmp_path, data_dir):
         f"encoder/layers_{i}/attn/{p}/lora_{ab}" for i in range(6) for p in ("query", "value") for ab in "ab"}
     assert report["trainable"] == 384 * 2 + 2 + 6 * 2 * 2 * (384 * 8)
     assert report["trainable"] / report["total"] < 0.02
+
+
+def test_a_vit_transfers_to_another_data_set_with_a_fresh_head(tmp_path, data_dir):
+    """MNIST ViT -> Fashion-MNIST with LoRA: the head is re-initialized (init_skip), the backbone
+    loads and stays frozen, the head and the adapters train."""
+    configs = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+    def tiny(config):
+        config.data.data_dir = data_dir
+        config.model.update(dict(num_layers=2, emb_dim=32, num_heads=2, mlp_dim=64))
+        config.train.update(dict(steps=2, batch_size=8, log_every=1, eval_every=2, eval_batches=1,
+                                 steps_per_call=1, peak_flops=1e12))
+        config.checkpoint.update(dict(every=2, async_save=False))
+        config.mesh.num_devices = 1
+        return config
+
+    base = str(tmp_path / "mnist")
+    loop.train_and_evaluate(tiny(config_lib.from_file(os.path.join(configs, "mnist_vit.py"))), base)
+    config = tiny(config_lib.from_file(os.path.join(configs, "vit_finetune.py"), "lora"))
+    config.init_from = base
+    workdir = str(tmp_path / "fashion")
+    loop.train_and_evaluate(config, workdir)
+    report = json.load(open(os.path.join(workdir, "params.json")))
+    assert {"head/kernel", "head/bias"} <= set(report["new"])
+    assert all("lora" in n or n.startswith("head/") for n in report["new"])
+    _, before, _ = loop.restore_latest(base)
+    _, after, _ = loop.restore_latest(workdir)
+    assert not np.allclose(after["head"]["kernel"], before["head"]["kernel"])
+    np.testing.assert_array_equal(after["patch_embed"]["kernel"], before["patch_embed"]["kernel"])
