@@ -200,6 +200,7 @@ def test_a_peft_run_trains_and_saves_only_its_parameters(method, base_run, tiny_
     assert moments == 2 * report["trainable"]  # Adam's mu and nu
 
 
+@pytest.mark.slow  # three training runs
 def test_a_peft_run_resumes_onto_its_base(base_run, tiny_finetune, tmp_path):
     """Stopped at step 3 and resumed to 5, a LoRA run equals an uninterrupted 5-step run."""
     config = tiny_finetune("sst2.py", "lora", init_from=base_run)
