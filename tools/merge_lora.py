@@ -17,7 +17,6 @@ import shutil
 import jax
 
 from jaxlm import config as config_lib
-from jaxlm import peft
 from jaxlm.peft import lora
 from jaxlm.train import checkpoint, loop
 
@@ -36,20 +35,14 @@ def merge_workdir(workdir: str, output: str) -> int:
     shutil.copytree(os.path.join(workdir, "tokenizer"), os.path.join(output, "tokenizer"))
     plain = loop.setup(config, output)
     state = loop.base_params(plain)[0]
-    flat = dict(zip(peft.names(merged), jax.tree.leaves(merged)))
-    params = jax.tree.map(lambda name, leaf: jax.device_put(flat[name].astype(leaf.dtype), leaf.sharding),
-                          _named(state.params), state.params)
+    params = jax.tree.map(lambda value, leaf: jax.device_put(value.astype(leaf.dtype), leaf.sharding),
+                          merged, state.params)  # the plain model's tree: same names
     state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32), params=params)
     ckpt = checkpoint.Checkpointer(output, async_save=False)
     ckpt.save(step, state)
     ckpt.close()
     config_lib.save(config, output)
     return step
-
-
-def _named(tree):
-    """A tree like `tree` whose leaves are their own "a/b/c" names."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: "/".join(str(k.key) for k in path), tree)
 
 
 def main():
