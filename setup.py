@@ -19,6 +19,7 @@ setup(
         "absl-py",
         "numpy",
         "tqdm",
+        "qwix>=0.1.8",  # quantization (jaxlm.compress.quantize)
         "tensorboardX",
         "safetensors",  # Hugging Face checkpoints in and out (jaxlm/convert)
         "sacrebleu",  # eval/bleu of seq2seq runs

@@ -82,6 +82,16 @@ def default_config() -> ml_collections.ConfigDict:
         pool="cls",  # vit: cls | mean
         image_size=0,  # vit: 0 means taken from the data (square images)
         num_classes=0,  # vit/cnn: 0 means taken from the data
+        # Quantized layers (jaxlm/compress/quantize.py). Stored weights (qat False) are an
+        # inference format (tools/quantize.py writes one) or a frozen QLoRA base (peft.method=lora).
+        quant=ml_collections.ConfigDict(dict(
+            weights="none",  # none | int8 (per output channel) | int4 | nf4 (per group_size inputs)
+            activations="none",  # none | int8: inputs quantized per row at run time (W8A8 with int8)
+            group_size=128,  # int4/nf4: inputs sharing one scale (0: one scale per output channel)
+            qat=False,  # quantization-aware training: float weights, fake-quantized forward, STE
+            targets="",  # regex of Dense layer paths to quantize ('' = all), e.g. "attn|mlp"
+            embeddings=True,  # quantize token embedding tables too (one scale per row)
+        )),
     ))
 
     c.data = ml_collections.ConfigDict(dict(
@@ -127,6 +137,38 @@ def default_config() -> ml_collections.ConfigDict:
         num_tokens=20,  # prompt: soft tokens before the input; prefix: keys/values per layer
         trainable="",  # regex of more parameters to train (e.g. "norm" with adapters)
         frozen="",  # regex of parameters to freeze under any method (e.g. "embed" with full)
+    ))
+
+    # Pruning (jaxlm/compress/prune.py): masks in the train state, applied in every step.
+    c.prune = ml_collections.ConfigDict(dict(
+        method="none",  # none | magnitude | nm (N:M) | heads (attention heads and MLP neurons)
+        sparsity=0.5,  # magnitude: final share of zeros in the target kernels
+        initial_sparsity=0.0,  # magnitude: share of zeros at begin_step (the schedule's start)
+        scope="layer",  # magnitude: layer (every kernel, every layer of a stack) | global (all together)
+        targets=r"attn/(query|key|value|out)/kernel|mlp/(wi|wg|wo)/kernel",  # magnitude/nm: regex of names
+        begin_step=0,  # magnitude/nm: first mask update (0: the loaded weights, before the first step)
+        end_step=0,  # magnitude/nm: last update, at `sparsity` (= begin_step: one-shot); < train.steps
+        every=100,  # magnitude/nm: steps between mask updates (polynomial schedule, Zhu & Gupta)
+        n=2,  # nm: weights kept in every group of m consecutive inputs of a kernel
+        m=4,  # nm: group size along the kernel's input (contraction) axis
+        heads_pruned=0.0,  # heads: share of attention heads removed in every layer
+        mlp_pruned=0.0,  # heads: share of MLP neurons removed in every layer
+        importance_batches=8,  # heads: train batches whose loss gradients score heads and neurons
+    ))
+
+    # Knowledge distillation (task.name='distillation', jaxlm/compress/distill.py): the run's model
+    # is the student; a frozen teacher runs inside the same step.
+    c.distill = ml_collections.ConfigDict(dict(
+        teacher="",  # a jaxlm workdir (its config.json and latest checkpoint) or a Hugging Face folder/package
+        student_task="classification",  # the student's own task: data, heads and metrics come from it
+        temperature=2.0,  # softmax temperature of the soft targets (the KL term is scaled by T^2)
+        soft_weight=0.5,  # weight of T^2 * KL(teacher || student) on the logits
+        hard_weight=0.5,  # weight of the student's cross-entropy on the labels
+        hidden_weight=0.0,  # weight of the MSE between projected student and teacher hidden states
+        attention_weight=0.0,  # weight of the KL between student and teacher attention maps
+        init_layers="",  # e.g. "0,2,4": student layers start as these teacher layers (plus the
+                         # teacher's embeddings and heads where shapes match); "": init_from or scratch
+        teacher_logits="",  # classification: a file of precomputed train logits (tools/teacher_logits.py)
     ))
 
     c.optim = ml_collections.ConfigDict(dict(

@@ -218,8 +218,8 @@ def test_a_peft_run_resumes_onto_its_base(base_run, tiny_finetune, tmp_path):
 
 def test_frozen_parameters_missing_from_the_base_are_an_error(base_run, tiny_finetune, tmp_path):
     config = tiny_finetune("sst2.py", "head", init_from=base_run)
-    config.model.num_layers = 3  # layers_2 is not in the base, and 'head' freezes it
-    with pytest.raises(ValueError, match="layers_2.*freezes them"):
+    config.init_skip = "layers_1/"  # not taken from the base, and 'head' freezes it
+    with pytest.raises(ValueError, match="layers_1.*freezes them"):
         loop.train_and_evaluate(config, str(tmp_path / "bad"))
 
 

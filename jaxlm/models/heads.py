@@ -2,12 +2,16 @@
 
 A head is (name, source, outputs): `source` 'pooled' reads the encoder's pooled [CLS] vector
 (sequence classification), 'hidden' every token (token classification). Heads are new
-parameters named after the task, which is how fine-tuning knows they start fresh and train.
+parameters named after the task, which is how fine-tuning knows they start fresh and train; so
+they also stay float under quantization (`float_head`): they train with QLoRA and are tiny.
 """
+
+import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxlm.compress import quantize
 from jaxlm.models.layers import BlockConfig, dense
 
 SOURCES = ("pooled", "hidden")
@@ -19,5 +23,10 @@ def apply(out: dict, heads: tuple, cfg: BlockConfig, deterministic: bool) -> dic
         if source not in SOURCES:
             raise ValueError(f"head {name!r}: source {source!r} is not one of {SOURCES}")
         x = nn.Dropout(cfg.dropout)(out[source], deterministic=deterministic)
-        out[name] = dense(outputs, ("embed", None), cfg, name, use_bias=True)(x).astype(jnp.float32)
+        out[name] = dense(outputs, ("embed", None), float_head(cfg), name, use_bias=True)(x).astype(jnp.float32)
     return out
+
+
+def float_head(cfg: BlockConfig) -> BlockConfig:
+    """`cfg` for a task head: never quantized."""
+    return dataclasses.replace(cfg, quant=quantize.Quant())

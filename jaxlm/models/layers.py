@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.compress import quantize
 from jaxlm.peft import Peft, lora, prompts
 
 Array = jax.Array
@@ -53,6 +54,7 @@ class BlockConfig:
     init_std: float = 0.02
     out_init_std: float = 0.02  # residual projections (GPT-2 scales them by 1/sqrt(2 * layers))
     peft: Peft = Peft()  # what parameter-efficient fine-tuning adds to the layers
+    quant: quantize.Quant = quantize.Quant()  # quantized weights/activations (jaxlm.compress.quantize)
 
 
 def block_config(m, peft: Peft | None = None, **overrides) -> BlockConfig:
@@ -76,6 +78,7 @@ def block_config(m, peft: Peft | None = None, **overrides) -> BlockConfig:
         init_std=m.init_std,
         out_init_std=m.init_std / math.sqrt(2 * m.num_layers),
         peft=peft or Peft(),
+        quant=quantize.from_config(m),
     )
     return BlockConfig(**{**values, **overrides})
 
@@ -110,11 +113,15 @@ class Dense(nn.Module):
         in_axes = tuple(a % x.ndim for a in self.in_axes)
         in_dims = tuple(x.shape[a] for a in in_axes)
         std = cfg.init_std if self.std is None else self.std
-        kernel = self.param(
-            "kernel", nn.with_logical_partitioning(nn.initializers.normal(std), self.axes),
-            in_dims + self.features, cfg.param_dtype)
-        contract = ((in_axes, tuple(range(len(in_axes)))), ((), ()))
-        y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), contract)
+        init, shape = nn.initializers.normal(std), in_dims + self.features
+        if cfg.quant.applies(self.path):
+            if in_axes != tuple(range(x.ndim - len(in_axes), x.ndim)):
+                raise ValueError(f"{'/'.join(self.path)}: quantized layers contract trailing axes only")
+            y = quantize.dense(self, x, len(in_axes), shape, self.axes, init, cfg)
+        else:
+            kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, cfg.param_dtype)
+            contract = ((in_axes, tuple(range(len(in_axes)))), ((), ()))
+            y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), contract)
         if cfg.peft.lora_applies(self.path):
             y = y + lora.delta(self, x, in_axes, self.features, self.axes, cfg.peft, cfg)
         if cfg.use_bias if self.use_bias is None else self.use_bias:
@@ -200,19 +207,21 @@ class Embed(nn.Module):
     cfg: BlockConfig
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std), ("vocab", "embed")),
-            (self.vocab_size, self.cfg.emb_dim),
-            self.cfg.param_dtype,
-        )
+        quantized = self.cfg.quant.active and self.cfg.quant.embeddings
+        init = nn.initializers.normal(self.cfg.init_std)
+        if quantized:
+            self.embedding = quantize.embedding_table(self, self.vocab_size, ("vocab", "embed"), init, self.cfg)
+        else:
+            self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                                        (self.vocab_size, self.cfg.emb_dim), self.cfg.param_dtype)
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype)
+        return quantize.embedding_rows(self.embedding, ids, self.cfg).astype(self.cfg.dtype)
 
     def attend(self, x: Array) -> Array:
         """Logits [..., vocab] of activations [..., embed] against the embedding table."""
-        return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.cfg.dtype))
+        table = quantize.embedding_matrix(self.embedding, self.cfg)
+        return jnp.einsum("...d,vd->...v", x, table.astype(self.cfg.dtype))
 
 
 def rotary(x: Array, positions: Array, theta: float) -> Array:
@@ -261,6 +270,7 @@ def _attention_backward(saved, d_out):
 attention.defvjp(_attention_forward, _attention_backward)
 
 MASKED = -1e30
+ATTENTION_SCORES = "attention_scores"  # collection of pre-softmax scores, sown only when mutable
 
 
 def causal_bias(q_positions: Array, k_len: int) -> Array:
@@ -312,6 +322,8 @@ class Attention(nn.Module):
             scores_bias = scores_bias + causal_bias(jnp.arange(length), length)
         if cfg.peft.method == "prefix" and memory is None:
             k, v, scores_bias = prompts.prefix_keys_values(self, k, v, scores_bias, cfg.peft, cfg)
+        if self.is_mutable_collection(ATTENTION_SCORES):  # distillation matches attention maps
+            self.sow(ATTENTION_SCORES, "scores", jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + scores_bias)
         out = attention(q, k, v, scores_bias).reshape(batch * length, cfg.num_heads, cfg.head_dim)
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         out = dense(cfg.emb_dim, ("heads", "kv", "embed"), cfg, "out", in_axis=(-2, -1),

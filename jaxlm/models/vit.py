@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxlm.models import heads
 from jaxlm.models.layers import BlockConfig, block_config, constrain, dense, learned_positions, norm
 from jaxlm.models.transformer import Context, Stack
 from jaxlm.parallel.pipeline import Pipeline
@@ -44,7 +45,8 @@ class ViT(nn.Module):
                   block_kwargs=dict(cfg=cfg, causal=False), name="encoder")(x, Context(positions), deterministic)
         x = norm(cfg, "final_norm")(x).reshape(batch, length, cfg.emb_dim).astype(cfg.dtype)
         pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
-        return dense(self.num_classes, ("embed", None), cfg, "head", use_bias=True)(pooled).astype(jnp.float32)
+        return dense(self.num_classes, ("embed", None), heads.float_head(cfg), "head",
+                     use_bias=True)(pooled).astype(jnp.float32)
 
 
 def from_config(m, pipeline=None, peft=None) -> ViT:

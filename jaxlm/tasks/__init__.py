@@ -18,6 +18,7 @@ TASKS = {
     "span_corruption": "seq2seq:SpanCorruption",
     "seq2seq": "seq2seq:Seq2Seq",
     "contrastive": "contrastive:Contrastive",
+    "distillation": "distillation:Distillation",
 }
 
 

@@ -93,6 +93,11 @@ class Task:
         the longest row (see `data.pad_multiple`)."""
         return batches
 
+    def pretrained(self) -> dict:
+        """Loaded parameters the task brings besides `init_from`'s (a nested dict of arrays,
+        e.g. a distillation teacher); the trainer loads them again on every start."""
+        return {}
+
     def sample(self, params) -> str | None:
         """Text to print at the end of training (a generation), or None."""
         return None

@@ -17,6 +17,7 @@ from typing import Any
 import flax
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data_iter"
@@ -156,14 +157,19 @@ def restore_params(workdir: str, abstract_params) -> dict:
         if step is None:
             raise FileNotFoundError(f"init_from: no checkpoint in {workdir}/checkpoints")
         saved = _saved_shapes(source, step)
+        dtypes = {m.name: m.dtype for m in jax.tree.leaves(source.item_metadata(step)[STATE])}
         present = {}
         for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_params)).items():
             name = _dotted(("params",) + path)
             if name in saved and saved[name] != tuple(leaf.shape):
                 raise ValueError(f"init_from {workdir} step {step}: {name} is saved as "
                                  f"{saved[name]}, this config builds {tuple(leaf.shape)}")
-            if name in saved:
-                present[path] = leaf
+            if name in saved and _quantized_into_float(dtypes[name], leaf.dtype):
+                raise ValueError(f"init_from {workdir} step {step}: {name} holds quantized "
+                                 f"{dtypes[name]} codes, this config builds {leaf.dtype} weights "
+                                 "(set model.quant as the source run does)")
+            if name in saved:  # as saved (float weights for a quantized model get quantized after)
+                present[path] = jax.ShapeDtypeStruct(leaf.shape, dtypes[name], sharding=getattr(leaf, "sharding", None))
         if not present:
             raise ValueError(f"init_from {workdir} step {step}: none of this model's parameters "
                              "are in its checkpoint")
@@ -174,6 +180,10 @@ def restore_params(workdir: str, abstract_params) -> dict:
         return restored[STATE]["params"]
     finally:
         source.close()
+
+
+def _quantized_into_float(saved_dtype, wanted_dtype) -> bool:
+    return not np.issubdtype(np.dtype(saved_dtype), np.floating) and np.issubdtype(np.dtype(wanted_dtype), np.floating)
 
 
 def _saved_shapes(manager, step: int) -> dict:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import convert, peft, tasks
+from jaxlm.compress import prune, quantize
 from jaxlm.parallel import memory, pipeline as pipeline_lib
 from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
@@ -39,6 +41,8 @@ def setup(config, workdir: str):
     hf_dir = hf_source(config.init_from)
     if hf_dir:  # the architecture comes from the Hugging Face config
         config.model.update(convert.model_overrides(hf_dir))
+    elif config.init_from:  # ... or from the jaxlm run's
+        config.model.update(source_architecture(config.init_from))
     task_class = tasks.get(config.task.name)
     tokenizer = task_class.build_tokenizer(config, workdir)
     task = task_class(config, tokenizer)
@@ -47,6 +51,20 @@ def setup(config, workdir: str):
     check_batch(config, partitioner)
     shardings = state_lib.shardings(partitioner, task, tx)
     return Run(config, tokenizer, task, tx, lr_schedule, partitioner, shardings, hf_dir)
+
+
+# config.model keys that say how a run computes or trains, not what its parameters are
+RUN_MODEL_KEYS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "quant", "init_std",
+                  "num_classes")
+
+
+def source_architecture(workdir: str) -> dict:
+    """The `config.model` shape of the jaxlm run in `workdir` (its head's classes excepted)."""
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(f"init_from={workdir!r} is neither a jaxlm workdir (no config.json), "
+                                "a Hugging Face folder nor an installed package shipping one")
+    model = config_lib.load(workdir).model.to_dict()
+    return {k: v for k, v in model.items() if k not in RUN_MODEL_KEYS}
 
 
 def hf_source(init_from: str) -> str | None:
@@ -95,7 +113,8 @@ def make_train_call(run):
     config, partitioner = run.config, run.partitioner
     train_step = step_lib.make_train_step(run.task, run.tx, run.lr_schedule, seed=config.seed,
                                           microbatches=config.train.microbatches,
-                                          skip_nonfinite=config.train.nan_policy == "skip")
+                                          skip_nonfinite=config.train.nan_policy == "skip",
+                                          pruner=prune.Pruner.from_run(run))
     return partitioner.jit(step_lib.repeat_steps(train_step),
                            in_shardings=(run.shardings, partitioner.sharding(STACKED)),
                            out_shardings=(run.shardings, partitioner.replicated),
@@ -117,18 +136,44 @@ def restore_latest(workdir: str, config=None):
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-        state = ckpt.restore(run.abstract_state)
     finally:
         ckpt.close()
+    params = checkpoint.restore_params(workdir, run.abstract_state.params)  # no optimizer state
     if run.abstract_state.frozen:
-        state = state.replace(frozen=base_params(run)[0].frozen)
-    return run, state.model_params, step
+        params = peft.join(params, base_params(run)[0].frozen)
+    return run, params, step
+
+
+def export_workdir(config, source: str, output: str, make_params, step: int) -> None:
+    """Writes `output`: a workdir for serving with `config`, `source`'s tokenizer and one
+    checkpoint at `step` holding only the parameters `make_params(abstract)` gives for the
+    config's abstract parameters (no optimizer state: it evaluates, predicts, generates and
+    serves as `init_from`; it does not resume training). Written under `output.partial` and
+    renamed at the end, so a failed export leaves no half-written workdir."""
+    if os.path.exists(output) and os.listdir(output):
+        raise FileExistsError(f"{output} is not empty: export into a new folder")
+    partial = output.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(os.path.join(source, "tokenizer"), os.path.join(partial, "tokenizer"))
+    run = setup(config, partial)
+    abstract = run.abstract_state.params
+    params = jax.tree.map(lambda value, leaf: jax.device_put(np.asarray(value).astype(leaf.dtype), leaf.sharding),
+                          make_params(abstract), abstract)
+    ckpt = checkpoint.Checkpointer(partial, async_save=False)
+    ckpt.save(step, state_lib.TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=params,
+                                         opt_state={}))
+    ckpt.close()
+    config_lib.save(config, partial)
+    if os.path.exists(output):
+        os.rmdir(output)
+    os.rename(partial, output)
 
 
 def train_and_evaluate(config, workdir: str):
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
     os.makedirs(workdir, exist_ok=True)
     run = setup(config, workdir)
+    quantize.check_trainable(run)
     log.info(memory.describe(memory.estimate(run)))  # before anything is allocated
     t = config.train
     partitioner = run.partitioner
@@ -227,7 +272,7 @@ def restore_or_init(run, ckpt, train_iter, workdir: str):
                  ckpt.latest_step(), config.init_from)
         return ckpt.restore(run.abstract_state, train_iter).replace(frozen=state.frozen)
     write_params_report(workdir, state, report)
-    return state
+    return prune.start(run, state)  # pruning masks: a resumed run has them in its checkpoint
 
 
 def base_params(run):
@@ -240,16 +285,21 @@ def base_params(run):
     state = state_lib.init(run.partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
     params = state.model_params
     names = peft.names(params)
-    if not config.init_from:
+    loaded = {}
+    if config.init_from:
+        log.info("initializing parameters from %s", config.init_from)
+        if run.hf_dir:
+            loaded = convert.import_params(run.hf_dir, config.model)
+        else:
+            loaded = checkpoint.restore_params(config.init_from, run.abstract_state.model_params)
+        if config.init_skip:
+            skip = re.compile(config.init_skip)
+            loaded, _ = peft.split(loaded, lambda name: not skip.search(name))
+    loaded = peft.join(run.task.pretrained(), loaded)  # e.g. a distillation teacher
+    loaded = quantize.quantize_params(loaded, run.abstract_state.model_params,
+                                      quantize.from_config(config.model))  # QLoRA: a quantized base
+    if not loaded:
         return state, {"loaded": [], "new": names}
-    log.info("initializing parameters from %s", config.init_from)
-    if run.hf_dir:
-        loaded = convert.import_params(run.hf_dir, config.model)
-    else:
-        loaded = checkpoint.restore_params(config.init_from, run.abstract_state.model_params)
-    if config.init_skip:
-        skip = re.compile(config.init_skip)
-        loaded, _ = peft.split(loaded, lambda name: not skip.search(name))
     params, new = merge_params(params, loaded)
     stuck = [n for n in new if not run.task.trainable(n)]
     if stuck:

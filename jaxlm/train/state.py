@@ -6,6 +6,8 @@ in its sharded layout, so no device ever holds the full model.
 
 Fine-tuning splits the parameters (`jaxlm.peft`): `params` holds those that train (with optimizer
 state, in checkpoints), `frozen` the rest (loaded from `init_from` at start, never saved).
+Pruning (`jaxlm.compress.prune`) keeps `masks` for the pruned parameters, sharded like them and
+saved with them.
 """
 
 from typing import Any
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import peft
+from jaxlm.compress import prune
 
 
 @flax.struct.dataclass
@@ -25,6 +28,7 @@ class TrainState:
     params: Any  # the trainable parameters (all of them unless a PEFT method freezes some)
     opt_state: Any
     frozen: Any = flax.struct.field(default_factory=dict)
+    masks: Any = flax.struct.field(default_factory=dict)  # pruning: bool, a sub-tree of params
 
     @property
     def model_params(self):
@@ -48,14 +52,15 @@ def shardings(partitioner, task, tx) -> TrainState:
     opt_state = jax.eval_shape(tx.init, abstract_params)
     opt = optax.tree_map_params(tx, lambda _, s: s, opt_state, params,
                                 transform_non_params=lambda _: partitioner.replicated)
-    return TrainState(step=partitioner.replicated, params=params, opt_state=opt, frozen=frozen)
+    return TrainState(step=partitioner.replicated, params=params, opt_state=opt, frozen=frozen,
+                      masks=prune.select(params, frozen, task.config))
 
 
 def _init_fn(task, tx):
     def init_fn(rng):
         params, frozen = peft.split(nn.unbox(task.init(rng)["params"]), task.trainable)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          frozen=frozen)
+                          frozen=frozen, masks=prune.ones(prune.select(params, frozen, task.config)))
     return init_fn
 
 

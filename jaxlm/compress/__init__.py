@@ -1,0 +1,1 @@
+"""Compression: knowledge distillation, quantization and pruning on top of the same trainer."""
