@@ -20,6 +20,7 @@ setup(
         "numpy",
         "tqdm",
         "qwix>=0.1.8",  # quantization (jaxlm.compress.quantize)
+        "matplotlib",  # tools/compress_report.py plots
         "tensorboardX",
         "safetensors",  # Hugging Face checkpoints in and out (jaxlm/convert)
         "sacrebleu",  # eval/bleu of seq2seq runs

@@ -101,6 +101,7 @@ def test_loss_matches_numpy(student, tmp_path):
     np.testing.assert_allclose(metrics["distill_loss"], expected / keep.sum(), rtol=1e-5)
 
 
+@pytest.mark.slow  # two tiny runs and their gradients (~40 s)
 def test_hard_labels_only_equals_plain_finetuning(student, tiny_finetune, tmp_path):
     distilled = student(temperature=1.0, soft_weight=0.0, hard_weight=1.0, init_layers="")
     plain = tiny_finetune("sst2.py")
@@ -157,7 +158,7 @@ def test_init_layers_copies_the_teacher(student, teacher, tmp_path):
     assert not np.array_equal(want["encoder/layers_0/attn/query/kernel"], want["encoder/layers_1/attn/query/kernel"])
 
 
-@pytest.mark.parametrize("term", ["hidden", "attention"])
+@pytest.mark.parametrize("term", ["hidden", pytest.param("attention", marks=pytest.mark.slow)])
 def test_matching_terms_train_the_student(student, tmp_path, term):
     config = student(soft_weight=0.0, hard_weight=0.0, init_layers="", **{f"{term}_weight": 1.0})
     run = loop.setup(config, str(tmp_path))

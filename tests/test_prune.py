@@ -110,7 +110,8 @@ def train_calls(config, workdir: str, calls: int):
         yield (i + 1) * k, state, metrics
 
 
-@pytest.mark.parametrize("steps_per_call,scope,scan", [(1, "layer", False), (3, "global", True)])
+@pytest.mark.parametrize("steps_per_call,scope,scan", [pytest.param(1, "layer", False, marks=pytest.mark.slow),
+                                                       (3, "global", True)])
 def test_sparsity_follows_the_polynomial_schedule(tiny_finetune, tmp_path, steps_per_call, scope, scan):
     """Magnitude pruning from 20% at step 1 to 80% at step 7, every 2 steps: after every step the
     masks hold the schedule's sparsity, in every kernel (and every layer of a stacked kernel)

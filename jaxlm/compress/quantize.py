@@ -85,6 +85,13 @@ def from_config(m) -> Quant:
     return q
 
 
+def float_model(m):
+    """A copy of `config.model` without quantization (the layout float checkpoints have)."""
+    m = m.copy_and_resolve_references()
+    m.quant.update(dict(weights="none", activations="none", qat=False))
+    return m
+
+
 def quantize(w: jax.Array, q: Quant, channel_axes: tuple[int, ...], group_axis: int, groups: int):
     """qwix's quantized array of `w`: one scale per index of `channel_axes`, `groups` scales
     along `group_axis`."""

@@ -289,7 +289,7 @@ def base_params(run):
     if config.init_from:
         log.info("initializing parameters from %s", config.init_from)
         if run.hf_dir:
-            loaded = convert.import_params(run.hf_dir, config.model)
+            loaded = convert.import_params(run.hf_dir, quantize.float_model(config.model))
         else:
             loaded = checkpoint.restore_params(config.init_from, run.abstract_state.model_params)
         if config.init_skip:
