@@ -34,6 +34,7 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import evaluate as evaluate_lib
 from jaxlm import peft
+from jaxlm.tasks import distillation
 from jaxlm.train import loop, step as step_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,10 +67,15 @@ def train(args, name: str, *flags: str, config: str | None = None) -> str:
 
 
 def served_copy(workdir: str, output: str) -> str:
-    """A parameters-only copy of `workdir`'s latest checkpoint (what a server loads)."""
+    """A parameters-only copy of `workdir`'s latest checkpoint (what a server loads); of a
+    distillation run, the student alone as a plain run of its task."""
     _, params, step = loop.restore_latest(workdir)
     params = jax.device_get(params)
-    loop.export_workdir(config_lib.load(workdir), workdir, output, lambda _: params, step)
+    config = config_lib.load(workdir)
+    if config.task.name == "distillation":
+        config.task.name, config.distill.teacher = config.distill.student_task, ""
+        params = {k: v for k, v in params.items() if k not in (distillation.TEACHER, distillation.PROJECTION)}
+    loop.export_workdir(config, workdir, output, lambda _: params, step)
     return output
 
 
