@@ -158,7 +158,8 @@ def test_init_layers_copies_the_teacher(student, teacher, tmp_path):
     assert not np.array_equal(want["encoder/layers_0/attn/query/kernel"], want["encoder/layers_1/attn/query/kernel"])
 
 
-@pytest.mark.parametrize("term", ["hidden", pytest.param("attention", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("term", ["hidden", "attention"])
 def test_matching_terms_train_the_student(student, tmp_path, term):
     config = student(soft_weight=0.0, hard_weight=0.0, init_layers="", **{f"{term}_weight": 1.0})
     run = loop.setup(config, str(tmp_path))

@@ -171,6 +171,7 @@ def test_pruned_weights_stay_zero_through_adam_and_resume(tiny_finetune, tmp_pat
     assert sparsity[1] == 0.0 and sparsity[2] == pytest.approx(0.6, abs=1e-3) == sparsity[4]
 
 
+@pytest.mark.slow  # the mask-level 2:4 test above is in the fast suite
 def test_two_of_four_holds_after_training(tiny_finetune, tmp_path):
     config = tiny_finetune()
     config.prune.update(dict(method="nm", n=2, m=4))  # one-shot before the first step
@@ -187,7 +188,8 @@ def test_two_of_four_holds_after_training(tiny_finetune, tmp_path):
     assert checked == 2 * 6  # q, k, v, out, wi, wo in both layers
 
 
-@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # two tiny runs, an export and an evaluation (~35 s each)
+@pytest.mark.parametrize("scan", [False, True])
 def test_an_exported_head_pruned_model_computes_what_the_masked_one_did(tiny_finetune, tmp_path, scan):
     config = tiny_finetune()
     config.model.scan_layers = scan

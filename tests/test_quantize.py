@@ -134,6 +134,7 @@ def test_quantized_checkpoint_is_smaller_and_evaluates(base_run, tmp_path):
     assert sizes["int8"] <= 0.30 and sizes["int4"] <= 0.17, sizes
 
 
+@pytest.mark.slow  # a tiny run through the trainer (~30 s)
 def test_integer_weights_do_not_train_and_do_not_load_into_float(base_run, tmp_path, tiny_finetune):
     quantized = str(tmp_path / "int8")
     quantize_tool.quantize_workdir(base_run, quantized, weights="int8")
@@ -188,6 +189,7 @@ def test_qat_gradient_is_straight_through():
     np.testing.assert_array_equal(stored.apply({"params": q_params}, tokens), qat_model.apply({"params": params}, tokens))
 
 
+@pytest.mark.slow  # a tiny run through the trainer (~30 s)
 def test_a_qat_run_with_real_int8_weights_computes_its_fake_quantized_outputs(base_run, tmp_path,
                                                                              tiny_finetune):
     config = tiny_finetune(init_from=base_run)
@@ -210,6 +212,7 @@ def test_a_qat_run_with_real_int8_weights_computes_its_fake_quantized_outputs(ba
     assert q_run.task.predictions(q_params, "validation")[0] == run.task.predictions(params, "validation")[0]
 
 
+@pytest.mark.slow  # a tiny run through the trainer (~30 s)
 def test_qlora_trains_adapters_on_a_frozen_nf4_base(base_run, tmp_path, tiny_finetune):
     config = tiny_finetune("sst2.py", "lora", init_from=base_run)
     config.model.update(dict(emb_dim=128, num_heads=2, mlp_dim=256))
