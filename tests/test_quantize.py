@@ -116,6 +116,7 @@ def checkpoint_bytes(workdir):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
 
 
+@pytest.mark.slow  # with its tiny base run (~40 s); tests/test_compress_report.py checks the bytes too
 def test_quantized_checkpoint_is_smaller_and_evaluates(base_run, tmp_path):
     float_copy = str(tmp_path / "float")  # the same export without quantization: parameters only
     run, params, step = loop.restore_latest(base_run)
