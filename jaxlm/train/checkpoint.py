@@ -141,9 +141,10 @@ def _iterator_file(process_index: int, process_count: int) -> str:
     return f"process_{process_index}-of-{process_count}.json"  # grain's name for it
 
 
-def restore_params(workdir: str, abstract_params) -> dict:
-    """The parameters of the latest checkpoint in another jaxlm workdir (for `init_from`) that
-    `abstract_params` also has, as a nested dict; parameters it lacks (new heads) are left out.
+def restore_params(workdir: str, abstract_params) -> tuple[dict, int]:
+    """(params, step): the parameters of the latest checkpoint in a jaxlm workdir (`init_from`'s,
+    or a run's own for inference) that `abstract_params` also has, as a nested dict; parameters
+    it lacks (new heads) are left out.
 
     Only the parameters are read, so the source run may have used another optimizer; a
     parameter whose shape differs is an error that names it.
@@ -155,7 +156,7 @@ def restore_params(workdir: str, abstract_params) -> dict:
     try:
         step = source.latest_step()
         if step is None:
-            raise FileNotFoundError(f"init_from: no checkpoint in {workdir}/checkpoints")
+            raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
         saved = _saved_shapes(source, step)
         dtypes = {m.name: m.dtype for m in jax.tree.leaves(source.item_metadata(step)[STATE])}
         present = {}
@@ -177,7 +178,7 @@ def restore_params(workdir: str, abstract_params) -> dict:
         restored = source.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True)}))
-        return restored[STATE]["params"]
+        return restored[STATE]["params"], step
     finally:
         source.close()
 

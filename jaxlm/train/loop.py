@@ -131,14 +131,7 @@ def restore_latest(workdir: str, config=None):
     config = config_lib.load(workdir) if config is None else config
     config.mesh.update(dict(data=-1, fsdp=1, tensor=1, stage=1, num_devices=0))
     run = setup(config, workdir)
-    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    finally:
-        ckpt.close()
-    params = checkpoint.restore_params(workdir, run.abstract_state.params)  # no optimizer state
+    params, step = checkpoint.restore_params(workdir, run.abstract_state.params)  # no optimizer state
     if run.abstract_state.frozen:
         params = peft.join(params, base_params(run)[0].frozen)
     return run, params, step
@@ -291,7 +284,7 @@ def base_params(run):
         if run.hf_dir:
             loaded = convert.import_params(run.hf_dir, quantize.float_model(config.model))
         else:
-            loaded = checkpoint.restore_params(config.init_from, run.abstract_state.model_params)
+            loaded, _ = checkpoint.restore_params(config.init_from, run.abstract_state.model_params)
         if config.init_skip:
             skip = re.compile(config.init_skip)
             loaded, _ = peft.split(loaded, lambda name: not skip.search(name))
