@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import config as config_lib, peft
+from jaxlm import config as config_lib, tree
 from jaxlm.compress import distill
 from jaxlm.train import loop
 
@@ -77,9 +77,9 @@ def test_loss_matches_numpy(student, tmp_path):
     run = loop.setup(student(), str(tmp_path))
     state, _ = loop.base_params(run)
     params = state.model_params
-    for tree, seed in ((params, 1), (params["teacher"], 2)):  # heads far apart: a KL well above 0
-        kernel = tree["classifier"]["kernel"]
-        tree["classifier"]["kernel"] = 3 * jax.random.normal(jax.random.key(seed), kernel.shape)
+    for subtree, seed in ((params, 1), (params["teacher"], 2)):  # heads far apart: a KL well above 0
+        kernel = subtree["classifier"]["kernel"]
+        subtree["classifier"]["kernel"] = 3 * jax.random.normal(jax.random.key(seed), kernel.shape)
     batch = first_batch(run, ignored_rows=(1, 5))
     total, sums = run.task.loss(params, batch)
 
@@ -165,7 +165,7 @@ def test_matching_terms_train_the_student(student, tmp_path, term):
     run = loop.setup(config, str(tmp_path))
     state, _ = loop.base_params(run)
     batch = first_batch(run)
-    grads, sums = jax.grad(lambda p: run.task.loss(peft.join(p, state.frozen), batch), has_aux=True)(state.params)
+    grads, sums = jax.grad(lambda p: run.task.loss(tree.join(p, state.frozen), batch), has_aux=True)(state.params)
     assert sums[term] > 0 and np.isclose(sums["loss"], sums[term])
     grads = flat(grads)
     assert np.abs(grads["encoder/layers_0/attn/query/kernel"]).sum() > 0

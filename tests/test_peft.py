@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import models, peft
+from jaxlm import models, peft, tree
 from jaxlm.models import layers
 from jaxlm.peft import lora, prompts
 from jaxlm.train import checkpoint, loop
@@ -45,10 +45,10 @@ def base_and_peft(method, scan=False, **settings):
     base_params = nn.unbox(base.init(jax.random.key(0), **batch())["params"])
     tuned = build(method, scan, **settings)
     tuned_params = nn.unbox(tuned.init(jax.random.key(1), **batch())["params"])
-    own = [n for n in peft.names(tuned_params) if n not in set(peft.names(base_params))]
+    own = [n for n in tree.names(tuned_params) if n not in set(tree.names(base_params))]
     assert own, f"{method} added no parameters"
-    new, _ = peft.split(tuned_params, lambda n: n in own)
-    return base, base_params, tuned, peft.join(new, base_params)
+    new, _ = tree.split(tuned_params, lambda n: n in own)
+    return base, base_params, tuned, tree.join(new, base_params)
 
 
 @pytest.mark.parametrize("method,settings", [("lora", dict(targets="query|value|wo")),
@@ -100,14 +100,14 @@ def test_lora_merged_equals_unmerged(scan):
     params = flax.traverse_util.unflatten_dict(flat)
     settings_peft = peft.Peft(method="lora", **settings)
     merged = lora.merge(params, settings_peft)
-    assert not any("lora" in n for n in peft.names(merged))
+    assert not any("lora" in n for n in tree.names(merged))
     plain = build("full", scan)
     want = tuned.apply({"params": params}, **batch())["hidden"]
     got = plain.apply({"params": merged}, **batch())["hidden"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(plain.apply({"params": peft.split(params, lambda n: "lora" not in n)[0]},
+    assert not np.allclose(plain.apply({"params": tree.split(params, lambda n: "lora" not in n)[0]},
                                        **batch())["hidden"], want, atol=1e-4)
-    lora_params, _ = peft.split(params, lambda n: "lora" in n)
+    lora_params, _ = tree.split(params, lambda n: "lora" in n)
     restored = lora.unmerge(merged, lora_params, settings_peft)
     for name, value in flax.traverse_util.flatten_dict(params).items():
         np.testing.assert_allclose(flax.traverse_util.flatten_dict(restored)[name], value, atol=1e-6)
@@ -233,7 +233,7 @@ def test_a_merged_lora_run_predicts_like_the_lora_run(base_run, tiny_finetune, t
     merged = str(tmp_path / "merged")
     assert merge_lora.merge_workdir(workdir, merged) == 3
     run, params, _ = loop.restore_latest(merged)
-    assert run.config.peft.method == "full" and not any("lora" in n for n in peft.names(params))
+    assert run.config.peft.method == "full" and not any("lora" in n for n in tree.names(params))
     lora_run, lora_params, _ = loop.restore_latest(workdir)
     want, _ = lora_run.task.predictions(lora_params, "validation")
     got, _ = run.task.predictions(params, "validation")

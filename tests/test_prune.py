@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import evaluate, peft
+from jaxlm import evaluate, tree
 from jaxlm.compress import prune
 from jaxlm.data import builders
 from jaxlm.train import loop, metrics as metrics_lib
@@ -258,7 +258,7 @@ def test_targets_that_match_nothing_or_only_frozen_parameters_are_errors(tiny_fi
     with pytest.raises(ValueError, match="would prune frozen parameters .*attn/"):
         loop.setup(config, str(tmp_path))
     config.peft.frozen = "attn"  # the MLP kernels still train: only they get masks
-    assert all("/mlp/" in n for n in peft.names(loop.setup(config, str(tmp_path)).shardings.masks))
+    assert all("/mlp/" in n for n in tree.names(loop.setup(config, str(tmp_path)).shardings.masks))
     config.peft.frozen = ""
     config.prune.update(dict(method="nm", m=5))
     with pytest.raises(ValueError, match="prune.m=5 does not divide"):

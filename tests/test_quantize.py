@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm import config as config_lib, convert, models, peft
+from jaxlm import config as config_lib, convert, models, tree
 from jaxlm.compress import quantize
 from jaxlm.convert import compare
 from jaxlm.train import checkpoint, loop
@@ -76,7 +76,7 @@ def test_quantized_minilm_stays_close_to_float_on_real_text(quant, relative, cos
     want, got, q_params, mask = minilm_models(**quant)
     codes = {"int8": (-128, 127), "int4": (-8, 7), "nf4": (0, 15)}[quant["weights"]]
     for name in ("encoder/layers/mlp/wi/kernel", "embed/embedding"):
-        kernel = np.asarray(dict(zip(peft.names(q_params), jax.tree.leaves(q_params)))[name])
+        kernel = np.asarray(dict(zip(tree.names(q_params), jax.tree.leaves(q_params)))[name])
         assert kernel.dtype == np.int8 and kernel.min() >= codes[0] and kernel.max() <= codes[1]
         assert kernel.min() < codes[0] + 3 and kernel.max() > codes[1] - 3  # the range is used
     real = np.asarray(mask, bool)
@@ -169,14 +169,14 @@ def test_qat_gradient_is_straight_through():
         return quantize.qwix.dequantize(quantize.quantize(matrix, q, (1,), 0, 1)).reshape(w.shape)
 
     fake_params = jax.tree.unflatten(jax.tree.structure(params),
-                                     [fake(n, w) for n, w in zip(peft.names(params), jax.tree.leaves(params))])
+                                     [fake(n, w) for n, w in zip(tree.names(params), jax.tree.leaves(params))])
     loss = lambda model: lambda p: jnp.sum(model.apply({"params": p}, tokens) ** 2)
     np.testing.assert_allclose(qat_model.apply({"params": params}, tokens),
                                float_model.apply({"params": fake_params}, tokens), rtol=1e-5, atol=1e-6)
     # jitted: op-by-op execution sums in another order, and this loss amplifies that noise
     g_qat = jax.jit(jax.grad(loss(qat_model)))(params)
     g_float = jax.jit(jax.grad(loss(float_model)))(fake_params)
-    for name, a, b in zip(peft.names(g_qat), jax.tree.leaves(g_qat), jax.tree.leaves(g_float)):
+    for name, a, b in zip(tree.names(g_qat), jax.tree.leaves(g_qat), jax.tree.leaves(g_float)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max(), err_msg=name)
     assert np.abs(np.asarray(g_qat["decoder"]["layers_0"]["mlp"]["wi"]["kernel"])).sum() > 0
     wi = lambda p: p["decoder"]["layers_0"]["mlp"]["wi"]["kernel"]
@@ -220,7 +220,7 @@ def test_qlora_trains_adapters_on_a_frozen_nf4_base(base_run, tmp_path, tiny_fin
     config.model.quant.update(dict(weights="nf4", group_size=64))
     workdir = str(tmp_path / "qlora")
     state = loop.train_and_evaluate(config, workdir)
-    frozen = dict(zip(peft.names(state.frozen), jax.tree.leaves(state.frozen)))
+    frozen = dict(zip(tree.names(state.frozen), jax.tree.leaves(state.frozen)))
     kernel = frozen["encoder/layers_0/attn/query/kernel"]
     assert kernel.dtype == jnp.int8 and 0 <= kernel.min() and kernel.max() <= 15  # NF4 codes
     assert "encoder/layers_0/attn/query/kernel_scale" in frozen
@@ -230,7 +230,7 @@ def test_qlora_trains_adapters_on_a_frozen_nf4_base(base_run, tmp_path, tiny_fin
     want = quantize.quantize_params(base, abstract, quantize.from_config(config.model))
     np.testing.assert_array_equal(np.asarray(kernel, np.int8),
                                   np.asarray(want["encoder"]["layers_0"]["attn"]["query"]["kernel"], np.int8))
-    trained = peft.names(state.params)
+    trained = tree.names(state.params)
     assert any(n.endswith("lora_b") for n in trained) and not any("kernel" in n and "lora" not in n
                                                                    for n in trained if not n.startswith("classifier"))
     assert np.abs(np.asarray(state.params["encoder"]["layers_0"]["attn"]["query"]["lora_b"])).sum() > 0

@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import evaluate as evaluate_lib
-from jaxlm import peft
+from jaxlm import tree
 from jaxlm.tasks import distillation
 from jaxlm.train import loop, step as step_lib
 
@@ -121,7 +121,7 @@ def checkpoint_bytes(workdir: str) -> int:
 def describe(workdir: str, metric: str) -> dict:
     metrics = evaluate_lib.evaluate(workdir)
     _, params, _ = loop.restore_latest(workdir)
-    leaves = [np.asarray(x) for name, x in zip(peft.names(params), jax.tree.leaves(params))
+    leaves = [np.asarray(x) for name, x in zip(tree.names(params), jax.tree.leaves(params))
               if not name.endswith("_scale")]  # weights (or their codes), not quantization scales
     return {"metric": float(metrics[metric]), "params": int(sum(x.size for x in leaves)),
             "nonzero": int(sum(np.count_nonzero(x) for x in leaves)), "bytes": checkpoint_bytes(workdir)}

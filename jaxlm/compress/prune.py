@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import peft
+from jaxlm import tree
 
 log = logging.getLogger("jaxlm")
 
@@ -131,8 +131,8 @@ def select(params, frozen, config) -> dict:
     """
     check(config)
     masked = masked_fn(config)
-    chosen, _ = peft.split(params, masked)
-    stuck = [n for n in peft.names(frozen) if masked(n)]
+    chosen, _ = tree.split(params, masked)
+    stuck = [n for n in tree.names(frozen) if masked(n)]
     if stuck and (config.prune.method == "heads" or not chosen):
         raise ValueError(f"prune.method={config.prune.method!r} would prune frozen parameters "
                          f"({', '.join(stuck[:3])}{' ...' if len(stuck) > 3 else ''}; peft.method="
@@ -141,7 +141,7 @@ def select(params, frozen, config) -> dict:
     if config.prune.method == "none" or chosen:
         return chosen
     raise ValueError(f"prune.targets={config.prune.targets!r} matches no parameter of this model "
-                     f"(e.g. {', '.join(peft.names(params)[:3])})")
+                     f"(e.g. {', '.join(tree.names(params)[:3])})")
 
 
 def ones(params) -> dict:
@@ -172,7 +172,7 @@ def masked_axes(run) -> dict[str, tuple]:
     with run.partitioner.context():
         boxed = jax.eval_shape(lambda: run.task.init(jax.random.key(0))["params"])
     specs = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.get_partition_spec(boxed)), sep="/")
-    names = set(peft.names(run.shardings.masks))
+    names = set(tree.names(run.shardings.masks))
     return {name: tuple(spec) for name, spec in specs.items() if name in names}
 
 
@@ -219,7 +219,7 @@ class Pruner:
         if run.config.prune.method == "none":
             return None
         state = run.abstract_state
-        skipped = [n for n in peft.names(state.frozen) if masked_fn(run.config)(n)]
+        skipped = [n for n in tree.names(state.frozen) if masked_fn(run.config)(n)]
         if skipped:
             log.warning("prune: %d frozen parameters match and stay unpruned (%s ...)", len(skipped), skipped[0])
         shapes = {n: tuple(s.shape) for n, s in flax.traverse_util.flatten_dict(state.masks, sep="/").items()}
@@ -244,7 +244,7 @@ class Pruner:
         return state.replace(masks=masks, params=apply(masks, state.params))
 
     def recompute(self, params, step) -> dict:
-        flat, _ = peft.split(params, self.axes.__contains__)
+        flat, _ = tree.split(params, self.axes.__contains__)
         flat = flax.traverse_util.flatten_dict(flat, sep="/")
         if self.settings.method == "nm":
             masks = {n: self._nm_mask(w, input_axis(self.axes[n])) for n, w in flat.items()}
@@ -316,7 +316,7 @@ def importance(run, state) -> dict:
     task, axes = run.task, masked_axes(run)
 
     def batch_scores(params, frozen, batch):
-        loss = lambda p: task.loss(peft.join(p, frozen) if frozen else p, batch, None, train=False)[0]
+        loss = lambda p: task.loss(tree.join(p, frozen) if frozen else p, batch, None, train=False)[0]
         grads = flax.traverse_util.flatten_dict(jax.grad(loss)(params), sep="/")
         flat = flax.traverse_util.flatten_dict(params, sep="/")
         return {f"{layer}|{unit}": jnp.abs(s) for (layer, unit), s in unit_scores(axes, flat, grads).items()}

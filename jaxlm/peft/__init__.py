@@ -13,8 +13,6 @@ differentiated, never saved by the run).
 import dataclasses
 import re
 
-import flax
-
 METHODS = ("full", "lora", "adapter", "prompt", "prefix", "bitfit", "head")
 
 # method -> parameters it trains besides the task's heads (regex searched in "a/b/c" names)
@@ -102,27 +100,3 @@ def trainable_fn(config, heads: tuple[str, ...]):
         return p.method == "full" or (train is not None and train.search(name) is not None)
 
     return trainable
-
-
-def names(tree) -> list[str]:
-    return ["/".join(k) for k in flax.traverse_util.flatten_dict(_plain(tree))]
-
-
-def split(tree, trainable) -> tuple[dict, dict]:
-    """(trainable, frozen) sub-trees of a parameter tree (or of its shardings or shapes)."""
-    flat = flax.traverse_util.flatten_dict(_plain(tree))
-    parts = ({}, {})
-    for key, leaf in flat.items():
-        parts[0 if trainable("/".join(key)) else 1][key] = leaf
-    return tuple(flax.traverse_util.unflatten_dict(part) for part in parts)
-
-
-def join(trainable: dict, frozen: dict) -> dict:
-    """The whole parameter tree back from `split`'s two parts."""
-    flat = flax.traverse_util.flatten_dict(_plain(frozen))
-    flat.update(flax.traverse_util.flatten_dict(_plain(trainable)))
-    return flax.traverse_util.unflatten_dict(flat)
-
-
-def _plain(tree):
-    return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree

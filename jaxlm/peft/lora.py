@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import peft as peft_lib
+from jaxlm import tree
 
 
 def delta(module: nn.Module, x, in_axes: tuple[int, ...], features: tuple[int, ...], axes, peft, cfg):
@@ -70,4 +70,4 @@ def merge(params, peft) -> dict:
 def unmerge(merged, lora_params, peft) -> dict:
     """Undoes `merge`: `lora_params` (a tree holding the `lora_a`/`lora_b` leaves, e.g. the PEFT
     checkpoint's trainable parameters) are put back and their update subtracted."""
-    return _walk(peft_lib.join(lora_params, merged), peft, -1.0, keep_lora=True)
+    return _walk(tree.join(lora_params, merged), peft, -1.0, keep_lora=True)

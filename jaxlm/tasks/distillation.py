@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import convert, peft, tasks
+from jaxlm import convert, tasks, tree
 from jaxlm.compress import distill
 from jaxlm.data import labeled, pipeline, tokenizers
 from jaxlm.tasks import base, classification
@@ -219,8 +219,8 @@ class Distillation(base.Task):
         else:
             params = convert.import_params(self.teacher.config.init_from, self.teacher.config.model)
         params = flax.core.unfreeze(params)
-        needed = peft.names(nn.unbox(jax.eval_shape(self.teacher.init, jax.random.key(0))["params"]))
-        missing = sorted(set(needed) - set(peft.names(params)))
+        needed = tree.names(nn.unbox(jax.eval_shape(self.teacher.init, jax.random.key(0))["params"]))
+        missing = sorted(set(needed) - set(tree.names(params)))
         if missing:
             raise ValueError(f"distill.teacher={source!r} has no {', '.join(missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}: a teacher needs the task's heads "

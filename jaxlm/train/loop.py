@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import convert, peft, tasks
+from jaxlm import convert, tasks, tree
 from jaxlm.compress import prune, quantize
 from jaxlm.parallel import memory, pipeline as pipeline_lib
 from jaxlm.parallel.partitioner import Partitioner
@@ -133,7 +133,7 @@ def restore_latest(workdir: str, config=None):
     run = setup(config, workdir)
     params, step = checkpoint.restore_params(workdir, run.abstract_state.params)  # no optimizer state
     if run.abstract_state.frozen:
-        params = peft.join(params, base_params(run)[0].frozen)
+        params = tree.join(params, base_params(run)[0].frozen)
     return run, params, step
 
 
@@ -277,7 +277,7 @@ def base_params(run):
     config = run.config
     state = state_lib.init(run.partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
     params = state.model_params
-    names = peft.names(params)
+    names = tree.names(params)
     loaded = {}
     if config.init_from:
         log.info("initializing parameters from %s", config.init_from)
@@ -287,8 +287,8 @@ def base_params(run):
             loaded, _ = checkpoint.restore_params(config.init_from, run.abstract_state.model_params)
         if config.init_skip:
             skip = re.compile(config.init_skip)
-            loaded, _ = peft.split(loaded, lambda name: not skip.search(name))
-    loaded = peft.join(run.task.pretrained(), loaded)  # e.g. a distillation teacher
+            loaded, _ = tree.split(loaded, lambda name: not skip.search(name))
+    loaded = tree.join(run.task.pretrained(), loaded)  # e.g. a distillation teacher
     loaded = quantize.quantize_params(loaded, run.abstract_state.model_params,
                                       quantize.from_config(config.model))  # QLoRA: a quantized base
     if not loaded:
@@ -299,7 +299,7 @@ def base_params(run):
         raise ValueError(f"init_from {config.init_from} has no {', '.join(stuck)}, and "
                          f"peft.method={config.peft.method!r} freezes them: they would stay random "
                          "(train them with peft.trainable, or start from a checkpoint that has them)")
-    trainable, frozen = peft.split(params, run.task.trainable)
+    trainable, frozen = tree.split(params, run.task.trainable)
     new_set = set(new)
     return (state.replace(params=trainable, frozen=frozen),
             {"loaded": [n for n in names if n not in new_set], "new": new})
@@ -309,7 +309,7 @@ def write_params_report(workdir: str, state, report: dict) -> None:
     """`workdir/params.json`: parameter counts and names (loaded, new, frozen) at the start."""
     params = state.model_params
     sizes = {"/".join(k): int(v.size) for k, v in flax.traverse_util.flatten_dict(params).items()}
-    frozen = peft.names(state.frozen)
+    frozen = tree.names(state.frozen)
     figures = {"total": sum(sizes.values()),
                "trainable": sum(sizes.values()) - sum(sizes[n] for n in frozen),
                "loaded": sum(sizes[n] for n in report["loaded"]),

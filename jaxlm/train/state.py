@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm import peft
+from jaxlm import tree
 from jaxlm.compress import prune
 
 
@@ -33,7 +33,7 @@ class TrainState:
     @property
     def model_params(self):
         """The whole parameter tree the model applies."""
-        return peft.join(self.params, self.frozen) if self.frozen else self.params
+        return tree.join(self.params, self.frozen) if self.frozen else self.params
 
     def saved(self) -> "TrainState":
         """What a checkpoint holds: everything but the frozen parameters."""
@@ -44,8 +44,8 @@ def shardings(partitioner, task, tx) -> TrainState:
     """NamedShardings of the train state, from the model's logical axis annotations."""
     with partitioner.context():
         boxed = jax.eval_shape(lambda: task.init(jax.random.key(0))["params"])
-    params, frozen = peft.split(partitioner.shardings_of(boxed), task.trainable)
-    abstract_params, _ = peft.split(nn.unbox(boxed), task.trainable)
+    params, frozen = tree.split(partitioner.shardings_of(boxed), task.trainable)
+    abstract_params, _ = tree.split(nn.unbox(boxed), task.trainable)
     if not abstract_params:
         raise ValueError(f"peft: no parameter is trainable (method {task.config.peft.method!r}, "
                          f"peft.frozen={task.config.peft.frozen!r})")
@@ -58,7 +58,7 @@ def shardings(partitioner, task, tx) -> TrainState:
 
 def _init_fn(task, tx):
     def init_fn(rng):
-        params, frozen = peft.split(nn.unbox(task.init(rng)["params"]), task.trainable)
+        params, frozen = tree.split(nn.unbox(task.init(rng)["params"]), task.trainable)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           frozen=frozen, masks=prune.ones(prune.select(params, frozen, task.config)))
     return init_fn

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxlm import peft
+from jaxlm import tree
 from jaxlm.compress import prune
 from jaxlm.train.state import TrainState
 
@@ -21,7 +21,7 @@ def split_microbatches(batch: dict, microbatches: int) -> dict:
 def grads_and_sums(task, params, batch, rng, microbatches: int, frozen=None):
     """Summed loss gradients of `params` and metric sums, accumulated over `microbatches` pieces
     (`frozen` parameters are constants of the loss)."""
-    grad_fn = jax.grad(lambda p, b, r: task.loss(peft.join(p, frozen) if frozen else p, b, r, train=True),
+    grad_fn = jax.grad(lambda p, b, r: task.loss(tree.join(p, frozen) if frozen else p, b, r, train=True),
                        has_aux=True)
     if microbatches == 1:
         return grad_fn(params, batch, rng)
