@@ -200,7 +200,7 @@ def default_config() -> ml_collections.ConfigDict:
         sequence_parallel=False,  # also shard the residual stream's tokens over `tensor`
     ))
 
-    # Pipeline parallelism runs whenever mesh.stage > 1 (jaxlm/parallel/pipeline.py).
+    # Pipeline parallelism runs whenever mesh.stage > 1 (jaxlm/models/pipeline_parallel.py).
     c.pipeline = ml_collections.ConfigDict(dict(
         microbatches=0,  # microbatches flowing through the stages (0: mesh.stage)
         schedule="gpipe",  # gpipe | circular (each stage holds `repeats` non-adjacent layer groups)

@@ -28,7 +28,7 @@ def tiny_model_config(scan: bool = False):
 
 
 def build(method: str, scan: bool = False, **settings):
-    return models.get(tiny_model_config(scan), None, peft.Peft(method=method, **settings), heads=HEADS)
+    return peft.attach(models.get(tiny_model_config(scan), None, heads=HEADS), peft.Peft(method=method, **settings))
 
 
 def batch():

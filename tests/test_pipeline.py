@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxlm.parallel import pipeline
+from jaxlm.models import pipeline_parallel as pipeline
 from jaxlm.parallel.partitioner import make_mesh
 from jaxlm.train import loop, state as state_lib, step as step_lib
 from test_train import needs_shakespeare, read_metrics, tiny_config

@@ -51,7 +51,7 @@ def minilm_models(**quant):
     float_model = models.get(m)
     params = compare.fill_missing(hf_dir, m, convert.import_params(hf_dir, m))
     m.quant.update(quant)
-    quantized = models.get(m)
+    quantized = quantize.attach(models.get(m), quantize.from_config(m))
     batch = compare.make_batch(hf_dir, n=8, tokenizer=convert.tokenizer(hf_dir))
     inputs = dict(input_ids=batch["input_ids"], segment_ids=batch["token_type_ids"],
                   input_mask=batch["attention_mask"])
@@ -155,7 +155,8 @@ def test_qat_gradient_is_straight_through():
                   scan_layers=False))
     float_model = models.get(m)
     m.quant.update(dict(weights="int8", qat=True))
-    qat_model, q = models.get(m), quantize.from_config(m)
+    q = quantize.from_config(m)
+    qat_model = quantize.attach(models.get(m), q)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 64)
     params = nn.unbox(float_model.init(jax.random.key(0), tokens)["params"])
 
@@ -183,7 +184,7 @@ def test_qat_gradient_is_straight_through():
     assert not np.allclose(wi(fake_params), wi(params))
     # Stored int8 weights (the tied embedding too) compute exactly the QAT forward pass.
     m.quant.qat = False
-    stored = models.get(m)
+    stored = quantize.attach(models.get(m), quantize.from_config(m))
     abstract = jax.eval_shape(lambda: nn.unbox(stored.init(jax.random.key(0), tokens)["params"]))
     q_params = quantize.quantize_params(params, abstract, q)
     assert q_params["embed"]["embedding"].dtype == jnp.int8

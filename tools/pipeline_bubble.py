@@ -2,7 +2,7 @@ r"""Measures the pipeline bubble of the GPipe and circular schedules against (S-
 
     python tools/pipeline_bubble.py --stages=4 --microbatches=8 --repeats=2 --layers=8
 
-For each schedule: the idle fraction counted from the schedule `parallel.pipeline.run` follows,
+For each schedule: the idle fraction counted from the schedule `models.pipeline_parallel.run` follows,
 the formula, and a timed one. The timed one runs a train step (forward and backward) of a stack
 of jaxlm Transformer blocks through the pipeline on `stages` host CPU devices with M and with 2M
 microbatches of the same size: the M extra microbatches add only useful work, T(2M) - T(M), so
@@ -69,7 +69,7 @@ def main():
     import flax.linen as nn
     import ml_collections
 
-    from jaxlm.parallel import pipeline
+    from jaxlm.models import pipeline_parallel as pipeline
     from jaxlm.parallel.partitioner import make_mesh
 
     print("command: python tools/pipeline_bubble.py " + " ".join(sys.argv[1:]))

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.models.layers import ATTENTION_SCORES
+from jaxlm.models import attach as attach_lib
+from jaxlm.models.layers import Attention
 from jaxlm.models.transformer import Block
 
 LAYER = re.compile(r"^layers_(\d+)$")
+ATTENTION_SCORES = "attention_scores"  # collection of pre-softmax scores, sown only when mutable
 
 
 def soft_kl(student_logits, teacher_logits, temperature: float):
@@ -72,6 +74,21 @@ def _teacher_value(source: dict, path: tuple, layers: list[int]):
         return None if value is None else np.asarray(value)[np.asarray(layers)]
     path = tuple(f"layers_{layers[int(m.group(1))]}" if (m := LAYER.match(k)) else k for k in path)
     return source.get(path)
+
+
+def intercept_attention_maps(next_fun, args, kwargs, context):
+    """`Attention.attend` that also sows its pre-softmax scores (masked) when the
+    ATTENTION_SCORES collection is mutable."""
+    module = context.module
+    if attach_lib.calls(context, Attention, "attend") and module.is_mutable_collection(ATTENTION_SCORES):
+        q, k, _, bias = args
+        module.sow(ATTENTION_SCORES, "scores", jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias)
+    return next_fun(*args, **kwargs)
+
+
+def with_attention_maps(model):
+    """`model` whose self-attention layers sow their scores (see `attention_scores`)."""
+    return attach_lib.attach(model, intercept_attention_maps)
 
 
 def is_block(module, method_name: str) -> bool:

@@ -1,6 +1,8 @@
 """Quantized weights and activations for the core layers, on qwix's quantized arrays.
 
-`config.model.quant` says how `layers.Dense` and `layers.Embed` hold and use their weights:
+`config.model.quant` says how `layers.Dense` and `layers.Embed` hold and use their weights;
+`attach(model, quant)` makes them do so from outside the model code (`jaxlm.models.attach`:
+`Dense.project` and the `Embed` table). Task heads (`heads.Head`) stay float.
 
 - stored (`weights` int8 | int4 | nf4, `qat` False): the parameters ARE the quantized weights:
   `kernel` holds integer codes (the float kernel's shape) and `kernel_scale` float32 scales,
@@ -24,6 +26,7 @@ uint4 (NF4), and XLA:CPU's compiled calls want int4 packed while JAX hands them 
 """
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -32,6 +35,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import qwix
+
+from jaxlm.models import attach as attach_lib
+from jaxlm.models.heads import Head
+from jaxlm.models.layers import Dense, Embed
 
 WEIGHT_TYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
 CODES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": jnp.uint4}  # what qwix computes with
@@ -108,9 +115,9 @@ def _qarray(codes, scale, q: Quant):
     return qwix.QArray(qvalue=codes.astype(CODES[q.weights]), scale=scale, qtype=WEIGHT_TYPES[q.weights])
 
 
-def _matrix_weights(module: nn.Module, shape, n_in: int, axes, init, cfg):
+def _matrix_weights(module: nn.Module, shape, n_in: int, axes, init, q: Quant, cfg):
     """The kernel as [n_in, n_out]: a QArray (stored), fake-quantized floats (QAT) or floats."""
-    q, n_out = cfg.quant, math.prod(shape) // n_in
+    n_out = math.prod(shape) // n_in
     if q.stored:
         codes = module.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, axes),
                              shape, jnp.int8)
@@ -125,12 +132,11 @@ def _matrix_weights(module: nn.Module, shape, n_in: int, axes, init, cfg):
     return straight_through(kernel, fake)
 
 
-def dense(module: nn.Module, x: jax.Array, num_in: int, shape: tuple[int, ...], axes, init, cfg):
-    """`layers.Dense`'s output under `cfg.quant`: `x` contracted over its last `num_in` axes with
-    a kernel of `shape` [*inputs, *outputs] (stored quantized, or fake-quantized for QAT)."""
-    q = cfg.quant
+def dense(module: nn.Module, x: jax.Array, num_in: int, shape: tuple[int, ...], axes, init, q: Quant, cfg):
+    """`layers.Dense.project` under `q`: `x` contracted over its last `num_in` axes with a kernel
+    of `shape` [*inputs, *outputs] (stored quantized, or fake-quantized for QAT)."""
     lead, n_in = x.shape[:x.ndim - num_in], math.prod(shape[:num_in])
-    w = _matrix_weights(module, shape, n_in, axes, init, cfg)
+    w = _matrix_weights(module, shape, n_in, axes, init, q, cfg)
     x = x.reshape(*lead, n_in).astype(cfg.dtype)
     row_axes = tuple(range(x.ndim - 1))
     contract = (((x.ndim - 1,), (0,)), ((), ()))
@@ -146,10 +152,10 @@ def dense(module: nn.Module, x: jax.Array, num_in: int, shape: tuple[int, ...], 
     return y.reshape(*lead, *shape[num_in:])
 
 
-def embedding_table(module: nn.Module, vocab_size: int, axes, init, cfg):
+def embedding_table(module: nn.Module, vocab_size: int, axes, init, q: Quant, cfg):
     """`layers.Embed`'s table: (codes, scales) when stored, else the float table (fake-quantized
     under QAT). Stored tables dequantize only the rows a lookup takes (`embedding_rows`)."""
-    q, shape = cfg.quant, (vocab_size, cfg.emb_dim)
+    shape = (vocab_size, cfg.emb_dim)
     groups = q.groups(cfg.emb_dim, "/".join(module.path))
     if q.stored:
         codes = module.param("embedding", nn.with_logical_partitioning(nn.initializers.zeros, axes),
@@ -163,17 +169,48 @@ def embedding_table(module: nn.Module, vocab_size: int, axes, init, cfg):
     return straight_through(table, qwix.dequantize(quantize(table, q, (0,), 1, groups)))
 
 
-def embedding_rows(table, ids: jax.Array, cfg) -> jax.Array:
+def embedding_rows(table, ids: jax.Array, q: Quant) -> jax.Array:
     """Rows `ids` of a table from `embedding_table`, as floats."""
     if not isinstance(table, tuple):
         return jnp.take(table, ids, axis=0)
     codes, scale = table
-    return qwix.dequantize(_qarray(jnp.take(codes, ids, axis=0), jnp.take(scale, ids, axis=0), cfg.quant))
+    return qwix.dequantize(_qarray(jnp.take(codes, ids, axis=0), jnp.take(scale, ids, axis=0), q))
 
 
-def embedding_matrix(table, cfg) -> jax.Array:
+def embedding_matrix(table, q: Quant) -> jax.Array:
     """The whole table as floats (tied output logits)."""
-    return table if not isinstance(table, tuple) else qwix.dequantize(_qarray(*table, cfg.quant))
+    return table if not isinstance(table, tuple) else qwix.dequantize(_qarray(*table, q))
+
+
+def intercept(q: Quant, next_fun, args, kwargs, context):
+    """`Dense.project` (heads excepted) and the `Embed` table under `q`."""
+    module = context.module
+    if (attach_lib.calls(context, Dense, "project") and not isinstance(module, Head)
+            and q.applies(module.path)):
+        x = args[0]
+        in_axes = module.contracted_axes(x)
+        if in_axes != tuple(range(x.ndim - len(in_axes), x.ndim)):
+            raise ValueError(f"{'/'.join(module.path)}: quantized layers contract trailing axes only")
+        shape = tuple(x.shape[a] for a in in_axes) + module.features
+        return dense(module, x, len(in_axes), shape, module.axes, module.kernel_init(), q, module.cfg)
+    if not (isinstance(module, Embed) and q.embeddings):
+        return next_fun(*args, **kwargs)
+    cfg = module.cfg
+    if context.method_name == "setup":
+        module.embedding = embedding_table(module, module.vocab_size, ("vocab", "embed"),
+                                           nn.initializers.normal(cfg.init_std), q, cfg)
+        return None
+    if context.method_name == "__call__":
+        return embedding_rows(module.embedding, args[0], q).astype(cfg.dtype)
+    if context.method_name == "attend":
+        return jnp.einsum("...d,vd->...v", args[0], embedding_matrix(module.embedding, q).astype(cfg.dtype))
+    return next_fun(*args, **kwargs)
+
+
+def attach(model, q: Quant):
+    """`model` computing with quantized weights (and activations) as `q` says (itself when `q`
+    quantizes nothing)."""
+    return attach_lib.attach(model, functools.partial(intercept, q)) if q.active else model
 
 
 def quantize_params(params, abstract, q: Quant):

@@ -9,13 +9,13 @@ import importlib
 FAMILIES = ("gpt", "bert", "t5", "vit", "cnn")
 
 
-def get(m, pipeline=None, peft=None, **family_kwargs):
-    """Builds the model named by `m.name`; `pipeline` (a `parallel.pipeline.Pipeline`) runs its
-    layer stacks over the `stage` mesh axis, `peft` (a `jaxlm.peft.Peft`) adds what
-    parameter-efficient fine-tuning trains; `family_kwargs` (e.g. BERT's task `heads`) go to the
-    family's `from_config`."""
+def get(m, pipeline=None, **family_kwargs):
+    """Builds the model named by `m.name`; `pipeline` (a `pipeline_parallel.Pipeline`) runs its
+    layer stacks over the `stage` mesh axis; `family_kwargs` (e.g. BERT's task `heads`) go to the
+    family's `from_config`. Fine-tuning methods and quantization attach to the built model from
+    outside (`jaxlm.peft.attach`, `jaxlm.compress.quantize.attach`)."""
     if m.name not in FAMILIES:
         raise ValueError(f"model.name={m.name!r}: expected one of {list(FAMILIES)}")
     if m.positions not in ("learned", "rotary"):
         raise ValueError(f"model.positions={m.positions!r}: expected 'learned' or 'rotary'")
-    return importlib.import_module(f"jaxlm.models.{m.name}").from_config(m, pipeline, peft, **family_kwargs)
+    return importlib.import_module(f"jaxlm.models.{m.name}").from_config(m, pipeline, **family_kwargs)

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 from jaxlm.models import heads as heads_lib
 from jaxlm.models.layers import (ACTIVATIONS, BlockConfig, Embed, block_config, constrain, dense, learned_positions,
                                  norm, padding_bias)
-from jaxlm.models.transformer import Context, Stack
-from jaxlm.parallel.pipeline import Pipeline
+from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
 class BERT(nn.Module):
@@ -22,9 +21,7 @@ class BERT(nn.Module):
     type_vocab_size: int = 2
     pretraining_heads: bool = False
     heads: tuple = ()  # (name, source, outputs) task heads
-    scan_layers: bool = True
-    remat: str = "none"
-    pipeline: Pipeline | None = None
+    stack: StackConfig = StackConfig()
 
     @nn.compact
     def __call__(self, input_ids, segment_ids=None, input_mask=None, mlm_positions=None,
@@ -43,8 +40,7 @@ class BERT(nn.Module):
                         segment_ids, axis=0))
         x = norm(cfg, "embed_norm")(constrain(x.reshape(batch * length, cfg.emb_dim))).astype(cfg.dtype)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = Stack(self.num_layers, scan=self.scan_layers, remat=self.remat, pipeline=self.pipeline,
-                  block_kwargs=dict(cfg=cfg, causal=False),
+        x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=False),
                   name="encoder")(x, Context(positions, bias=padding_bias(input_mask)), deterministic)
         hidden = x.reshape(batch, length, cfg.emb_dim)
         pooled = jnp.tanh(dense(cfg.emb_dim, ("embed", "mlp"), cfg, "pooler", use_bias=True)(hidden[:, 0]))
@@ -66,10 +62,10 @@ class BERT(nn.Module):
         return (embed.attend(h) + bias).astype(jnp.float32)
 
 
-def from_config(m, pipeline=None, peft=None, heads=None) -> BERT:
+def from_config(m, pipeline=None, heads=None) -> BERT:
     """BERT with the pretraining heads (MLM, NSP), or with the task `heads` when given."""
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return BERT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
-                cfg=block_config(m, peft, post_norm=True), type_vocab_size=m.type_vocab_size,
-                pretraining_heads=heads is None, heads=tuple(heads or ()), scan_layers=m.scan_layers, remat=m.remat, pipeline=pipeline)
+                cfg=block_config(m, post_norm=True), type_vocab_size=m.type_vocab_size,
+                pretraining_heads=heads is None, heads=tuple(heads or ()), stack=stack_config(m, pipeline))

@@ -28,7 +28,7 @@ class CNN(nn.Module):
         return logits.astype(jnp.float32)
 
 
-def from_config(m, pipeline=None, peft=None) -> CNN:
+def from_config(m, pipeline=None) -> CNN:
     if pipeline is not None:
         raise ValueError("the CNN has no layer stack to pipeline: use mesh.stage=1")
     if m.num_classes <= 0:

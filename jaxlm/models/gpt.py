@@ -4,8 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models.layers import BlockConfig, Embed, block_config, constrain, dense, learned_positions, norm
-from jaxlm.models.transformer import Context, Stack
-from jaxlm.parallel.pipeline import Pipeline
+from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
 class GPT(nn.Module):
@@ -14,9 +13,7 @@ class GPT(nn.Module):
     num_layers: int
     cfg: BlockConfig
     tie_embeddings: bool = True
-    scan_layers: bool = True
-    remat: str = "none"
-    pipeline: Pipeline | None = None
+    stack: StackConfig = StackConfig()
 
     @nn.compact
     def __call__(self, tokens, positions=None, deterministic: bool = True, decode: bool = False):
@@ -31,8 +28,7 @@ class GPT(nn.Module):
         batch, length = tokens.shape
         x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
-        x = Stack(self.num_layers, scan=self.scan_layers, remat=self.remat, pipeline=self.pipeline,
-                  block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),
+        x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),
                   name="decoder")(x, Context(positions), deterministic, decode)
         x = norm(cfg, "final_norm")(x).astype(cfg.dtype)
         if self.tie_embeddings:
@@ -43,8 +39,8 @@ class GPT(nn.Module):
         return logits.reshape(batch, length, self.vocab_size)
 
 
-def from_config(m, pipeline=None, peft=None) -> GPT:
+def from_config(m, pipeline=None) -> GPT:
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
-    return GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers, cfg=block_config(m, peft),
-               tie_embeddings=m.tie_embeddings, scan_layers=m.scan_layers, remat=m.remat, pipeline=pipeline)
+    return GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers, cfg=block_config(m),
+               tie_embeddings=m.tie_embeddings, stack=stack_config(m, pipeline))

@@ -2,17 +2,14 @@
 
 A head is (name, source, outputs): `source` 'pooled' reads the encoder's pooled [CLS] vector
 (sequence classification), 'hidden' every token (token classification). Heads are new
-parameters named after the task, which is how fine-tuning knows they start fresh and train; so
-they also stay float under quantization (`float_head`): they train with QLoRA and are tiny.
+parameters named after the task, which is how fine-tuning knows they start fresh and train.
+Heads are `Head` layers, which quantization leaves float: they train with QLoRA and are tiny.
 """
-
-import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.compress import quantize
-from jaxlm.models.layers import BlockConfig, dense
+from jaxlm.models.layers import BlockConfig, Dense
 
 SOURCES = ("pooled", "hidden")
 
@@ -23,10 +20,14 @@ def apply(out: dict, heads: tuple, cfg: BlockConfig, deterministic: bool) -> dic
         if source not in SOURCES:
             raise ValueError(f"head {name!r}: source {source!r} is not one of {SOURCES}")
         x = nn.Dropout(cfg.dropout)(out[source], deterministic=deterministic)
-        out[name] = dense(outputs, ("embed", None), float_head(cfg), name, use_bias=True)(x).astype(jnp.float32)
+        out[name] = head(outputs, cfg, name)(x).astype(jnp.float32)
     return out
 
 
-def float_head(cfg: BlockConfig) -> BlockConfig:
-    """`cfg` for a task head: never quantized."""
-    return dataclasses.replace(cfg, quant=quantize.Quant())
+class Head(Dense):
+    """A task head's linear layer (a `Dense` that is never quantized)."""
+
+
+def head(outputs: int, cfg: BlockConfig, name: str) -> Head:
+    """A head from pooled or per-token [.., embed] activations to `outputs` logits, with a bias."""
+    return Head((outputs,), ("embed", None), cfg, use_bias=True, name=name)

@@ -19,8 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.compress import quantize
-from jaxlm.peft import Peft, lora, prompts
 
 Array = jax.Array
 DType = Any
@@ -53,12 +51,10 @@ class BlockConfig:
     param_dtype: DType = jnp.float32
     init_std: float = 0.02
     out_init_std: float = 0.02  # residual projections (GPT-2 scales them by 1/sqrt(2 * layers))
-    peft: Peft = Peft()  # what parameter-efficient fine-tuning adds to the layers
-    quant: quantize.Quant = quantize.Quant()  # quantized weights/activations (jaxlm.compress.quantize)
 
 
-def block_config(m, peft: Peft | None = None, **overrides) -> BlockConfig:
-    """The BlockConfig of `config.model` (`m`) and `peft`, with family-specific `overrides`."""
+def block_config(m, **overrides) -> BlockConfig:
+    """The BlockConfig of `config.model` (`m`), with family-specific `overrides`."""
     if m.emb_dim % m.num_heads and not m.head_dim:
         raise ValueError(f"model.emb_dim={m.emb_dim} is not divisible by model.num_heads={m.num_heads}")
     values = dict(
@@ -77,8 +73,6 @@ def block_config(m, peft: Peft | None = None, **overrides) -> BlockConfig:
         param_dtype=jnp.dtype(m.param_dtype),
         init_std=m.init_std,
         out_init_std=m.init_std / math.sqrt(2 * m.num_layers),
-        peft=peft or Peft(),
-        quant=quantize.from_config(m),
     )
     return BlockConfig(**{**values, **overrides})
 
@@ -97,7 +91,8 @@ def constrain(x: Array, axes: tuple[str, ...] = ACTIVATION_AXES) -> Array:
 class Dense(nn.Module):
     """y = x @ kernel (+ bias) over input axes `in_axes`; the kernel is [*in_dims, *features].
 
-    `axes` names the kernel's dimensions (inputs, then outputs) for sharding.
+    `axes` names the kernel's dimensions (inputs, then outputs) for sharding. `project` (the
+    product with the kernel, before the bias) is where LoRA and quantization attach.
     """
 
     features: tuple[int, ...]
@@ -110,26 +105,30 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
-        in_axes = tuple(a % x.ndim for a in self.in_axes)
-        in_dims = tuple(x.shape[a] for a in in_axes)
-        std = cfg.init_std if self.std is None else self.std
-        init, shape = nn.initializers.normal(std), in_dims + self.features
-        if cfg.quant.applies(self.path):
-            if in_axes != tuple(range(x.ndim - len(in_axes), x.ndim)):
-                raise ValueError(f"{'/'.join(self.path)}: quantized layers contract trailing axes only")
-            y = quantize.dense(self, x, len(in_axes), shape, self.axes, init, cfg)
-        else:
-            kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, cfg.param_dtype)
-            contract = ((in_axes, tuple(range(len(in_axes)))), ((), ()))
-            y = jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), contract)
-        if cfg.peft.lora_applies(self.path):
-            y = y + lora.delta(self, x, in_axes, self.features, self.axes, cfg.peft, cfg)
+        y = self.project(x)
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[len(in_dims):]),
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[len(self.in_axes):]),
                 self.features, cfg.param_dtype)
             y = y + bias.astype(cfg.dtype)
         return y
+
+    @nn.nowrap
+    def contracted_axes(self, x: Array) -> tuple[int, ...]:
+        return tuple(a % x.ndim for a in self.in_axes)
+
+    @nn.nowrap
+    def kernel_init(self):
+        return nn.initializers.normal(self.cfg.init_std if self.std is None else self.std)
+
+    def project(self, x: Array) -> Array:
+        """x contracted with the kernel over `in_axes`."""
+        cfg, in_axes = self.cfg, self.contracted_axes(x)
+        shape = tuple(x.shape[a] for a in in_axes) + self.features
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init(), self.axes), shape,
+                            cfg.param_dtype)
+        contract = ((in_axes, tuple(range(len(in_axes)))), ((), ()))
+        return jax.lax.dot_general(x.astype(cfg.dtype), kernel.astype(cfg.dtype), contract)
 
 
 def dense(features, axes, cfg: BlockConfig, name: str | None = None, in_axis=-1, std=None,
@@ -207,21 +206,16 @@ class Embed(nn.Module):
     cfg: BlockConfig
 
     def setup(self):
-        quantized = self.cfg.quant.active and self.cfg.quant.embeddings
-        init = nn.initializers.normal(self.cfg.init_std)
-        if quantized:
-            self.embedding = quantize.embedding_table(self, self.vocab_size, ("vocab", "embed"), init, self.cfg)
-        else:
-            self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
-                                        (self.vocab_size, self.cfg.emb_dim), self.cfg.param_dtype)
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std), ("vocab", "embed")),
+            (self.vocab_size, self.cfg.emb_dim), self.cfg.param_dtype)
 
     def __call__(self, ids: Array) -> Array:
-        return quantize.embedding_rows(self.embedding, ids, self.cfg).astype(self.cfg.dtype)
+        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype)
 
     def attend(self, x: Array) -> Array:
         """Logits [..., vocab] of activations [..., embed] against the embedding table."""
-        table = quantize.embedding_matrix(self.embedding, self.cfg)
-        return jnp.einsum("...d,vd->...v", x, table.astype(self.cfg.dtype))
+        return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.cfg.dtype))
 
 
 def rotary(x: Array, positions: Array, theta: float) -> Array:
@@ -270,7 +264,6 @@ def _attention_backward(saved, d_out):
 attention.defvjp(_attention_forward, _attention_backward)
 
 MASKED = -1e30
-ATTENTION_SCORES = "attention_scores"  # collection of pre-softmax scores, sown only when mutable
 
 
 def causal_bias(q_positions: Array, k_len: int) -> Array:
@@ -287,18 +280,22 @@ def padding_bias(mask: Array) -> Array:
 class Attention(nn.Module):
     """Multi-head attention on flat activations [batch * length, embed].
 
-    Self-attention unless `memory` (flat [batch * memory_length, embed], e.g. the encoder output)
-    is given: then keys and values come from it (cross-attention). `bias` is added to the scores
+    Self-attention, or with `cross` cross-attention: keys and values then come from `memory`
+    (flat [batch * memory_length, embed], e.g. the encoder output). `bias` is added to the scores
     (padding masks, relative position biases); a causal mask is added when `causal`.
 
     With `decode=True` self-attention keys and values go to a `cache` collection of `max_len`
     positions; a call with T new tokens writes them at the current index and attends causally
     over all that was written (prefill and one-token steps are the same code).
+
+    `attend` (queries, keys, values and the additive bias in, heads out) is where attention
+    prefixes and attention-map distillation attach.
     """
 
     cfg: BlockConfig
     causal: bool = True
     max_len: int = 0  # cache length for decoding
+    cross: bool = False
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, bias: Array | None = None,
@@ -307,28 +304,28 @@ class Attention(nn.Module):
         batch, length = positions.shape
         heads = lambda y: y.reshape(batch, -1, cfg.num_heads, cfg.head_dim)
         proj = lambda name: dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg, name)
-        source = x if memory is None else memory
+        source = memory if self.cross else x
         q, k, v = heads(proj("query")(x)), heads(proj("key")(source)), heads(proj("value")(source))
-        if cfg.positions == "rotary" and memory is None:
+        if cfg.positions == "rotary" and not self.cross:
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
         if cfg.scale_queries:
             q = q / jnp.sqrt(cfg.head_dim).astype(q.dtype)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         scores_bias = jnp.zeros((1, 1, 1, 1), jnp.float32) if bias is None else bias
-        if decode and memory is None:
+        if decode and not self.cross:
             k, v, q_positions = self._update_cache(k, v)
             scores_bias = scores_bias + causal_bias(q_positions, self.max_len)
-        elif self.causal and memory is None:
+        elif self.causal and not self.cross:
             scores_bias = scores_bias + causal_bias(jnp.arange(length), length)
-        if cfg.peft.method == "prefix" and memory is None:
-            k, v, scores_bias = prompts.prefix_keys_values(self, k, v, scores_bias, cfg.peft, cfg)
-        if self.is_mutable_collection(ATTENTION_SCORES):  # distillation matches attention maps
-            self.sow(ATTENTION_SCORES, "scores", jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + scores_bias)
-        out = attention(q, k, v, scores_bias).reshape(batch * length, cfg.num_heads, cfg.head_dim)
+        out = self.attend(q, k, v, scores_bias).reshape(batch * length, cfg.num_heads, cfg.head_dim)
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         out = dense(cfg.emb_dim, ("heads", "kv", "embed"), cfg, "out", in_axis=(-2, -1),
                     std=cfg.out_init_std)(out)
         return constrain(out, RESIDUAL_AXES)
+
+    def attend(self, q: Array, k: Array, v: Array, bias: Array) -> Array:
+        """softmax(q k^T + bias) v: [batch, q_len, heads, head_dim]."""
+        return attention(q, k, v, bias)
 
     def _update_cache(self, k: Array, v: Array):
         """Writes k, v at the cache index; returns the whole cache and the new tokens' positions."""

@@ -8,8 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models.layers import BlockConfig, Embed, RelativePositionBias, block_config, dense, norm, padding_bias
-from jaxlm.models.transformer import Context, Stack
-from jaxlm.parallel.pipeline import Pipeline
+from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
 class T5(nn.Module):
@@ -21,23 +20,19 @@ class T5(nn.Module):
     relative_buckets: int = 32
     relative_max_distance: int = 128
     tie_embeddings: bool = True
-    scan_layers: bool = True
-    remat: str = "none"
-    pipeline: Pipeline | None = None
+    stack: StackConfig = StackConfig()
 
     def setup(self):
         cfg = self.cfg
-        stack = dict(scan=self.scan_layers, remat=self.remat, pipeline=self.pipeline)
         self.embed = Embed(self.vocab_size, cfg)
         self.encoder_bias = RelativePositionBias(self.relative_buckets, self.relative_max_distance,
                                                  True, cfg)
-        self.encoder = Stack(self.num_layers, block_kwargs=dict(cfg=cfg, causal=False), **stack)
+        self.encoder = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=False))
         self.encoder_norm = norm(cfg)
         self.decoder_bias = RelativePositionBias(self.relative_buckets, self.relative_max_distance,
                                                  False, cfg)
-        self.decoder = Stack(self.num_decoder_layers,
-                             block_kwargs=dict(cfg=cfg, causal=True, cross=True, max_len=self.max_len),
-                             **stack)
+        self.decoder = Stack(self.num_decoder_layers, self.stack,
+                             block_kwargs=dict(cfg=cfg, causal=True, cross=True, max_len=self.max_len))
         self.decoder_norm = norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
         if not self.tie_embeddings:
@@ -81,11 +76,11 @@ class T5(nn.Module):
         return self.decode(encoded, encoder_mask, decoder_tokens, deterministic=deterministic)
 
 
-def from_config(m, pipeline=None, peft=None) -> T5:
+def from_config(m, pipeline=None) -> T5:
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return T5(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
               num_decoder_layers=m.num_decoder_layers or m.num_layers,
-              cfg=block_config(m, peft, scale_queries=False), relative_buckets=m.relative_buckets,
+              cfg=block_config(m, scale_queries=False), relative_buckets=m.relative_buckets,
               relative_max_distance=m.relative_max_distance, tie_embeddings=m.tie_embeddings,
-              scan_layers=m.scan_layers, remat=m.remat, pipeline=pipeline)
+              stack=stack_config(m, pipeline))

@@ -1,18 +1,40 @@
-"""Transformer blocks and the layer stack (scanned or unrolled, with remat), shared by all families."""
+"""Transformer blocks and the layer stack (scanned or unrolled, with remat, pipelined), shared
+by all families."""
+
+import dataclasses
 
 import flax.linen as nn
 import flax.struct
 import jax
 
+from jaxlm.models import pipeline_parallel
 from jaxlm.models.layers import RESIDUAL_AXES, Array, Attention, BlockConfig, Mlp, constrain, norm
-from jaxlm.parallel import pipeline as pipeline_lib
-from jaxlm.peft import adapters, prompts
 
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    """How a family's layer stacks run: scanned (one compiled block with a leading `layers`
+    axis) or a Python loop, the remat policy, and the pipeline schedule over the `stage` mesh
+    axis (None: no pipeline parallelism)."""
+
+    scan: bool = True
+    remat: str = "none"
+    pipeline: pipeline_parallel.Pipeline | None = None
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
+
+
+def stack_config(m, pipeline: pipeline_parallel.Pipeline | None = None) -> StackConfig:
+    """The StackConfig of `config.model` (`m`) and the run's pipeline."""
+    return StackConfig(scan=m.scan_layers, remat=m.remat, pipeline=pipeline)
 
 
 @flax.struct.dataclass
@@ -49,66 +71,54 @@ class Block(nn.Module):
         branches = [("attn", lambda h: Attention(cfg, self.causal, self.max_len, name="attn")(
             h, ctx.positions, ctx.bias, None, deterministic, decode))]
         if self.cross:
-            branches.append(("cross", lambda h: Attention(cfg, False, name="cross_attn")(
+            branches.append(("cross", lambda h: Attention(cfg, False, cross=True, name="cross_attn")(
                 h, ctx.positions, ctx.memory_bias, ctx.memory, deterministic)))
         branches.append(("mlp", lambda h: Mlp(cfg, name="mlp")(h, deterministic)))
         for name, branch in branches:
             if cfg.post_norm:
-                x = norm(cfg, f"{name}_norm")(x + self._output(name, branch(x), deterministic))
+                x = norm(cfg, f"{name}_norm")(x + self.branch_output(name, branch(x), deterministic))
             else:
-                x = x + self._output(name, branch(norm(cfg, f"{name}_norm")(x)), deterministic)
+                x = x + self.branch_output(name, branch(norm(cfg, f"{name}_norm")(x)), deterministic)
             x = constrain(x, RESIDUAL_AXES)
         return x.astype(cfg.dtype), None  # (carry, output) so the block can be scanned
 
-    def _output(self, name, h, deterministic):
-        """A branch's output as added to the residual: dropout, then the adapter if any."""
-        h = nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
-        if self.cfg.peft.adapter_applies(name):
-            h = adapters.Adapter(self.cfg.peft.adapter_dim, self.cfg, name=f"adapter_{name}")(h)
-        return h
+    def branch_output(self, name: str, h, deterministic: bool):
+        """Branch `name`'s output ('attn', 'cross', 'mlp') as added to the residual: after
+        dropout. Adapters attach here."""
+        return nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
 
 
 class Stack(nn.Module):
-    """`num_layers` blocks: one scanned block with a leading `layers` axis, or a Python loop.
+    """`num_layers` blocks as `stack` says: one scanned block with a leading `layers` axis, or a
+    Python loop; remat; with a pipeline (mesh.stage > 1) training and evaluation run the scanned
+    block's parameters through `pipeline_parallel.run`, while initialization and KV-cache decoding
+    run the plain scan, so the parameters are the same tree either way.
 
-    With `peft.method='prompt'` a bidirectional stack (an encoder) reads learned soft tokens
-    before its input and drops them from its output.
-
-    With a `pipeline` (mesh.stage > 1) training and evaluation run the scanned block's parameters
-    through `parallel.pipeline`; initialization and KV-cache decoding run the plain scan, so the
-    parameters are the same tree either way.
+    `__call__` is where soft prompts attach (before a bidirectional stack's input).
     """
 
     num_layers: int
-    scan: bool = True
-    remat: str = "none"
+    stack: StackConfig = StackConfig()
     block_kwargs: dict = None
-    pipeline: pipeline_lib.Pipeline | None = None
+
+    @property
+    def bidirectional(self) -> bool:
+        return not (self.block_kwargs or {}).get("causal", True)
 
     @nn.compact
     def __call__(self, x, ctx: Context, deterministic: bool = True, decode: bool = False):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
-        kwargs = self.block_kwargs or {}
-        cfg = kwargs["cfg"]
-        if cfg.peft.method == "prompt" and not kwargs.get("causal", True):
-            batch = ctx.positions.shape[0]
-            x, ctx = prompts.prepend_prompt(self, x, ctx, cfg.peft, cfg)
-            return prompts.drop_prompt(self._layers(x, ctx, deterministic, decode), batch, cfg.peft, cfg)
-        return self._layers(x, ctx, deterministic, decode)
-
-    def _layers(self, x, ctx: Context, deterministic: bool, decode: bool):
-        if self.pipeline is not None:
-            if not self.scan:
+        stack = self.stack
+        if stack.pipeline is not None:
+            if not stack.scan:
                 raise ValueError("pipeline parallelism (mesh.stage > 1) needs model.scan_layers=True")
             if not (self.is_initializing() or decode):
                 return self._pipelined(x, ctx, deterministic)
         block = Block
-        if self.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan,
+        if stack.remat != "none":
+            block = nn.remat(block, policy=REMAT_POLICIES[stack.remat], prevent_cse=not stack.scan,
                              static_argnums=(3, 4))
         kwargs = self.block_kwargs or {}
-        if self.scan:
+        if stack.scan:
             scanned = nn.scan(
                 block,
                 variable_axes={"params": 0, "cache": 0},
@@ -130,8 +140,8 @@ class Stack(nn.Module):
             rngs = {} if rng is None else {"dropout": rng}
             return block.apply({"params": params}, h, layer_ctx, deterministic, rngs=rngs)[0]
 
-        if self.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat])
+        if self.stack.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.stack.remat])
         dropout = not deterministic and block.cfg.dropout > 0
         rng = self.make_rng("dropout") if dropout else None
-        return pipeline_lib.run(self.pipeline, layer, self.variables["params"]["layers"], x, ctx, rng)
+        return pipeline_parallel.run(self.stack.pipeline, layer, self.variables["params"]["layers"], x, ctx, rng)

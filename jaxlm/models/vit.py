@@ -5,8 +5,7 @@ import jax.numpy as jnp
 
 from jaxlm.models import heads
 from jaxlm.models.layers import BlockConfig, block_config, constrain, dense, learned_positions, norm
-from jaxlm.models.transformer import Context, Stack
-from jaxlm.parallel.pipeline import Pipeline
+from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
 class ViT(nn.Module):
@@ -16,9 +15,7 @@ class ViT(nn.Module):
     num_layers: int
     cfg: BlockConfig
     pool: str = "cls"
-    scan_layers: bool = True
-    remat: str = "none"
-    pipeline: Pipeline | None = None
+    stack: StackConfig = StackConfig()
 
     @nn.compact
     def __call__(self, images, deterministic: bool = True):
@@ -41,17 +38,14 @@ class ViT(nn.Module):
         x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        x = Stack(self.num_layers, scan=self.scan_layers, remat=self.remat, pipeline=self.pipeline,
-                  block_kwargs=dict(cfg=cfg, causal=False), name="encoder")(x, Context(positions), deterministic)
+        x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=False), name="encoder")(x, Context(positions), deterministic)
         x = norm(cfg, "final_norm")(x).reshape(batch, length, cfg.emb_dim).astype(cfg.dtype)
         pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
-        return dense(self.num_classes, ("embed", None), heads.float_head(cfg), "head",
-                     use_bias=True)(pooled).astype(jnp.float32)
+        return heads.head(self.num_classes, cfg, "head")(pooled).astype(jnp.float32)
 
 
-def from_config(m, pipeline=None, peft=None) -> ViT:
+def from_config(m, pipeline=None) -> ViT:
     if m.num_classes <= 0 or m.image_size <= 0:
         raise ValueError("model.num_classes and model.image_size must be set (the task takes them from the data)")
     return ViT(num_classes=m.num_classes, image_size=m.image_size, patch_size=m.patch_size,
-               num_layers=m.num_layers, cfg=block_config(m, peft), pool=m.pool, scan_layers=m.scan_layers,
-               remat=m.remat, pipeline=pipeline)
+               num_layers=m.num_layers, cfg=block_config(m), pool=m.pool, stack=stack_config(m, pipeline))

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.models import layers
-from jaxlm.parallel import pipeline
+from jaxlm.models import pipeline_parallel as pipeline
 from jaxlm.train import metrics
 
 MIB = 2 ** 20

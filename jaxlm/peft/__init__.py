@@ -1,17 +1,21 @@
-"""Parameter-efficient fine-tuning: what the model adds (LoRA, adapters, soft prompts, prefixes)
-and which parameters train.
+"""Parameter-efficient fine-tuning: what a method adds to a built model (LoRA, adapters, soft
+prompts, prefixes) and which parameters train.
 
-`config.peft.method` picks the method; the model's layers read the resulting `Peft` from their
-`BlockConfig` and add their few parameters (`lora_a`/`lora_b` in matching Dense layers,
-`adapter_*` after residual branches, a `prompt` before encoder stacks, `prefix_key`/
-`prefix_value` in self-attention). `trainable(name)` then decides, by parameter name, what the
-optimizer sees: the trainer splits the parameters into a trainable tree (in the train state,
-with optimizer state, in checkpoints) and a frozen tree (loaded from `init_from`, never
-differentiated, never saved by the run).
+`config.peft.method` picks the method; `attach(model, peft)` adds its few parameters from outside
+the model code (`jaxlm.models.attach`): `lora_a`/`lora_b` in matching Dense layers, `adapter_*`
+after residual branches, a `prompt` before encoder stacks, `prefix_key`/`prefix_value` in
+self-attention. `trainable(name)` then decides, by parameter name, what the optimizer sees: the
+trainer splits the parameters into a trainable tree (in the train state, with optimizer state,
+in checkpoints) and a frozen tree (loaded from `init_from`, never differentiated, never saved by
+the run).
 """
 
 import dataclasses
+import functools
 import re
+
+from jaxlm.models import attach as attach_lib
+from jaxlm.peft import adapters, lora, prompts
 
 METHODS = ("full", "lora", "adapter", "prompt", "prefix", "bitfit", "head")
 
@@ -59,6 +63,15 @@ class Peft:
         if self.method != "adapter":
             return False
         return branch == "mlp" or (self.adapter == "houlsby" and branch == "attn")
+
+
+def attach(model, peft: Peft):
+    """`model` with what `peft.method` adds to it (the model itself for methods that add nothing)."""
+    interceptors = {"lora": lora.intercept, "adapter": adapters.intercept, "prompt": prompts.intercept_stack,
+                    "prefix": prompts.intercept_attention}
+    if peft.method not in interceptors:
+        return model
+    return attach_lib.attach(model, functools.partial(interceptors[peft.method], peft))
 
 
 def from_config(config) -> Peft:

@@ -4,6 +4,20 @@ residual branch's output. `up` starts at zero, so a new adapter is the identity.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxlm.models import attach
+from jaxlm.models.transformer import Block
+
+
+def intercept(peft, next_fun, args, kwargs, context):
+    """`Block.branch_output` followed by the branch's adapter (`adapter_attn`, `adapter_mlp`)."""
+    h = next_fun(*args, **kwargs)
+    if not attach.calls(context, Block, "branch_output"):
+        return h
+    branch = args[0]
+    if not peft.adapter_applies(branch):
+        return h
+    return Adapter(peft.adapter_dim, context.module.cfg, name=f"adapter_{branch}")(h)
+
 
 class Adapter(nn.Module):
     dim: int

@@ -1,7 +1,8 @@
 """LoRA: a Dense layer's output gains (alpha / rank) * (x @ A) @ B, with B starting at zero.
 
-`delta` is called by `layers.Dense` for the layers `peft.targets` names. `merge` folds the
-update into the kernels (a plain model for serving, no extra matmuls); `unmerge` takes it out.
+`intercept` adds `delta` to `Dense.project` of the layers `peft.targets` names (before the
+bias). `merge` folds the update into the kernels (a plain model for serving, no extra matmuls);
+`unmerge` takes it out.
 """
 
 import math
@@ -12,6 +13,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm import tree
+from jaxlm.models import attach
+from jaxlm.models.layers import Dense
+
+
+def intercept(peft, next_fun, args, kwargs, context):
+    """`Dense.project` plus the low-rank update where `peft.targets` names the layer."""
+    y = next_fun(*args, **kwargs)
+    module = context.module
+    if not attach.calls(context, Dense, "project") or not peft.lora_applies(module.path):
+        return y
+    x = args[0]
+    return y + delta(module, x, module.contracted_axes(x), module.features, module.axes, peft, module.cfg)
 
 
 def delta(module: nn.Module, x, in_axes: tuple[int, ...], features: tuple[int, ...], axes, peft, cfg):

@@ -9,6 +9,32 @@ all queries may attend to.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxlm.models import attach
+from jaxlm.models.layers import Attention
+from jaxlm.models.transformer import Stack
+
+
+def intercept_stack(peft, next_fun, args, kwargs, context):
+    """A bidirectional `Stack` (an encoder) run with the soft prompt before its input."""
+    module = context.module
+    if not attach.calls(context, Stack, "__call__") or not module.bidirectional:
+        return next_fun(*args, **kwargs)
+    x, ctx, *rest = args
+    cfg = module.block_kwargs["cfg"]
+    batch = ctx.positions.shape[0]
+    x, ctx = prepend_prompt(module, x, ctx, peft, cfg)
+    return drop_prompt(next_fun(x, ctx, *rest, **kwargs), batch, peft, cfg)
+
+
+def intercept_attention(peft, next_fun, args, kwargs, context):
+    """Self-attention's `attend` with the layer's learned prefix keys and values in front."""
+    module = context.module
+    if not attach.calls(context, Attention, "attend") or module.cross:
+        return next_fun(*args, **kwargs)
+    q, k, v, bias = args
+    k, v, bias = prefix_keys_values(module, k, v, bias, peft, module.cfg)
+    return next_fun(q, k, v, bias, **kwargs)
+
 
 def _pad_keys(bias, count: int, pad_queries_of: int = 0):
     """An additive attention bias [.., q, k] widened by `count` leading always-visible keys

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import convert, models, peft
+from jaxlm.compress import quantize
 from jaxlm.data import pipeline
-from jaxlm.parallel import pipeline as pipeline_lib
+from jaxlm.models import pipeline_parallel
 
 
 def cross_entropy(logits, targets, weights=None):
@@ -79,8 +80,9 @@ class Task:
                              "tokenizer and the task need")
 
     def build_model(self, **family_kwargs):
-        return models.get(self.config.model, pipeline_lib.from_config(self.config), self.peft,
-                          **family_kwargs)
+        """The family's model with quantization and the PEFT method attached (from outside)."""
+        model = models.get(self.config.model, pipeline_parallel.from_config(self.config), **family_kwargs)
+        return peft.attach(quantize.attach(model, quantize.from_config(self.config.model)), self.peft)
 
     def init(self, rng: jax.Array):
         return self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(self.dummy_batch()))

@@ -284,7 +284,8 @@ class Distillation(base.Task):
             return task.model.apply({"params": params}, **task.model_inputs(batch), **kwargs), {}
         if self.hidden:
             kwargs["capture_intermediates"] = distill.is_block
-        return task.model.apply({"params": params}, **task.model_inputs(batch), mutable=mutable, **kwargs)
+        model = distill.with_attention_maps(task.model) if self.attention else task.model
+        return model.apply({"params": params}, **task.model_inputs(batch), mutable=mutable, **kwargs)
 
     def logits(self, out):
         return out[self.student.head] if self.encoder else out

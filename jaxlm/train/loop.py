@@ -23,7 +23,8 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import convert, tasks, tree
 from jaxlm.compress import prune, quantize
-from jaxlm.parallel import memory, pipeline as pipeline_lib
+from jaxlm.models import pipeline_parallel
+from jaxlm.parallel import memory
 from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 
@@ -87,7 +88,7 @@ def check_batch(config, partitioner) -> None:
         if size % shards or size % jax.process_count():
             raise ValueError(f"{name}={size} must divide over the {shards} batch shards of the mesh "
                              f"{dict(partitioner.mesh.shape)} and {jax.process_count()} processes")
-    pipe = pipeline_lib.from_config(config)
+    pipe = pipeline_parallel.from_config(config)
     if pipe and (t.batch_size // t.microbatches) % pipe.microbatches:
         raise ValueError(f"train.batch_size / train.microbatches = {t.batch_size // t.microbatches} "
                          f"does not split into pipeline.microbatches={pipe.microbatches}")
