@@ -18,6 +18,7 @@ from absl import logging as absl_logging
 
 from jaxlm import config as config_lib
 from jaxlm.parallel import distributed
+from jaxlm.tasks import base
 from jaxlm.train import loop
 
 FLAGS = flags.FLAGS
@@ -32,8 +33,8 @@ def evaluate(workdir: str, split: str | None = None, eval_batches: int = 0, data
     run, params, step = loop.restore_latest(workdir, config)
     name = re.sub(r"[^\w.-]", "_", os.path.basename(data_path.split(",")[0])) if data_path else config.data.eval_split
     rows = None
-    if hasattr(run.task, "predictions"):
-        figures, rows = run.task.predictions(params, config.data.eval_split, data_path)
+    if isinstance(run.task.serving_task, base.Predicts):
+        figures, rows = run.task.serving_task.predictions(params, config.data.eval_split, data_path)
     elif data_path:
         raise ValueError(f"task {config.task.name!r} evaluates named splits only, not --data_path")
     else:

@@ -5,7 +5,7 @@ The text goes to stdout, logs to stderr.
 
 from absl import app, flags
 
-from jaxlm.infer import generate
+from jaxlm.infer import sampling
 from jaxlm.train import loop
 
 FLAGS = flags.FLAGS
@@ -27,7 +27,7 @@ def main(argv):
     sample.update(dict(prompt=FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
                        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p))
     for i in range(FLAGS.num_samples):
-        print(generate.sample_text(run.task.model, params, run.tokenizer, sample, seed=FLAGS.seed + i),
+        print(sampling.sample_text(run.task.model, params, run.tokenizer, sample, seed=FLAGS.seed + i),
               flush=True)
 
 

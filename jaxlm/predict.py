@@ -10,6 +10,7 @@ import json
 from absl import app, flags
 from absl import logging as absl_logging
 
+from jaxlm.tasks import base
 from jaxlm.train import loop
 
 FLAGS = flags.FLAGS
@@ -17,10 +18,11 @@ FLAGS = flags.FLAGS
 
 def predict(workdir: str, texts: list[str]) -> list[dict]:
     run, params, _ = loop.restore_latest(workdir)
-    if not hasattr(run.task, "predict_text"):
+    task = run.task.serving_task
+    if not isinstance(task, base.Predicts):
         raise ValueError(f"task {run.config.task.name!r} does not predict for raw text "
                          "(use python -m jaxlm.generate for language models)")
-    return [run.task.predict_text(params, text) for text in texts]
+    return [task.predict_text(params, text) for text in texts]
 
 
 def main(argv):

@@ -7,7 +7,7 @@ import pytest
 import flax.linen as nn
 
 from jaxlm import config as config_lib, models
-from jaxlm.infer import generate
+from jaxlm.infer import sampling
 from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.tasks import base as base_task
 
@@ -77,7 +77,7 @@ def test_cached_decoding_equals_full_recompute(overrides):
     model = models.get(model_config(**overrides))
     params = init(model)
     prompt = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int32)
-    cached = generate.generate(model, params, prompt, 20, temperature=0.0)
+    cached = sampling.generate(model, params, prompt, 20, temperature=0.0)
 
     # Greedy by recomputing the whole sequence each step; causality lets the sequence be padded
     # to a fixed length so that one compiled forward serves every step.
@@ -108,16 +108,16 @@ def test_cached_logits_equal_full_logits():
 def test_generation_runs_past_the_context_length_and_sampling_filters_apply():
     model = models.get(model_config(max_len=16))
     params = init(model, 16)
-    out = generate.generate(model, params, np.array([[1, 2, 3]]), 40, seed=0, temperature=1.0, top_k=5)
+    out = sampling.generate(model, params, np.array([[1, 2, 3]]), 40, seed=0, temperature=1.0, top_k=5)
     assert out.shape == (1, 40)
-    a = generate.generate(model, params, np.array([[1, 2, 3]]), 10, seed=1, temperature=1.0)
-    b = generate.generate(model, params, np.array([[1, 2, 3]]), 10, seed=1, temperature=1.0)
+    a = sampling.generate(model, params, np.array([[1, 2, 3]]), 10, seed=1, temperature=1.0)
+    b = sampling.generate(model, params, np.array([[1, 2, 3]]), 10, seed=1, temperature=1.0)
     np.testing.assert_array_equal(a, b)
 
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-    draws = [int(generate.next_token(logits, jax.random.key(i), 1.0, 0, 0.7)[0]) for i in range(200)]
+    draws = [int(sampling.next_token(logits, jax.random.key(i), 1.0, 0, 0.7)[0]) for i in range(200)]
     assert set(draws) == {0, 1}  # 0.5 < 0.7 <= 0.8: the two most likely tokens only
-    draws = [int(generate.next_token(logits, jax.random.key(i), 1.0, 3, 1.0)[0]) for i in range(200)]
+    draws = [int(sampling.next_token(logits, jax.random.key(i), 1.0, 3, 1.0)[0]) for i in range(200)]
     assert set(draws) == {0, 1, 2}
 
 
@@ -178,9 +178,9 @@ def test_sampling_never_picks_the_padding_of_a_padded_vocabulary():
     params["final_norm"] = {"scale": jnp.zeros_like(params["final_norm"]["scale"]),
                             "bias": jnp.ones_like(params["final_norm"]["bias"])}
     params["lm_head"]["kernel"] = jnp.zeros_like(params["lm_head"]["kernel"]).at[:, 50:].set(1.0)
-    out = generate.generate(model, params, np.array([[1, 2, 3]]), 30, temperature=0.0, vocab_size=50)
+    out = sampling.generate(model, params, np.array([[1, 2, 3]]), 30, temperature=0.0, vocab_size=50)
     assert out.max() < 50
-    assert generate.generate(model, params, np.array([[1, 2, 3]]), 5, temperature=0.0).max() >= 50
+    assert sampling.generate(model, params, np.array([[1, 2, 3]]), 5, temperature=0.0).max() >= 50
 
 
 @pytest.mark.parametrize("use_bias", [False, True])

@@ -178,9 +178,9 @@ def test_generate_cli_prints_the_greedy_continuation_of_the_latest_checkpoint(da
     assert result.returncode == 0, result.stderr
     config = config_lib.load(str(tmp_path))
     run = loop.setup(config, str(tmp_path))
-    from jaxlm.infer import generate
+    from jaxlm.infer import sampling
     prompt = np.array([run.tokenizer.encode("ROMEO:")])
-    tokens = generate.generate(run.task.model, jax.device_get(state.params), prompt, 40, temperature=0.0)
+    tokens = sampling.generate(run.task.model, jax.device_get(state.params), prompt, 40, temperature=0.0)
     assert result.stdout == "ROMEO:" + run.tokenizer.decode(tokens[0].tolist()) + "\n"
 
 

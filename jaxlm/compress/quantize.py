@@ -238,12 +238,12 @@ def quantize_params(params, abstract, q: Quant):
     return flax.traverse_util.unflatten_dict(out)
 
 
-def check_trainable(run) -> None:
+def check_trainable(trainable_params, q: Quant) -> None:
     """Stored (integer) weights cannot train: an error naming the way that can."""
-    ints = [n for n, leaf in flax.traverse_util.flatten_dict(run.abstract_state.params, sep="/").items()
+    ints = [n for n, leaf in flax.traverse_util.flatten_dict(trainable_params, sep="/").items()
             if not jnp.issubdtype(leaf.dtype, jnp.floating)]
     if ints:
-        raise ValueError(f"model.quant.weights={run.config.model.quant.weights!r} stores integer weights, "
+        raise ValueError(f"model.quant.weights={q.weights!r} stores integer weights, "
                          f"which cannot train ({ints[0]}, ...): such a model is for evaluation and "
                          "generation; train with model.quant.qat=True, or freeze the base with a PEFT "
                          "method (peft.method=lora: QLoRA)")

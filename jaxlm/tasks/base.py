@@ -3,9 +3,17 @@
 A task owns the batch layout, its data pipeline, how to run the model on a batch, the loss and
 the metrics. Losses are returned as sums with their weight so that gradient accumulation and
 multi-device reduction stay exact.
+
+`Task` is the interface: six abstract methods every task implements, a few methods with
+defaults a task may override, and declared optional capabilities: `Predicts` (a task inherits
+it to write per-example predictions and to predict for raw text) and `parameter_sources` (other
+parameters it needs, e.g. a distillation teacher, which the trainer loads and hands back).
 """
 
+import abc
+import dataclasses
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,22 +50,68 @@ def hf_vocab(name: str) -> str:
     return os.path.join(hf_dir, "vocab.txt")
 
 
-class Task:
+@dataclasses.dataclass(frozen=True)
+class ParameterSource:
+    """Parameters a task needs besides `init_from`'s, loaded by the trainer on every start.
+
+    name: the key the task gets them under (`Task.pretrained`).
+    path: a jaxlm workdir (its latest checkpoint) or a Hugging Face folder or package.
+    config: the source's config (its model's architecture), on this run's mesh.
+    """
+
+    name: str
+    path: str
+    config: Any
+
+
+class Task(abc.ABC):
     """Base class: `config` is the run's config, `tokenizer` the run's tokenizer (or None).
 
     Subclasses set `self.model` (usually `self.build_model()` after fixing the vocabulary)
-    and implement `dummy_batch`, `loss`, `summarize`, `train_iterator` and `eval_batches`.
-    `trainable(name)` says which parameters train (see `jaxlm.peft`).
+    and implement the abstract methods. `trainable(name)` says which parameters train (see
+    `jaxlm.peft`).
     """
 
     tokens_per_example = 0  # for tokens/s and MFU; 0 when the examples are not token sequences
     heads = ()  # regexes of the task's own new layers: they train under every PEFT method
+    families = ()  # the model families (`model.name`) the task runs on; () for any
 
     def __init__(self, config, tokenizer):
+        if self.families and config.model.name not in self.families:
+            wanted = " or ".join(repr(f) for f in self.families)
+            raise ValueError(f"task {config.task.name} needs model.name={wanted}, not {config.model.name!r}")
         self.config = config
         self.tokenizer = tokenizer
         self.peft = peft.from_config(config)
         self.trainable = peft.trainable_fn(config, self.heads)
+
+    # Required.
+
+    @abc.abstractmethod
+    def dummy_batch(self) -> dict:
+        """A batch of one row with the shapes and dtypes of the real ones (for init)."""
+
+    @abc.abstractmethod
+    def model_inputs(self, batch: dict) -> dict:
+        """The model's keyword arguments for `batch`."""
+
+    @abc.abstractmethod
+    def loss(self, params, batch: dict, rng=None, train: bool = False):
+        """(summed loss, metric sums including `loss` and `weight`)."""
+
+    @abc.abstractmethod
+    def summarize(self, sums: dict) -> dict:
+        """Metrics (means) from metric sums added over batches."""
+
+    @abc.abstractmethod
+    def train_iterator(self):
+        """This process's train batches, endless, with a checkpointable position."""
+
+    @abc.abstractmethod
+    def eval_batches(self, split: str, max_batches: int):
+        """This process's batches of `split` (all of them when `max_batches` is 0)."""
+
+    # Optional, with defaults.
 
     @classmethod
     def build_tokenizer(cls, config, workdir: str):
@@ -69,6 +123,40 @@ class Task:
         return pipeline.build_tokenizer(d.tokenizer, workdir=workdir, name=d.name, split=d.train_split,
                                         model_path=model_path, data_dir=d.data_dir,
                                         files=d.files, text_key=d.text_key)
+
+    def init(self, rng: jax.Array):
+        return self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(self.dummy_batch()))
+
+    def fit_length(self, batches: dict) -> dict:
+        """Stacked train batches as the step gets them; tasks with padded sequences cut them to
+        the longest row (see `data.pad_multiple`)."""
+        return batches
+
+    def parameter_sources(self) -> tuple[ParameterSource, ...]:
+        """Other parameters the task needs (e.g. a distillation teacher); the trainer loads them
+        and passes them to `pretrained`."""
+        return ()
+
+    def pretrained(self, sources: dict) -> dict:
+        """Parameters (a nested dict of arrays) that take the place of fresh ones, made from the
+        loaded `sources` ({name: parameters} of `parameter_sources`)."""
+        return {}
+
+    def sample(self, params) -> str | None:
+        """Text to print at the end of training (a generation), or None."""
+        return None
+
+    def generation_metrics(self, params, split: str) -> dict:
+        """Metrics that need decoding rather than a summed loss (e.g. BLEU); {} by default."""
+        return {}
+
+    @property
+    def serving_task(self) -> "Task":
+        """The task evaluation and prediction of a trained run use: itself, or (distillation)
+        the task of the model that was trained."""
+        return self
+
+    # Helpers for subclasses.
 
     def set_vocab_size(self, needed: int) -> None:
         """Fills `model.vocab_size` (rounded up to `model.vocab_multiple`) or checks it is enough."""
@@ -84,29 +172,21 @@ class Task:
         model = models.get(self.config.model, pipeline_parallel.from_config(self.config), **family_kwargs)
         return peft.attach(quantize.attach(model, quantize.from_config(self.config.model)), self.peft)
 
-    def init(self, rng: jax.Array):
-        return self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(self.dummy_batch()))
-
     def rngs(self, rng, train: bool) -> dict:
         return {"dropout": rng} if train and rng is not None else {}
 
-    def fit_length(self, batches: dict) -> dict:
-        """Stacked train batches as the step gets them; tasks with padded sequences cut them to
-        the longest row (see `data.pad_multiple`)."""
-        return batches
-
-    def pretrained(self) -> dict:
-        """Loaded parameters the task brings besides `init_from`'s (a nested dict of arrays,
-        e.g. a distillation teacher); the trainer loads them again on every start."""
-        return {}
-
-    def sample(self, params) -> str | None:
-        """Text to print at the end of training (a generation), or None."""
-        return None
-
-    def generation_metrics(self, params, split: str) -> dict:
-        """Metrics that need decoding rather than a summed loss (e.g. BLEU); {} by default."""
-        return {}
-
     def process_kwargs(self) -> dict:
         return dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+
+class Predicts(abc.ABC):
+    """A task capability: per-example predictions of a split or a file (`jaxlm.evaluate
+    --data_path` writes them) and predictions for raw text (`jaxlm.predict`)."""
+
+    @abc.abstractmethod
+    def predictions(self, params, split: str, data_path: str = "") -> tuple[dict, list[dict]]:
+        """(metrics, one row per example) of `split`, or of the file `data_path` when given."""
+
+    @abc.abstractmethod
+    def predict_text(self, params, text: str) -> dict:
+        """The prediction for one raw text."""

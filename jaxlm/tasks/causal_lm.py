@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 
 from jaxlm.data import pipeline
-from jaxlm.infer import generate
+from jaxlm.infer import sampling
 from jaxlm.tasks import base
 
 
@@ -51,5 +51,5 @@ class CausalLM(base.Task):
                                      max_batches=max_batches, **self.data_kwargs(split))
 
     def sample(self, params) -> str | None:
-        return generate.sample_text(self.model, params, self.tokenizer, self.config.sample,
+        return sampling.sample_text(self.model, params, self.tokenizer, self.config.sample,
                                     seed=self.config.seed)

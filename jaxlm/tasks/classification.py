@@ -18,7 +18,7 @@ ENCODER_KEYS = ("input_ids", "segment_ids", "input_mask")
 LENGTH_KEYS = ENCODER_KEYS + ("tags",)  # the arrays with a token axis (last)
 
 
-class EncoderTask(base.Task):
+class EncoderTask(base.Task, base.Predicts):
     """What the text tasks on a BERT encoder share: WordPiece inputs, examples by split, the
     forward pass with the task's heads, and predictions for `jaxlm.evaluate` / `jaxlm.predict`.
 
@@ -28,6 +28,8 @@ class EncoderTask(base.Task):
     multi-task run gives every task its own).
     """
 
+    families = ("bert",)
+
     HEAD_SOURCE = "pooled"
     TARGET = "label"  # the batch key of the targets (-1: none)
 
@@ -36,8 +38,6 @@ class EncoderTask(base.Task):
         self.heads = (rf"^{head}/",)
         super().__init__(config, tokenizer)
         d, m = config.data, config.model
-        if m.name != "bert":
-            raise ValueError(f"task {config.task.name} needs model.name='bert', not {m.name!r}")
         if d.seq_len > m.max_len:
             raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}")
         self.specials, extra_ids = mlm.specials_for(tokenizer)

@@ -96,8 +96,10 @@ def retrieval_scores(source: np.ndarray, target: np.ndarray, names=("source", "t
             "retrieval_top1": (forward + backward) / 2}
 
 
-class Contrastive(base.Task):
+class Contrastive(base.Task, base.Predicts):
     """Contrastive training of a BERT bi-encoder (see the module docstring)."""
+
+    families = ("bert",)
 
     heads = (rf"^{SCALE}$",)
 
@@ -106,8 +108,6 @@ class Contrastive(base.Task):
         c, d, m = config.task, config.data, config.model
         if c.contrastive not in VARIANTS:
             raise ValueError(f"task.contrastive={c.contrastive!r}: expected one of {list(VARIANTS)}")
-        if m.name != "bert":
-            raise ValueError(f"task contrastive needs model.name='bert', not {m.name!r}")
         if d.seq_len > m.max_len:
             raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}")
         if c.contrastive == "simcse" and m.dropout <= 0:

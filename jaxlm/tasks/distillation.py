@@ -3,9 +3,9 @@
 The student's own task (`distill.student_task`: classification, token_classification or
 causal_lm) is built on the run's config, so data, tokenizer, heads and metrics are its own; the
 teacher (`distill.teacher`: a jaxlm workdir or a Hugging Face folder/package) is that task's
-model with the teacher's architecture. Its parameters sit in the train state's frozen tree under
-`teacher/` (never trained, never saved, loaded again on every start), so its forward pass runs
-inside the same jitted step. The student's parameters keep their plain names: a distilled
+model with the teacher's architecture. The task declares the teacher as a parameter source; the
+trainer loads it on every start and its parameters sit in the train state's frozen tree under
+`teacher/` (never trained, never saved), so its forward pass runs inside the same jitted step. The student's parameters keep their plain names: a distilled
 workdir serves as `init_from` of a plain student run, and evaluates and predicts as the student.
 
 Loss (`jaxlm.compress.distill`), summed over the student task's targets:
@@ -17,7 +17,6 @@ objective) and each term that runs (`kl`, `hidden`, `attention`).
 """
 
 import copy
-import functools
 import os
 
 import flax
@@ -148,11 +147,10 @@ class Distillation(base.Task):
             tokenizers.load(teacher_dir).save(own_dir)
         return student_class(config).build_tokenizer(config, workdir)
 
-    def __getattr__(self, name):
-        """Everything else (predictions, predict_text, examples, ...) is the student task's."""
-        if name == "student":
-            raise AttributeError(name)
-        return getattr(self.student, name)
+    @property
+    def serving_task(self):
+        """Evaluation and prediction of a distilled run are the student task's."""
+        return self.student
 
     def dummy_batch(self):
         return self.student.dummy_batch()
@@ -194,35 +192,32 @@ class Distillation(base.Task):
             params[PROJECTION] = self.projection.init(jax.random.fold_in(rng, 2), states)["params"]
         return variables
 
-    def pretrained(self) -> dict:
+    def parameter_sources(self) -> tuple:
+        if self.teacher is None:
+            return ()
+        return (base.ParameterSource(TEACHER, self.config.distill.teacher, self.teacher.config),)
+
+    def pretrained(self, sources: dict) -> dict:
         """The teacher's parameters (and precomputed logits) and, with `distill.init_layers`, the
         student's parameters taken from the teacher."""
         loaded = {}
+        if self.teacher is not None:
+            teacher = self.check_teacher_params(flax.core.unfreeze(sources[TEACHER]))
         if self.runs_teacher:
-            loaded[TEACHER] = dict(self.teacher_params)
+            loaded[TEACHER] = dict(teacher)
         if self.precomputed is not None:
             loaded.setdefault(TEACHER, {})[PRECOMPUTED] = self.precomputed
         if self.layers is not None:
             shapes = nn.unbox(jax.eval_shape(self.student.init, jax.random.key(0))["params"])
-            loaded.update(distill.student_from_teacher(self.teacher_params, flax.core.unfreeze(shapes),
-                                                       self.layers))
+            loaded.update(distill.student_from_teacher(teacher, flax.core.unfreeze(shapes), self.layers))
         return loaded
 
-    @functools.cached_property
-    def teacher_params(self) -> dict:
-        """The teacher's parameters: its workdir's latest (a PEFT run's joined with its base) or
-        the Hugging Face checkpoint's; every parameter its model has must be there."""
-        source = self.config.distill.teacher
-        if is_workdir(source):
-            from jaxlm.train import loop  # the trainer imports the tasks
-            params = loop.restore_latest(source)[1]
-        else:
-            params = convert.import_params(self.teacher.config.init_from, self.teacher.config.model)
-        params = flax.core.unfreeze(params)
+    def check_teacher_params(self, params: dict) -> dict:
+        """`params` if they hold every parameter the teacher's model has."""
         needed = tree.names(nn.unbox(jax.eval_shape(self.teacher.init, jax.random.key(0))["params"]))
         missing = sorted(set(needed) - set(tree.names(params)))
         if missing:
-            raise ValueError(f"distill.teacher={source!r} has no {', '.join(missing[:5])}"
+            raise ValueError(f"distill.teacher={self.config.distill.teacher!r} has no {', '.join(missing[:5])}"
                              f"{' ...' if len(missing) > 5 else ''}: a teacher needs the task's heads "
                              "(fine-tune it first and give its workdir)")
         return params

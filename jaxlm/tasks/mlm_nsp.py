@@ -16,13 +16,13 @@ class MlmNsp(base.Task):
     """Batches are those of `jaxlm.data.mlm` (input_ids, segment_ids, input_mask, mlm_targets,
     mlm_weights, nsp_label)."""
 
+    families = ("bert",)
+
     def __init__(self, config, tokenizer):
         super().__init__(config, tokenizer)
         d, t = config.data, config.task
         if d.seq_len > config.model.max_len:
             raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={config.model.max_len}")
-        if config.model.name != "bert":
-            raise ValueError(f"task mlm_nsp needs model.name='bert', not {config.model.name!r}")
         self.specials, extra_ids = mlm.specials_for(tokenizer)
         self.set_vocab_size(tokenizer.vocab_size + extra_ids)
         self.model = self.build_model()

@@ -97,7 +97,7 @@ def part_config(config, part: Part):
     return c
 
 
-class MultiTask(base.Task):
+class MultiTask(base.Task, base.Predicts):
     """The parts of `config.task.mixture` on one BERT: `tasks` maps each name to its task."""
 
     def __init__(self, config, tokenizer):

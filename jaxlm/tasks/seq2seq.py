@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import builders, pipeline, seq2seq, tokenizers
-from jaxlm.infer import seq2seq as decoding
+from jaxlm.infer import encoder_decoder as decoding
 from jaxlm.tasks import base
 
 PAD = 0
@@ -20,10 +20,10 @@ PAD = 0
 class EncoderDecoder(base.Task):
     """What span corruption and seq2seq share: the model, the loss, the tokenizer."""
 
+    families = ("t5",)
+
     def __init__(self, config, tokenizer):
         super().__init__(config, tokenizer)
-        if config.model.name != "t5":
-            raise ValueError(f"task {config.task.name} needs model.name='t5', not {config.model.name!r}")
         if tokenizer.pad_id != PAD or tokenizer.eos_id is None:
             raise ValueError(f"task {config.task.name} needs a tokenizer with pad id 0 and an EOS id "
                              "(a sentencepiece model from tools/train_tokenizer.py, or none: one is "
@@ -108,7 +108,7 @@ class SpanCorruption(EncoderDecoder):
         return seq2seq.span_corruption_eval_batches(tokens, max_batches=max_batches, **kwargs)
 
 
-class Seq2Seq(EncoderDecoder):
+class Seq2Seq(EncoderDecoder, base.Predicts):
     """Translation (or any text-to-text pairs): source -> encoder, target -> decoder.
 
     Evaluation adds `bleu` (sacrebleu, on detokenized text) of beam-search translations.

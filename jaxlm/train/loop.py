@@ -122,15 +122,16 @@ def make_train_call(run):
                            donate_argnums=0)
 
 
-def restore_latest(workdir: str, config=None):
+def restore_latest(workdir: str, config=None, keep_mesh: bool = False):
     """(run, params, step): a finished or running run's latest parameters, for inference.
 
     `config` defaults to the run's own `config.json`; the mesh becomes all local devices on the
-    data axis, which any checkpoint restores onto. A PEFT run's checkpoint holds only what it
-    trained: the rest comes from its base (`init_from`).
+    data axis, which any checkpoint restores onto (unless `keep_mesh`: then it is `config`'s).
+    A PEFT run's checkpoint holds only what it trained: the rest comes from its base (`init_from`).
     """
     config = config_lib.load(workdir) if config is None else config
-    config.mesh.update(dict(data=-1, fsdp=1, tensor=1, stage=1, num_devices=0))
+    if not keep_mesh:
+        config.mesh.update(dict(data=-1, fsdp=1, tensor=1, stage=1, num_devices=0))
     run = setup(config, workdir)
     params, step = checkpoint.restore_params(workdir, run.abstract_state.params)  # no optimizer state
     if run.abstract_state.frozen:
@@ -167,7 +168,7 @@ def train_and_evaluate(config, workdir: str):
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
     os.makedirs(workdir, exist_ok=True)
     run = setup(config, workdir)
-    quantize.check_trainable(run)
+    quantize.check_trainable(run.abstract_state.params, quantize.from_config(config.model))
     log.info(memory.describe(memory.estimate(run)))  # before anything is allocated
     t = config.train
     partitioner = run.partitioner
@@ -289,7 +290,8 @@ def base_params(run):
         if config.init_skip:
             skip = re.compile(config.init_skip)
             loaded, _ = tree.split(loaded, lambda name: not skip.search(name))
-    loaded = tree.join(run.task.pretrained(), loaded)  # e.g. a distillation teacher
+    sources = {source.name: load_source(source) for source in run.task.parameter_sources()}
+    loaded = tree.join(run.task.pretrained(sources), loaded)  # e.g. a distillation teacher
     loaded = quantize.quantize_params(loaded, run.abstract_state.model_params,
                                       quantize.from_config(config.model))  # QLoRA: a quantized base
     if not loaded:
@@ -304,6 +306,16 @@ def base_params(run):
     new_set = set(new)
     return (state.replace(params=trainable, frozen=frozen),
             {"loaded": [n for n in names if n not in new_set], "new": new})
+
+
+def load_source(source) -> dict:
+    """The parameters of a task's `ParameterSource`: a jaxlm workdir's latest (restored on the
+    source config's mesh, a PEFT run's joined with its base) or a Hugging Face checkpoint's."""
+    log.info("loading %s parameters from %s", source.name, source.path)
+    hf_dir = convert.resolve(source.path)
+    if hf_dir is not None:
+        return convert.import_params(hf_dir, quantize.float_model(source.config.model))
+    return restore_latest(source.path, source.config, keep_mesh=True)[1]
 
 
 def write_params_report(workdir: str, state, report: dict) -> None:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.infer.generate import next_token
+from jaxlm.infer.sampling import next_token
 
 PAD_ID = 0
 
