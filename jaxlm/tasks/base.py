@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import convert, models, peft
-from jaxlm.data import pipeline
+from jaxlm.data import tokenizers
 from jaxlm.parallel import pipeline as pipeline_lib
 
 
@@ -65,9 +65,9 @@ class Task:
         model_path = d.tokenizer_path
         if d.tokenizer == "wordpiece" and not os.path.isfile(model_path):
             model_path = hf_vocab(model_path or config.init_from)
-        return pipeline.build_tokenizer(d.tokenizer, workdir=workdir, name=d.name, split=d.train_split,
-                                        model_path=model_path, data_dir=d.data_dir,
-                                        files=d.files, text_key=d.text_key)
+        return tokenizers.build_tokenizer(d.tokenizer, workdir=workdir, name=d.name, split=d.train_split,
+                                          model_path=model_path, data_dir=d.data_dir,
+                                          files=d.files, text_key=d.text_key)
 
     def set_vocab_size(self, needed: int) -> None:
         """Fills `model.vocab_size` (rounded up to `model.vocab_multiple`) or checks it is enough."""
