@@ -1,4 +1,4 @@
-"""Tests for jaxlm.data.builders and jaxlm.data.pipeline."""
+"""Tests for jaxlm.data.builders and jaxlm.data.lm."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlm.data import builders
-from jaxlm.data import pipeline
+from jaxlm.data import lm
 from jaxlm.data import tokenizers
 
 SHAKESPEARE = builders.TINY_SHAKESPEARE
@@ -155,18 +155,18 @@ def test_shakespeare_stream_equals_nanogpt_encoding(shakespeare_text, data_dir, 
     n = len(shakespeare_text)
     stoi = {c: i for i, c in enumerate(sorted(list(set(shakespeare_text))))}
     val_ids = np.array([stoi[c] for c in shakespeare_text[int(n * 0.9) :]])
-    stream = pipeline.token_stream(
+    stream = lm.token_stream(
         name=SHAKESPEARE, split="validation", tokenizer=char_tokenizer, data_dir=data_dir
     )
     np.testing.assert_array_equal(stream, val_ids)
-    windows = pipeline.pack(stream, 256)
+    windows = lm.pack(stream, 256)
     assert windows.shape == (len(val_ids) // 257, 257)
     np.testing.assert_array_equal(windows[3], val_ids[3 * 257 : 4 * 257])
 
 
 def test_train_batches_shift_and_determinism(shakespeare_text, data_dir, char_tokenizer):
     def take(seed, n=3):
-        it = pipeline.train_iterator(
+        it = lm.train_iterator(
             name=SHAKESPEARE,
             split="train",
             tokenizer=char_tokenizer,
@@ -200,7 +200,7 @@ def numbered_tokens(n: int) -> np.ndarray:
 
 
 def dataset(n: int, **kwargs) -> grain.MapDataset:
-    return pipeline.train_dataset(numbered_tokens(n), seq_len=9, **kwargs)
+    return lm.train_dataset(numbered_tokens(n), seq_len=9, **kwargs)
 
 
 def test_each_epoch_is_a_new_permutation_with_new_window_boundaries():
@@ -249,12 +249,12 @@ def test_iterator_state_restores_the_next_batches(shakespeare_text, data_dir, ch
         process_index=1,
         process_count=2,
     )
-    it = pipeline.train_iterator(**kwargs)
+    it = lm.train_iterator(**kwargs)
     for _ in range(7):
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # As the trainer's checkpoint stores it.
     expected = [next(it) for _ in range(5)]
-    resumed = pipeline.train_iterator(**kwargs)
+    resumed = lm.train_iterator(**kwargs)
     resumed.set_state(state)
     for a, b in zip(expected, [next(resumed) for _ in range(5)]):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
@@ -263,7 +263,7 @@ def test_iterator_state_restores_the_next_batches(shakespeare_text, data_dir, ch
 
 def test_seq_len_too_large_says_so(shakespeare_text, data_dir, char_tokenizer):
     with pytest.raises(ValueError, match=r"434 windows of seq_len \+ 1 = 257.*global batch of 512"):
-        pipeline.train_iterator(
+        lm.train_iterator(
             name=SHAKESPEARE,
             split="validation",
             tokenizer=char_tokenizer,
@@ -282,17 +282,17 @@ def test_eval_batches_in_order_and_split_by_process(shakespeare_text, data_dir, 
         seq_len=256,
         data_dir=data_dir,
     )
-    stream = pipeline.token_stream(
+    stream = lm.token_stream(
         name=SHAKESPEARE, split="validation", tokenizer=char_tokenizer, data_dir=data_dir
     )
-    all_batches = pipeline.eval_batches(global_batch_size=8, **kwargs)
+    all_batches = lm.eval_batches(global_batch_size=8, **kwargs)
     assert len(all_batches) == (len(stream) // 257) // 8 == 54  # Remainder dropped.
     np.testing.assert_array_equal(all_batches[0]["inputs"][0], stream[:256])
     np.testing.assert_array_equal(all_batches[1]["targets"][0], stream[8 * 257 + 1 : 9 * 257])
-    first = pipeline.eval_batches(global_batch_size=8, max_batches=3, **kwargs)
+    first = lm.eval_batches(global_batch_size=8, max_batches=3, **kwargs)
     assert len(first) == 3
     halves = [
-        pipeline.eval_batches(
+        lm.eval_batches(
             global_batch_size=8, max_batches=3, process_index=p, process_count=2, **kwargs
         )
         for p in range(2)
@@ -306,7 +306,7 @@ def test_eval_batches_in_order_and_split_by_process(shakespeare_text, data_dir, 
 def test_documents_joined_with_eos(tmp_path):
     paths = write_corpus(tmp_path / "corpus", num_files=3)
     byte = tokenizers.create("byte")
-    stream = pipeline.token_stream(
+    stream = lm.token_stream(
         name=TEXT_FILES,
         split="train",
         tokenizer=byte,
@@ -320,12 +320,12 @@ def test_documents_joined_with_eos(tmp_path):
 
 def test_build_tokenizer_saves_then_loads(shakespeare_text, data_dir, tmp_path):
     workdir = tmp_path / "run"
-    tokenizer = pipeline.build_tokenizer(
+    tokenizer = tokenizers.build_tokenizer(
         "char", workdir=workdir, name=SHAKESPEARE, data_dir=data_dir
     )
     assert tokenizer.vocab_size == 65
     assert (workdir / "tokenizer" / "tokenizer.json").is_file()
-    loaded = pipeline.build_tokenizer("char", workdir=workdir, name="unused-when-saved")
+    loaded = tokenizers.build_tokenizer("char", workdir=workdir, name="unused-when-saved")
     assert loaded.fingerprint == tokenizer.fingerprint
     with pytest.raises(ValueError, match="holds a 'char' tokenizer"):
-        pipeline.build_tokenizer("byte", workdir=workdir, name=SHAKESPEARE)
+        tokenizers.build_tokenizer("byte", workdir=workdir, name=SHAKESPEARE)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlm.data import builders, images
+from jaxlm.data import builders, images, readers
 
 MNIST = images.MNIST
 FASHION = images.FASHION_MNIST
@@ -107,8 +107,8 @@ def test_mnist_decoded_bytes_match_readme_md5(split, data_dir):
     raw_dir(MNIST)
     x, y = images.get_images(MNIST, split, data_dir=data_dir)
     decoded = {
-        "image": idx_bytes(images.IMAGES_MAGIC, x[..., 0]),
-        "label": idx_bytes(images.LABELS_MAGIC, y.astype(np.uint8)),
+        "image": idx_bytes(readers.IMAGES_MAGIC, x[..., 0]),
+        "label": idx_bytes(readers.LABELS_MAGIC, y.astype(np.uint8)),
     }
     for feature, data in decoded.items():
         assert hashlib.md5(data).hexdigest() == MNIST_MD5[(split, feature)], feature
@@ -128,20 +128,20 @@ def test_fashion_mnist_matches_direct_parse(data_dir):
 
 def test_read_idx_rejects_bad_files(tmp_path):
     labels = np.arange(10, dtype=np.uint8)
-    good = write_gz(tmp_path / "good-labels-idx1-ubyte.gz", idx_bytes(images.LABELS_MAGIC, labels))
-    np.testing.assert_array_equal(images.read_idx(good, images.LABELS_MAGIC), labels)
+    good = write_gz(tmp_path / "good-labels-idx1-ubyte.gz", idx_bytes(readers.LABELS_MAGIC, labels))
+    np.testing.assert_array_equal(readers.read_idx(good, readers.LABELS_MAGIC), labels)
     bad_magic = write_gz(tmp_path / "magic.gz", idx_bytes(1234, labels))
     with pytest.raises(ValueError, match="magic.gz.*magic number 2049: found 1234"):
-        images.read_idx(bad_magic, images.LABELS_MAGIC)
+        readers.read_idx(bad_magic, readers.LABELS_MAGIC)
     with pytest.raises(ValueError, match="good-labels.*2051"):  # Labels are not images.
-        images.read_idx(good, images.IMAGES_MAGIC)
-    short = write_gz(tmp_path / "short.gz", idx_bytes(images.LABELS_MAGIC, labels)[:-1])
+        readers.read_idx(good, readers.IMAGES_MAGIC)
+    short = write_gz(tmp_path / "short.gz", idx_bytes(readers.LABELS_MAGIC, labels)[:-1])
     with pytest.raises(ValueError, match=r"short.gz.*shape \(10,\) \(10 bytes\) but 9"):
-        images.read_idx(short, images.LABELS_MAGIC)
+        readers.read_idx(short, readers.LABELS_MAGIC)
     not_gzip = tmp_path / "plain.gz"
-    not_gzip.write_bytes(idx_bytes(images.LABELS_MAGIC, labels))
+    not_gzip.write_bytes(idx_bytes(readers.LABELS_MAGIC, labels))
     with pytest.raises(ValueError, match="plain.gz.*gzip"):
-        images.read_idx(not_gzip, images.LABELS_MAGIC)
+        readers.read_idx(not_gzip, readers.LABELS_MAGIC)
 
 
 def test_builder_names_the_corrupt_file(tmp_path):
@@ -150,9 +150,9 @@ def test_builder_names_the_corrupt_file(tmp_path):
     rng = np.random.default_rng(0)
     for prefix, count in [("train", 6), ("t10k", 4)]:
         pixels = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
-        write_gz(idx / f"{prefix}-images-idx3-ubyte.gz", idx_bytes(images.IMAGES_MAGIC, pixels))
+        write_gz(idx / f"{prefix}-images-idx3-ubyte.gz", idx_bytes(readers.IMAGES_MAGIC, pixels))
         labels = np.arange(count, dtype=np.uint8)
-        write_gz(idx / f"{prefix}-labels-idx1-ubyte.gz", idx_bytes(images.LABELS_MAGIC, labels))
+        write_gz(idx / f"{prefix}-labels-idx1-ubyte.gz", idx_bytes(readers.LABELS_MAGIC, labels))
     write_gz(idx / "t10k-images-idx3-ubyte.gz", idx_bytes(2049, np.zeros((4, 28, 28), np.uint8)))
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz.*found 2049"):
         images.get_builder(MNIST, data_dir=str(tmp_path / "tfds"), input_dir=str(idx))
@@ -163,11 +163,11 @@ def test_builder_rejects_mismatched_counts(tmp_path):
     idx.mkdir()
     write_gz(
         idx / "train-images-idx3-ubyte.gz",
-        idx_bytes(images.IMAGES_MAGIC, np.zeros((3, 28, 28), np.uint8)),
+        idx_bytes(readers.IMAGES_MAGIC, np.zeros((3, 28, 28), np.uint8)),
     )
     write_gz(
         idx / "train-labels-idx1-ubyte.gz",
-        idx_bytes(images.LABELS_MAGIC, np.zeros(2, np.uint8)),
+        idx_bytes(readers.LABELS_MAGIC, np.zeros(2, np.uint8)),
     )
     with pytest.raises(ValueError, match="holds 3 images but .*train-labels.* 2 labels"):
         images.get_builder(FASHION, data_dir=str(tmp_path / "tfds"), input_dir=str(idx))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxlm.data import builders, labeled, mlm, tokenizers
+from jaxlm.data import builders, labeled, mlm, readers, tokenizers
 
 DATA = builders.jaxlm_data_dir()
 B_PER, B_LOC = builders.CONLL_TAGS.index("B-PER"), builders.CONLL_TAGS.index("B-LOC")
@@ -139,9 +139,9 @@ def test_bad_tsv_files_name_the_file_and_line(tmp_path, sst2, data_dir):
     ragged = write(tmp_path / "b.tsv", "sentence\tlabel\nfine\t1\ntoo\tmany\tfields\n")
     unknown = write(tmp_path / "c.tsv", "sentence\tlabel\nok\tpositive\nodd\tmaybe\n")
     with pytest.raises(ValueError, match=re.escape(f"{no_label}, line 1: ")):
-        builders.read_tsv(no_label)
+        readers.read_tsv(no_label)
     with pytest.raises(ValueError, match=re.escape(f"{ragged}, line 3: 3 tab-separated fields")):
-        builders.read_tsv(ragged)
+        readers.read_tsv(ragged)
     with pytest.raises(
         ValueError, match=re.escape(f"{ragged}, line 3")
     ):  # Through the builder too.
@@ -185,9 +185,9 @@ def test_bad_conll_files_name_the_file_and_line(tmp_path):
     ragged = write(tmp_path / "b.txt", "Aspirin NN B-DRUG\n\nblocks O\n")
     unknown = write(tmp_path / "c.txt", "Aspirin NN B-DRUG\n")
     with pytest.raises(ValueError, match=re.escape(f"{short}, line 2: 1 columns")):
-        builders.read_conll(short)
+        readers.read_conll(short)
     with pytest.raises(ValueError, match=re.escape(f"{ragged}, line 3: 2 columns, expected 3")):
-        builders.read_conll(ragged)
+        readers.read_conll(ragged)
     with pytest.raises(ValueError, match="label 'B-DRUG' is not one of"):
         builders.get_builder(
             builders.CONLL,

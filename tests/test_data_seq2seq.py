@@ -1,4 +1,4 @@
-"""Tests for jaxlm.data.seq2seq and the parallel-text builders of jaxlm.data.builders."""
+"""Tests for jaxlm.data.span_corruption, jaxlm.data.text_pairs and the parallel-text builders."""
 
 import gzip
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm.data import builders, seq2seq, tokenizers
+from jaxlm.data import builders, encoder_decoder, span_corruption, text_pairs, tokenizers
 
 MULTI30K = builders.MULTI30K
 VOCAB = 1000  # Model vocabulary of the span-corruption tests: text ids < 900, sentinels above.
@@ -55,7 +55,7 @@ def test_noise_mask_counts_follow_t5(density, mean):
     rng = np.random.default_rng(0)
     for length in [2, 3, 7, 10, 31, 100, 190, 568]:
         num_noise, num_spans = t5_counts(length, density, mean)
-        mask = seq2seq.random_spans_noise_mask(length, density, mean, rng)
+        mask = span_corruption.random_spans_noise_mask(length, density, mean, rng)
         runs = spans(mask)
         assert mask.shape == (length,) and mask.dtype == bool
         assert mask.sum() == num_noise
@@ -64,7 +64,7 @@ def test_noise_mask_counts_follow_t5(density, mean):
 
 def test_noise_mask_is_random_with_the_right_mean_span():
     masks = [
-        seq2seq.random_spans_noise_mask(568, 0.15, 3.0, np.random.default_rng(i))
+        span_corruption.random_spans_noise_mask(568, 0.15, 3.0, np.random.default_rng(i))
         for i in range(200)
     ]
     assert len({m.tobytes() for m in masks}) == 200
@@ -72,14 +72,14 @@ def test_noise_mask_is_random_with_the_right_mean_span():
     assert np.mean(noise_spans) == pytest.approx(85 / 28)  # 85 noise tokens in 28 spans.
     assert np.mean(np.stack(masks), axis=0)[:-3].std() < 0.05  # Noise is spread over the window.
     with pytest.raises(ValueError, match="split 3 tokens into 10 non-empty spans"):
-        seq2seq.random_spans_noise_mask(10, 0.3, 0.3, np.random.default_rng(0))
+        span_corruption.random_spans_noise_mask(10, 0.3, 0.3, np.random.default_rng(0))
 
 
 def test_span_corruption_layout_and_sentinel_ids(monkeypatch):
     mask = np.array([0, 0, 1, 1, 0, 0, 1], bool)
-    monkeypatch.setattr(seq2seq, "random_spans_noise_mask", lambda *args: mask)
+    monkeypatch.setattr(span_corruption, "random_spans_noise_mask", lambda *args: mask)
     a, b, c, d, e, f, g = range(10, 17)
-    inputs, targets = seq2seq.span_corruption(
+    inputs, targets = span_corruption.span_corruption(
         np.array([a, b, c, d, e, f, g]), None, vocab_size=VOCAB, eos_id=1
     )
     assert inputs.tolist() == [a, b, VOCAB - 1, e, f, VOCAB - 2, 1]
@@ -90,7 +90,7 @@ def test_span_corruption_is_invertible():
     rng = np.random.default_rng(0)
     for _ in range(300):
         window = rng.integers(4, VOCAB - 100, size=int(rng.integers(2, 300)))
-        inputs, targets = seq2seq.span_corruption(window, rng, vocab_size=VOCAB, eos_id=1)
+        inputs, targets = span_corruption.span_corruption(window, rng, vocab_size=VOCAB, eos_id=1)
         assert uncorrupt(inputs, targets, VOCAB, eos_id=1) == window.tolist()
         num_spans = t5_counts(len(window), 0.15, 3.0)[1]
         expected = [VOCAB - 1 - k for k in range(num_spans)]
@@ -99,13 +99,13 @@ def test_span_corruption_is_invertible():
 
 
 def test_lengths_fill_the_inputs_exactly():
-    assert seq2seq.span_corruption_lengths(512) == (568, 114)  # T5's numbers.
+    assert span_corruption.span_corruption_lengths(512) == (568, 114)  # T5's numbers.
     rng = np.random.default_rng(0)
     for inputs_length in [8, 16, 64, 100, 128, 172, 256, 512, 1024]:
-        tokens_length, targets_length = seq2seq.span_corruption_lengths(inputs_length)
+        tokens_length, targets_length = span_corruption.span_corruption_lengths(inputs_length)
         for _ in range(5):
             window = rng.integers(4, 800, size=tokens_length)
-            inputs, targets = seq2seq.span_corruption(window, rng, vocab_size=VOCAB, eos_id=1)
+            inputs, targets = span_corruption.span_corruption(window, rng, vocab_size=VOCAB, eos_id=1)
             assert (len(inputs), len(targets)) == (inputs_length, targets_length)
 
 
@@ -115,11 +115,11 @@ def test_lengths_fill_the_inputs_exactly():
 def span_dataset(**kwargs):
     defaults = {"inputs_length": 32, "global_batch_size": 4, "seed": 0, "vocab_size": VOCAB}
     tokens = 10 + np.arange(kwargs.pop("num_tokens", 8 * 35), dtype=np.int32)
-    return seq2seq.span_corruption_dataset(tokens, eos_id=1, **{**defaults, **kwargs})
+    return span_corruption.span_corruption_dataset(tokens, eos_id=1, **{**defaults, **kwargs})
 
 
 def check_batch_features(batch, rows, *, eos_id=1, decoder_start_id=0, pad_id=0):
-    assert sorted(batch) == sorted(seq2seq.FEATURES)
+    assert sorted(batch) == sorted(encoder_decoder.FEATURES)
     assert batch["example_weight"].shape == (rows,)
     assert batch["example_weight"].dtype == batch["decoder_loss_weights"].dtype == np.float32
     for key in ("encoder_input_tokens", "decoder_target_tokens", "decoder_input_tokens"):
@@ -137,7 +137,7 @@ def check_batch_features(batch, rows, *, eos_id=1, decoder_start_id=0, pad_id=0)
 def test_span_batches_have_t5_features():
     ds = span_dataset(decoder_start_id=3)
     batch = ds[0]
-    tokens_length, targets_length = seq2seq.span_corruption_lengths(32)
+    tokens_length, targets_length = span_corruption.span_corruption_lengths(32)
     assert batch["encoder_input_tokens"].shape == (4, 32)
     assert batch["decoder_target_tokens"].shape == (4, targets_length)
     check_batch_features(batch, 4, decoder_start_id=3)
@@ -149,7 +149,7 @@ def test_span_batches_have_t5_features():
 
 
 def test_span_noise_is_redrawn_every_epoch():
-    tokens_length = seq2seq.span_corruption_lengths(32)[0]
+    tokens_length = span_corruption.span_corruption_lengths(32)[0]
     ds = span_dataset()  # 8 windows, 2 batches per epoch.
     epochs = []
     for epoch in range(2):
@@ -167,7 +167,7 @@ def test_span_processes_see_slices_of_the_same_global_batches():
     single = span_dataset(global_batch_size=4)
     halves = [span_dataset(global_batch_size=4, process_index=p, process_count=2) for p in range(2)]
     for j in range(5):  # Crosses the epoch boundary (2 batches per epoch).
-        for key in seq2seq.FEATURES:
+        for key in encoder_decoder.FEATURES:
             rows = np.concatenate([ds[j][key] for ds in halves])
             np.testing.assert_array_equal(rows, single[j][key])
 
@@ -175,13 +175,13 @@ def test_span_processes_see_slices_of_the_same_global_batches():
 def test_span_eval_batches_are_fixed_and_split_by_process():
     tokens = 10 + np.arange(40 * 35, dtype=np.int32)
     kwargs = {"inputs_length": 32, "global_batch_size": 4, "seed": 5, "vocab_size": 2000}
-    batches = seq2seq.span_corruption_eval_batches(tokens, eos_id=1, **kwargs)
-    tokens_length = seq2seq.span_corruption_lengths(32)[0]
+    batches = span_corruption.span_corruption_eval_batches(tokens, eos_id=1, **kwargs)
+    tokens_length = span_corruption.span_corruption_lengths(32)[0]
     assert len(batches) == (len(tokens) // tokens_length) // 4
     windows = batches[1]["encoder_input_tokens"][:, 0] - 10
     np.testing.assert_array_equal(windows, np.arange(4, 8) * tokens_length)  # In order.
     halves = [
-        seq2seq.span_corruption_eval_batches(
+        span_corruption.span_corruption_eval_batches(
             tokens, eos_id=1, max_batches=2, process_index=p, process_count=2, **kwargs
         )
         for p in range(2)
@@ -299,12 +299,12 @@ def decode_rows(batch, key="decoder_target_tokens"):
 
 
 def test_pair_batches_truncate_and_shift():
-    batch = seq2seq.pairs_dataset(PAIRS, seed=0, decoder_start_id=5, **pair_kwargs())[0]
+    batch = text_pairs.pairs_dataset(PAIRS, seed=0, decoder_start_id=5, **pair_kwargs())[0]
     check_batch_features(batch, 8, eos_id=256, decoder_start_id=5)
     for source, target in zip(decode_rows(batch, "encoder_input_tokens"), decode_rows(batch)):
         i = int(source.split()[1])
         assert source == PAIRS[i][0][:23] and target == PAIRS[i][1][:15]
-    long = seq2seq.pairs_eval_batches(
+    long = text_pairs.pairs_eval_batches(
         pairs=[("s" * 40, "t" * 3)], **pair_kwargs(global_batch_size=1)
     )
     np.testing.assert_array_equal(long[0]["encoder_input_tokens"][0], [ord("s")] * 23 + [256])
@@ -312,14 +312,14 @@ def test_pair_batches_truncate_and_shift():
 
 
 def test_pair_epochs_shuffle_and_processes_split_global_batches():
-    single = seq2seq.pairs_dataset(PAIRS, seed=1, **pair_kwargs())
+    single = text_pairs.pairs_dataset(PAIRS, seed=1, **pair_kwargs())
     halves = [
-        seq2seq.pairs_dataset(PAIRS, seed=1, process_index=p, process_count=2, **pair_kwargs())
+        text_pairs.pairs_dataset(PAIRS, seed=1, process_index=p, process_count=2, **pair_kwargs())
         for p in range(2)
     ]
     seen = []
     for j in range(25):  # 4 epochs of 50 pairs.
-        for key in seq2seq.FEATURES:
+        for key in encoder_decoder.FEATURES:
             rows = np.concatenate([ds[j][key] for ds in halves])
             np.testing.assert_array_equal(rows, single[j][key])
         seen += [int(s.split()[1]) for s in decode_rows(single[j], "encoder_input_tokens")]
@@ -330,12 +330,12 @@ def test_pair_epochs_shuffle_and_processes_split_global_batches():
 
 def test_pair_iterator_state_restores_the_next_batches():
     kwargs = pair_kwargs(pairs=PAIRS, seed=3, process_index=1, process_count=2)
-    it = seq2seq.pairs_train_iterator(**kwargs)
+    it = text_pairs.pairs_train_iterator(**kwargs)
     for _ in range(9):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
     expected = [next(it) for _ in range(4)]
-    resumed = seq2seq.pairs_train_iterator(**kwargs)
+    resumed = text_pairs.pairs_train_iterator(**kwargs)
     resumed.set_state(state)
     for a, b in zip(expected, [next(resumed) for _ in range(4)]):
         np.testing.assert_array_equal(a["encoder_input_tokens"], b["encoder_input_tokens"])
@@ -343,12 +343,12 @@ def test_pair_iterator_state_restores_the_next_batches():
 
 def test_encodings_are_cached_per_pairs_tokenizer_and_prefix(multi30k, data_dir):
     byte = tokenizers.create("byte")
-    first = seq2seq.encode_pairs(multi30k["validation"], byte)
+    first = text_pairs.encode_pairs(multi30k["validation"], byte)
     again = builders.get_pairs(
         MULTI30K, "validation", source_key="en", target_key="de", data_dir=data_dir
     )
-    assert seq2seq.encode_pairs(again, byte) is first  # Same data: not encoded again.
-    prefixed = seq2seq.encode_pairs(again, byte, source_prefix="en: ")
+    assert text_pairs.encode_pairs(again, byte) is first  # Same data: not encoded again.
+    prefixed = text_pairs.encode_pairs(again, byte, source_prefix="en: ")
     assert byte.decode(prefixed[0][0]) == "en: " + again[0][0]
     assert byte.decode(first[0][1]) == again[0][1]
 
@@ -357,12 +357,12 @@ def test_eval_batches_cover_every_multi30k_pair_once(multi30k):
     validation = multi30k["validation"]
     kwargs = pair_kwargs(pairs=validation, source_len=160, target_len=200, global_batch_size=64)
     halves = [
-        seq2seq.pairs_eval_batches(process_index=p, process_count=2, **kwargs) for p in range(2)
+        text_pairs.pairs_eval_batches(process_index=p, process_count=2, **kwargs) for p in range(2)
     ]
     assert len(halves[0]) == len(halves[1]) == 16  # 1,014 = 15 * 64 + 54.
     expected = list(validation.iter_pairs())
     for j in range(16):
-        batch = {k: np.concatenate([h[j][k] for h in halves]) for k in seq2seq.FEATURES}
+        batch = {k: np.concatenate([h[j][k] for h in halves]) for k in encoder_decoder.FEATURES}
         real = int(batch["example_weight"].sum())
         assert real == (64 if j < 15 else 54)
         np.testing.assert_array_equal(batch["example_weight"], np.arange(64) < real)
@@ -371,7 +371,7 @@ def test_eval_batches_cover_every_multi30k_pair_once(multi30k):
             assert (sources[r], decode_rows(batch)[r]) == expected[j * 64 + r]
         for key in ("encoder_input_tokens", "decoder_input_tokens", "decoder_loss_weights"):
             assert not batch[key][real:].any()  # Padding rows.
-    assert len(seq2seq.pairs_eval_batches(max_batches=3, **kwargs)) == 3
+    assert len(text_pairs.pairs_eval_batches(max_batches=3, **kwargs)) == 3
 
 
 def test_train_sentencepiece_on_multi30k(multi30k, tmp_path):

@@ -1,4 +1,4 @@
-"""Encoder-decoder decoding (jaxlm.infer.encoder_decoder) against recomputation without a KV cache.
+"""Encoder-decoder decoding (jaxlm.infer.seq2seq_decoding) against recomputation without a KV cache.
 
 The references run the whole model on a fixed-length decoder input: attention is causal, so the
 logits at position t do not depend on the placeholder tokens after t.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib, models
-from jaxlm.infer import encoder_decoder
+from jaxlm.infer import seq2seq_decoding
 
 MAX_LEN = 24  # the model's cache size
 EOS = 1
@@ -108,7 +108,7 @@ def test_cached_greedy_equals_recompute(scan_layers):
     eos_id = int(_greedy_reference(forward, enc, max_len=6, eos_id=-1)[0, 5])
     expected = _greedy_reference(forward, enc, max_len=MAX_LEN, eos_id=eos_id)
     assert eos_id in expected[0] and len(set(expected[1].tolist())) > 2
-    got = encoder_decoder.decode(model, params, enc, max_len=MAX_LEN, eos_id=eos_id)
+    got = seq2seq_decoding.decode(model, params, enc, max_len=MAX_LEN, eos_id=eos_id)
     assert got.dtype == np.int32 and got.shape == (3, MAX_LEN)
     np.testing.assert_array_equal(got, expected)
 
@@ -117,11 +117,11 @@ def test_cached_greedy_equals_recompute(scan_layers):
 def test_beam_size_one_is_greedy(scan_layers):
     model, params, _ = _setup(scan_layers)
     enc = _source()
-    greedy = encoder_decoder.decode(model, params, enc, max_len=12, eos_id=EOS)
-    np.testing.assert_array_equal(encoder_decoder.decode(model, params, enc, max_len=12, eos_id=EOS,
+    greedy = seq2seq_decoding.decode(model, params, enc, max_len=12, eos_id=EOS)
+    np.testing.assert_array_equal(seq2seq_decoding.decode(model, params, enc, max_len=12, eos_id=EOS,
                                                  beam_size=1), greedy)
     # the beam-search code path itself, with one beam
-    one_beam = encoder_decoder._beam_search(model, params, enc, max_len=12, eos_id=EOS, decoder_start_id=0,
+    one_beam = seq2seq_decoding._beam_search(model, params, enc, max_len=12, eos_id=EOS, decoder_start_id=0,
                                     beam_size=1, vocab_size=60, length_penalty=0.6)
     np.testing.assert_array_equal(np.asarray(one_beam), greedy)
 
@@ -131,9 +131,9 @@ def test_wide_beam_finds_the_best_of_all_sequences(length_penalty):
     """With more beams than sequences nothing is pruned: the result is the exact best."""
     model, params, forward = _setup(True)
     enc, vocab_size, max_len = _source(), 3, 3
-    got = encoder_decoder.decode(model, params, enc, max_len=max_len, eos_id=EOS, beam_size=27,
+    got = seq2seq_decoding.decode(model, params, enc, max_len=max_len, eos_id=EOS, beam_size=27,
                          vocab_size=vocab_size, length_penalty=length_penalty)
-    greedy = encoder_decoder.decode(model, params, enc, max_len=max_len, eos_id=EOS, vocab_size=vocab_size)
+    greedy = seq2seq_decoding.decode(model, params, enc, max_len=max_len, eos_id=EOS, vocab_size=vocab_size)
     valid = [np.array(s) for s in itertools.product(range(vocab_size), repeat=max_len)
              if not any(s[_eos_length(s, EOS):])]
     for row in range(len(enc)):
@@ -149,8 +149,8 @@ def test_beam_search_matches_reference(scan_layers):
     model, params, forward = _setup(scan_layers)
     enc, kwargs = _source(), dict(beam_size=3, max_len=6, eos_id=EOS, vocab_size=8,
                                   length_penalty=0.6)
-    got = encoder_decoder.decode(model, params, enc, **kwargs)
-    greedy = encoder_decoder.decode(model, params, enc, max_len=6, eos_id=EOS, vocab_size=8)
+    got = seq2seq_decoding.decode(model, params, enc, **kwargs)
+    greedy = seq2seq_decoding.decode(model, params, enc, max_len=6, eos_id=EOS, vocab_size=8)
     assert (got != greedy).any()  # else the reference would not test the beams' bookkeeping
     for row in range(len(enc)):
         np.testing.assert_array_equal(got[row], _beam_reference(forward, enc[row], **kwargs))
@@ -158,18 +158,18 @@ def test_beam_search_matches_reference(scan_layers):
 
 def test_sampling_is_seeded():
     model, params, _ = _setup(True)
-    sample = functools.partial(encoder_decoder.decode, model, params, _source(), max_len=12, eos_id=EOS,
+    sample = functools.partial(seq2seq_decoding.decode, model, params, _source(), max_len=12, eos_id=EOS,
                                temperature=1.0)
     np.testing.assert_array_equal(sample(seed=0), sample(seed=0))
     assert (sample(seed=0) != sample(seed=1)).any()
-    greedy = encoder_decoder.decode(model, params, _source(), max_len=12, eos_id=EOS)
+    greedy = seq2seq_decoding.decode(model, params, _source(), max_len=12, eos_id=EOS)
     np.testing.assert_array_equal(sample(seed=3, top_k=1), greedy)
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(temperature=1.0), dict(beam_size=3)])
 def test_pad_after_eos(kwargs):
     model, params, _ = _setup(True)
-    decode = functools.partial(encoder_decoder.decode, model, params, _source(), max_len=12, **kwargs)
+    decode = functools.partial(seq2seq_decoding.decode, model, params, _source(), max_len=12, **kwargs)
     free = decode(eos_id=59)
     eos_id = int(free[0, 3])  # an EOS after which row 0 would go on with other tokens
     assert eos_id not in free[0, :3] and free[0, 4:].any()
@@ -183,7 +183,7 @@ def test_pad_after_eos(kwargs):
 @pytest.mark.parametrize("kwargs", [dict(), dict(temperature=1.0), dict(beam_size=3)])
 def test_vocab_size_limits_tokens(kwargs):
     model, params, _ = _setup(True)
-    decode = functools.partial(encoder_decoder.decode, model, params, _source(), max_len=12, eos_id=EOS,
+    decode = functools.partial(seq2seq_decoding.decode, model, params, _source(), max_len=12, eos_id=EOS,
                                **kwargs)
     assert decode().max() >= 5  # the full vocabulary would use the excluded ids
     assert decode(vocab_size=5).max() < 5
@@ -191,10 +191,10 @@ def test_vocab_size_limits_tokens(kwargs):
 
 def test_argument_errors():
     model, params, _ = _setup(True)
-    decode = functools.partial(encoder_decoder.decode, model, params, _source(), eos_id=EOS)
+    decode = functools.partial(seq2seq_decoding.decode, model, params, _source(), eos_id=EOS)
     with pytest.raises(ValueError, match=r"max_len=25 .*model\.max_len=24"):
         decode(max_len=MAX_LEN + 1)
     with pytest.raises(ValueError, match="beam_size=1"):
         decode(max_len=4, beam_size=2, temperature=1.0)
     with pytest.raises(ValueError, match="eos_id=7"):
-        encoder_decoder.decode(model, params, _source(), max_len=4, eos_id=7, vocab_size=5)
+        seq2seq_decoding.decode(model, params, _source(), max_len=4, eos_id=7, vocab_size=5)

@@ -1,8 +1,16 @@
-"""Data: tokenizers, TFDS builders for local files (no TensorFlow) and Grain pipelines.
+"""Data: readers per file format -> TFDS builders -> pipelines -> one batching module -> Grain.
 
-  tokenizers  char, byte, sentencepiece and WordPiece (a Hugging Face BERT vocab.txt)
-  builders    Tiny Shakespeare, your text files, Multi30k and parallel text files
-  images      MNIST and Fashion-MNIST from IDX files
-  pipeline    causal-LM token streams; mlm (BERT pairs and masking); seq2seq (T5 span
-              corruption and source/target pairs)
+  readers          the file formats: text, aligned lines, TSV, CoNLL, IDX (no TFDS)
+  builders         the jaxlm_* TFDS builders over local files, from one table of formats;
+                   get_source / get_pairs (text documents and pairs of any TFDS data set)
+  tokenizers       char, byte, sentencepiece, WordPiece, Hugging Face; a run's tokenizer
+  batching         training epochs, evaluation batches (one padding rule), per-process
+                   split, checkpointable iterators: what every pipeline below uses
+  lm               causal-LM token streams cut into windows
+  mlm              BERT masked-LM and next-sentence-prediction examples
+  span_corruption  T5 span corruption of a token stream
+  text_pairs       (source, target) text pairs, e.g. translation
+  encoder_decoder  the batch rows that span_corruption and text_pairs share
+  labeled          sentence classification and token tagging (fine-tuning, multitask)
+  images           image classification (MNIST, Fashion-MNIST, TFDS image data sets)
 """

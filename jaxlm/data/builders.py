@@ -35,9 +35,17 @@ corpus as a sequence of `(source, target)` strings:
   `source_key` and `target_key` the two sides of a pair, e.g. 'en' and 'de' of
   'wmt14_translate/de-en').
 
-The labeled data sets (sst2, tsv, conll2003, conll) are read as examples through
-`jaxlm.data.labeled.classification_source` / `tagging_source`; their raw files
-can also be read without TFDS by `read_tsv` / `read_conll`.
+* `jaxlm_mnist`, `jaxlm_fashion_mnist`: the gzipped IDX files in
+  `$JAXLM_DATA_DIR/mnist` and `$JAXLM_DATA_DIR/fashion_mnist` (LeCun's file
+  names), splits `train` (60,000) and `test` (10,000), features
+  {'image': uint8[28, 28, 1], 'label': ClassLabel(10)}; read through `images`.
+
+Every jaxlm builder is a `LocalFilesBuilder`: a name, where its files are, and a
+row of `FORMATS`, the one table of readers (`readers`) and features that turns
+the files of a split into examples. The labeled data sets (sst2, tsv, conll2003,
+conll) are read as examples through `jaxlm.data.labeled.classification_source` /
+`tagging_source`; their raw files can also be read without TFDS by
+`readers.read_tsv` / `readers.read_conll`.
 
 The jaxlm builders prepare on first use and then just read. Prepared data lives
 under `data_dir` (default `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`):
@@ -54,7 +62,7 @@ prepares, the others wait and then read what it wrote.
 TFDS notes: `as_dataset()` needs TensorFlow, so only `as_data_source()` /
 `tfds.data_source()` are used; the builders are defined outside a TFDS package
 and so build their `DatasetInfo(builder=self, ...)` directly and override
-`code_path` (see `_LocalCodePath`); `disable_shuffling=True` keeps examples in
+`code_path` (see `LocalCodePath`); `disable_shuffling=True` keeps examples in
 generation order (TFDS otherwise shuffles them by key hash).
 """
 
@@ -62,19 +70,20 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import functools
 import glob as globlib
-import gzip
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from jaxlm.data import readers
 
 TINY_SHAKESPEARE = "jaxlm_tiny_shakespeare"
 TEXT_FILES = "jaxlm_text_files"
@@ -84,10 +93,13 @@ SST2 = "jaxlm_sst2"
 TSV = "jaxlm_tsv"
 CONLL2003 = "jaxlm_conll2003"
 CONLL = "jaxlm_conll"
+MNIST = "jaxlm_mnist"
+FASHION_MNIST = "jaxlm_fashion_mnist"
 CLASSIFICATION_BUILDERS = (SST2, TSV)
 TAGGING_BUILDERS = (CONLL2003, CONLL)
+IMAGE_BUILDERS = (MNIST, FASHION_MNIST)
 FILES_BUILDERS = (TEXT_FILES, PARALLEL_TEXT, TSV, CONLL)  # the builders that read `files`
-JAXLM_BUILDERS = (
+JAXLM_BUILDERS = (  # the text builders, read by get_source / get_pairs / labeled
     TINY_SHAKESPEARE,
     TEXT_FILES,
     MULTI30K,
@@ -98,14 +110,9 @@ JAXLM_BUILDERS = (
 SST2_LABELS = ("negative", "positive")
 # IOB2 over PER, ORG, LOC, MISC in Hugging Face conll2003's order, so its label ids carry over.
 CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
-TSV_TEXT_COLUMNS = ("sentence", "text")  # the first of these in the header is the text
-CHUNK_CHARS = 10_000
-TRAIN_FRACTION = 0.9  # nanoGPT: train = data[:int(n * 0.9)]
+IMAGE_SHAPE = (28, 28, 1)  # MNIST and Fashion-MNIST
+NUM_IMAGE_CLASSES = 10
 _VERSION = tfds.core.Version("1.0.0")
-
-
-def _text_features() -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict({"text": tfds.features.Text()})
 
 
 def jaxlm_data_dir() -> Path:
@@ -133,17 +140,82 @@ def tfds_data_dir(data_dir: str = "") -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
-def _chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[tuple[int, dict[str, str]]]:
-    for i, start in enumerate(range(0, len(text), size)):
-        yield i, {"text": text[start : start + size]}
+# The reader table: how the files of one split become examples, per format.
+
+Examples = Iterable[dict[str, Any]]
 
 
-def _split_chars(text: str) -> tuple[str, str]:
-    n = int(len(text) * TRAIN_FRACTION)
-    return text[:n], text[n:]
+def _text_examples(builder: LocalFilesBuilder, split: str, paths: Sequence[str]) -> Examples:
+    if builder.one_document:  # One file, its characters split 90/10 and stored in chunks.
+        train, validation = readers.split_characters(readers.read_text(paths[0]))
+        text = train if split == "train" else validation
+        return ({"text": chunk} for chunk in readers.text_chunks(text))
+    return ({"text": readers.read_text(path)} for path in paths)  # One document per file.
 
 
-class _LocalCodePath:
+def _aligned_examples(builder: LocalFilesBuilder, split: str, paths: Sequence[str]) -> Examples:
+    source_key, target_key = builder.KEYS
+    pairs = readers.read_aligned(*paths)
+    return ({source_key: source, target_key: target} for source, target in pairs)
+
+
+def _tsv_examples(builder: LocalFilesBuilder, split: str, paths: Sequence[str]) -> Examples:
+    texts, labels = readers.read_tsv(paths[0])
+    for text, label in zip(texts, readers.label_ids(labels, builder.names, paths[0])):
+        yield {"text": text, "label": label}
+
+
+def _conll_examples(builder: LocalFilesBuilder, split: str, paths: Sequence[str]) -> Examples:
+    for tokens, tags in readers.read_conll(paths[0]):
+        yield {"tokens": tokens, "tags": readers.label_ids(tags, builder.names, paths[0], integers=False)}
+
+
+def _idx_examples(builder: LocalFilesBuilder, split: str, paths: Sequence[str]) -> Examples:
+    images, labels = readers.read_idx_split(*paths, num_classes=NUM_IMAGE_CLASSES)
+    return ({"image": image, "label": int(label)} for image, label in zip(images, labels))
+
+
+def _class_label(builder: LocalFilesBuilder) -> tfds.features.ClassLabel:
+    return tfds.features.ClassLabel(names=list(builder.names))
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A file format: the features of its examples and the reader of one split's files.
+
+    Attributes:
+      features: builder -> the feature dict.
+      examples: (builder, split, the split's files) -> its examples in file order. Readers of
+        images and aligned text parse the files when called, so that a bad file fails before
+        TFDS writes anything; the others read as TFDS iterates.
+    """
+
+    features: Callable[[LocalFilesBuilder], dict[str, Any]]
+    examples: Callable[[LocalFilesBuilder, str, Sequence[str]], Examples]
+
+
+FORMATS = {
+    "text": Format(lambda b: {"text": tfds.features.Text()}, _text_examples),
+    "aligned": Format(lambda b: {key: tfds.features.Text() for key in b.KEYS}, _aligned_examples),
+    "tsv": Format(lambda b: {"text": tfds.features.Text(), "label": _class_label(b)}, _tsv_examples),
+    "conll": Format(
+        lambda b: {
+            "tokens": tfds.features.Sequence(tfds.features.Text()),
+            "tags": tfds.features.Sequence(_class_label(b)),
+        },
+        _conll_examples,
+    ),
+    "idx": Format(
+        lambda b: {
+            "image": tfds.features.Tensor(shape=IMAGE_SHAPE, dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=NUM_IMAGE_CLASSES),
+        },
+        _idx_examples,
+    ),
+}
+
+
+class LocalCodePath:
     """Points TFDS's `code_path` at this file.
 
     TFDS 4.9.10 computes `code_path` for a builder inside a package through
@@ -157,7 +229,79 @@ class _LocalCodePath:
         return epath.Path(__file__)
 
 
-class JaxlmTinyShakespeare(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+class LocalFilesBuilder(LocalCodePath, tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A TFDS builder over local files, read by the row `FORMAT` of `FORMATS`.
+
+    Bundled data sets name their files in `SPLIT_FILES` (under `$JAXLM_DATA_DIR/DIRECTORY`, or
+    `input_dir`); the others take them (and their class names) from a builder config. Examples
+    keep the order of the files (`disable_shuffling`): example i of a split is row i of its
+    files.
+    """
+
+    VERSION = _VERSION
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {}
+    FORMAT: ClassVar[str] = ""
+    DESCRIPTION: ClassVar[str] = ""
+    HOMEPAGE: ClassVar[str | None] = None
+    SUPERVISED_KEYS: ClassVar[tuple[str, str] | None] = None
+    DIRECTORY: ClassVar[str] = ""
+    SPLIT_FILES: ClassVar[dict[str, tuple[str, ...]]] = {}  # split -> files under DIRECTORY
+    NAMES: ClassVar[tuple[str, ...]] = ()  # the class names of a bundled labeled data set
+    KEYS: ClassVar[tuple[str, str]] = ("source", "target")  # the two sides of aligned text
+    one_document = False  # See TextSource.
+
+    def __init__(self, *, input_dir: str = "", **kwargs: Any):
+        """Args: input_dir: a bundled data set's files (default `$JAXLM_DATA_DIR/DIRECTORY`)."""
+        self._input_dir = input_dir
+        super().__init__(**kwargs)
+
+    @property
+    def input_dir(self) -> Path:
+        return Path(self._input_dir or jaxlm_data_dir() / self.DIRECTORY)
+
+    def split_files(self) -> dict[str, tuple[str, ...]]:
+        """Each split's files, in the order the format reads them."""
+        return {
+            split: tuple(str(self.input_dir / file) for file in files)
+            for split, files in self.SPLIT_FILES.items()
+        }
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.NAMES
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=tfds.features.FeaturesDict(FORMATS[self.FORMAT].features(self)),
+            supervised_keys=self.SUPERVISED_KEYS,
+            homepage=self.HOMEPAGE,
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager  # Offline: the files are local.
+        read = FORMATS[self.FORMAT].examples
+        splits = {}
+        for split, paths in self.split_files().items():  # Each split's files checked, then read.
+            for path in paths:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(
+                        f"{self.name} file not found at {path!r}. Set $JAXLM_DATA_DIR to the"
+                        f" directory holding {self.DIRECTORY}/ ({', '.join(self._file_names())})."
+                    )
+            splits[split] = enumerate(read(self, split, paths))
+        return splits
+
+    def _file_names(self) -> list[str]:
+        return sorted({file for files in self.SPLIT_FILES.values() for file in files})
+
+    def _generate_examples(self) -> Iterator:  # TFDS's abstract method; see _split_generators.
+        raise NotImplementedError
+
+
+class JaxlmTinyShakespeare(LocalFilesBuilder):
     """Tiny Shakespeare with nanoGPT's 90/10 character split.
 
     Concatenating the examples of a split in index order gives the split's text
@@ -165,46 +309,16 @@ class JaxlmTinyShakespeare(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
     """
 
     name = TINY_SHAKESPEARE
-    VERSION = _VERSION
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "nanoGPT split, 10k-character chunks."}
-
-    def __init__(self, *, input_path: str = "", **kwargs: Any):
-        """Args: input_path: the raw text (default `$JAXLM_DATA_DIR/tinyshakespeare/input.txt`)."""
-        self._input_path = input_path
-        super().__init__(**kwargs)
-
-    @property
-    def one_document(self) -> bool:
-        return True
-
-    @property
-    def input_path(self) -> Path:
-        return Path(self._input_path or jaxlm_data_dir() / "tinyshakespeare" / "input.txt")
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Tiny Shakespeare (karpathy/char-rnn), split as nanoGPT does.",
-            features=_text_features(),
-            homepage="https://github.com/karpathy/char-rnn",
-            disable_shuffling=True,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        del dl_manager  # Offline: the file is local.
-        if not self.input_path.is_file():
-            raise FileNotFoundError(
-                f"Tiny Shakespeare text not found at {str(self.input_path)!r}. Set $JAXLM_DATA_DIR"
-                " to the directory holding tinyshakespeare/input.txt."
-            )
-        train, validation = _split_chars(self.input_path.read_text(encoding="utf-8"))
-        return {
-            "train": self._generate_examples(train),
-            "validation": self._generate_examples(validation),
-        }
-
-    def _generate_examples(self, text: str) -> Iterator[tuple[int, dict[str, str]]]:
-        return _chunks(text)
+    FORMAT = "text"
+    DESCRIPTION = "Tiny Shakespeare (karpathy/char-rnn), split as nanoGPT does."
+    HOMEPAGE = "https://github.com/karpathy/char-rnn"
+    DIRECTORY = "tinyshakespeare"
+    SPLIT_FILES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("input.txt",),
+        "validation": ("input.txt",),
+    }
+    one_document = True
 
 
 @dataclasses.dataclass(eq=False)
@@ -278,12 +392,7 @@ def split_paths(paths: Sequence[str], val_fraction: float) -> tuple[list[str], l
     )
 
 
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
-class JaxlmTextFiles(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+class JaxlmTextFiles(LocalFilesBuilder):
     """Local text files: one file is one document (example), in sorted path order.
 
     With two or more files, `validation` is every k-th file (see `split_paths`).
@@ -295,84 +404,28 @@ class JaxlmTextFiles(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
     """
 
     name = TEXT_FILES
-    VERSION = _VERSION
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "One document per file; every k-th file is validation."
     }
+    FORMAT = "text"
+    DESCRIPTION = "Local text files, one document per file."
 
     @property
-    def one_document(self) -> bool:
+    def one_document(self) -> bool:  # type: ignore[override]
         """Whether the examples are chunks of one document (a single input file)."""
         return len(self.builder_config.paths) == 1
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Local text files, one document per file.",
-            features=_text_features(),
-            disable_shuffling=True,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        del dl_manager
+    def split_files(self) -> dict[str, tuple[str, ...]]:
         config = self.builder_config
         if not isinstance(config, TextFilesConfig) or not config.paths:
             raise ValueError(f"{TEXT_FILES} needs config=text_files_config(files).")
         if self.one_document:
-            train, validation = _split_chars(_read(config.paths[0]))
-            return {"train": _chunks(train), "validation": _chunks(validation)}
+            return {"train": config.paths, "validation": config.paths}
         train, validation = split_paths(config.paths, config.val_fraction)
-        return {
-            "train": self._generate_examples(train),
-            "validation": self._generate_examples(validation),
-        }
-
-    def _generate_examples(self, paths: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
-        for i, path in enumerate(paths):
-            yield i, {"text": _read(path)}
+        return {"train": tuple(train), "validation": tuple(validation)}
 
 
-def read_lines(path: str | os.PathLike[str]) -> list[str]:
-    """Returns the lines of a UTF-8 text file (plain, or gzip when the name ends in .gz).
-
-    Only '\\n' ends a line (a '\\r' before it is dropped): `str.splitlines` would also split at
-    characters such as U+2028 inside a sentence and break the alignment of a parallel corpus.
-    Invalid UTF-8 is decoded as U+FFFD.
-    """
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        lines = f.read().decode("utf-8", errors="replace").split("\n")
-    if lines[-1] == "":
-        lines.pop()  # The newline that ends the last line (or an empty file).
-    return [line.removesuffix("\r") for line in lines]
-
-
-def read_aligned(
-    source_path: str | os.PathLike[str], target_path: str | os.PathLike[str]
-) -> list[tuple[str, str]]:
-    """Returns the (source line, target line) pairs of two line-aligned files.
-
-    Raises:
-      ValueError: naming both files, when their line counts differ.
-    """
-    sources, targets = read_lines(source_path), read_lines(target_path)
-    if len(sources) != len(targets):
-        raise ValueError(
-            f"Line counts differ: {str(source_path)!r} has {len(sources)} lines but"
-            f" {str(target_path)!r} has {len(targets)}; line i of the source file must translate"
-            " line i of the target file."
-        )
-    return list(zip(sources, targets))
-
-
-def _pair_examples(
-    pairs: Sequence[tuple[str, str]], keys: tuple[str, str]
-) -> Iterator[tuple[int, dict[str, str]]]:
-    for i, (source, target) in enumerate(pairs):
-        yield i, {keys[0]: source, keys[1]: target}
-
-
-class JaxlmMulti30k(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+class JaxlmMulti30k(LocalFilesBuilder):
     """Multi30k task 1: English-German image captions, one example per sentence pair.
 
     Example i of a split is line i of its raw `.en` and `.de` files (raw text: not tokenized, not
@@ -380,53 +433,18 @@ class JaxlmMulti30k(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
     """
 
     name = MULTI30K
-    VERSION = _VERSION
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Task 1 train (29,000 pairs) and validation (1,014), raw text."
     }
-    # Split -> the raw files' prefix.
-    SPLIT_FILES: ClassVar[dict[str, str]] = {"train": "train", "validation": "val"}
-    LANGUAGES = ("en", "de")
-    one_document = False  # See TextSource.
-
-    def __init__(self, *, input_dir: str = "", **kwargs: Any):
-        """Args: input_dir: the raw files' directory (default `$JAXLM_DATA_DIR/multi30k`)."""
-        self._input_dir = input_dir
-        super().__init__(**kwargs)
-
-    @property
-    def input_dir(self) -> Path:
-        return Path(self._input_dir or jaxlm_data_dir() / "multi30k")
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Multi30k task 1 (Elliott et al. 2016), English-German, raw text.",
-            features=tfds.features.FeaturesDict(
-                {language: tfds.features.Text() for language in self.LANGUAGES}
-            ),
-            homepage="https://github.com/multi30k/dataset",
-            disable_shuffling=True,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        del dl_manager  # Offline: the files are local.
-        splits = {}
-        for split, prefix in self.SPLIT_FILES.items():
-            paths = [self.input_dir / f"{prefix}.{language}.gz" for language in self.LANGUAGES]
-            for path in paths:
-                if not path.is_file():
-                    raise FileNotFoundError(
-                        f"Multi30k file not found at {str(path)!r}. Set $JAXLM_DATA_DIR to the"
-                        " directory holding multi30k/{train,val}.{en,de}.gz."
-                    )
-            splits[split] = self._generate_examples(read_aligned(*paths))
-        return splits
-
-    def _generate_examples(
-        self, pairs: Sequence[tuple[str, str]]
-    ) -> Iterator[tuple[int, dict[str, str]]]:
-        return _pair_examples(pairs, self.LANGUAGES)
+    FORMAT = "aligned"
+    DESCRIPTION = "Multi30k task 1 (Elliott et al. 2016), English-German, raw text."
+    HOMEPAGE = "https://github.com/multi30k/dataset"
+    DIRECTORY = "multi30k"
+    SPLIT_FILES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("train.en.gz", "train.de.gz"),
+        "validation": ("val.en.gz", "val.de.gz"),
+    }
+    KEYS = ("en", "de")
 
 
 @dataclasses.dataclass(eq=False)
@@ -464,7 +482,7 @@ def parallel_text_config(files: str) -> ParallelTextConfig:
     )
 
 
-class JaxlmParallelText(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+class JaxlmParallelText(LocalFilesBuilder):
     """Two local line-aligned files: example i is (line i of the source, line i of the target).
 
     One split, `train`; carve validation out with TFDS slicing (e.g. 'train[-1000:]') or give
@@ -472,149 +490,15 @@ class JaxlmParallelText(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
     """
 
     name = PARALLEL_TEXT
-    VERSION = _VERSION
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "One example per line pair."}
-    one_document = False  # See TextSource.
+    FORMAT = "aligned"
+    DESCRIPTION = "Local parallel text, one sentence pair per line."
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="Local parallel text, one sentence pair per line.",
-            features=tfds.features.FeaturesDict(
-                {"source": tfds.features.Text(), "target": tfds.features.Text()}
-            ),
-            disable_shuffling=True,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        del dl_manager
+    def split_files(self) -> dict[str, tuple[str, ...]]:
         config = self.builder_config
         if not isinstance(config, ParallelTextConfig) or not config.source_path:
             raise ValueError(f"{PARALLEL_TEXT} needs config=parallel_text_config(files).")
-        return {
-            "train": self._generate_examples(read_aligned(config.source_path, config.target_path))
-        }
-
-    def _generate_examples(
-        self, pairs: Sequence[tuple[str, str]]
-    ) -> Iterator[tuple[int, dict[str, str]]]:
-        return _pair_examples(pairs, ("source", "target"))
-
-
-def _file_error(path: str | os.PathLike[str], line: int, message: str) -> ValueError:
-    return ValueError(f"{path}, line {line}: {message}")
-
-
-def read_tsv(path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
-    """Returns the (texts, labels) of a sentence-classification TSV file, labels as written.
-
-    The first line names the tab-separated columns: the text is the `sentence` or `text`
-    column, the label the `label` column; other columns are ignored, as are blank lines.
-
-    Raises:
-      ValueError: naming the file and line, for a header without those columns, a row whose
-        number of fields differs from the header's, or an empty label.
-    """
-    lines = read_lines(path)
-    header = lines[0].split("\t") if lines else []
-    text_column = next((c for c in TSV_TEXT_COLUMNS if c in header), None)
-    if text_column is None or "label" not in header:
-        raise _file_error(
-            path,
-            1,
-            f"the header {header} needs a text column ({' or '.join(TSV_TEXT_COLUMNS)})"
-            " and a 'label' column, separated by tabs.",
-        )
-    text, label = header.index(text_column), header.index("label")
-    texts, labels = [], []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line:
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(header):
-            raise _file_error(
-                path, number, f"{len(fields)} tab-separated fields; the header has {len(header)}."
-            )
-        if not fields[label]:
-            raise _file_error(path, number, "the label is empty.")
-        texts.append(fields[text])
-        labels.append(fields[label])
-    return texts, labels
-
-
-def read_conll(path: str | os.PathLike[str]) -> list[tuple[list[str], list[str]]]:
-    """Returns the (tokens, tags) sentences of a CoNLL file, tags as written.
-
-    One token per line in whitespace-separated columns, the token first and its tag last (e.g.
-    CoNLL-2003's `TOKEN POS CHUNK NER`); a blank line ends a sentence; `-DOCSTART-` lines mark
-    documents and are skipped.
-
-    Raises:
-      ValueError: naming the file and line, for a line with one column, or with another number
-        of columns than the file's first token line.
-    """
-    sentences: list[tuple[list[str], list[str]]] = []
-    tokens: list[str] = []
-    tags: list[str] = []
-    columns = 0
-    for number, line in enumerate(read_lines(path), start=1):
-        fields = line.split()
-        if not fields:
-            if tokens:
-                sentences.append((tokens, tags))
-                tokens, tags = [], []
-            continue
-        if len(fields) < 2 or columns and len(fields) != columns:
-            expected = columns or "at least 2 (token ... tag)"
-            raise _file_error(path, number, f"{len(fields)} columns, expected {expected}.")
-        columns = len(fields)
-        if fields[0] != "-DOCSTART-":
-            tokens.append(fields[0])
-            tags.append(fields[-1])
-    if tokens:
-        sentences.append((tokens, tags))
-    return sentences
-
-
-def _is_integer(label: str) -> bool:
-    return re.fullmatch(r"[0-9]+", label) is not None
-
-
-def tsv_label_names(labels: Sequence[str]) -> list[str]:
-    """The class names for `labels`: '0'..'k' when all are integers (k the largest), else the
-    sorted distinct strings."""
-    if all(_is_integer(label) for label in labels):
-        return [str(i) for i in range(max(int(label) for label in labels) + 1)]
-    return sorted(set(labels))
-
-
-def conll_tag_names(sentences: Sequence[tuple[Sequence[str], Sequence[str]]]) -> list[str]:
-    """The sorted distinct tags of `sentences`, 'O' (outside any entity) first."""
-    tags = {tag for _, sentence_tags in sentences for tag in sentence_tags}
-    return sorted(tags, key=lambda tag: (tag != "O", tag))
-
-
-def label_ids(
-    labels: Sequence[str],
-    names: Sequence[str],
-    path: str | os.PathLike[str],
-    *,
-    integers: bool = True,
-) -> list[int]:
-    """Maps labels as written to class ids: a name to its index, else (`integers`) an integer
-    label to itself (SST-2 writes 0/1 for negative/positive).
-
-    Raises:
-      ValueError: naming `path`, for a label that is neither.
-    """
-    index = {name: i for i, name in enumerate(names)}
-    ids = []
-    for label in labels:
-        i = index.get(label, int(label) if integers and _is_integer(label) else -1)
-        if not 0 <= i < len(names):
-            raise ValueError(f"{path}: label {label!r} is not one of {list(names)}.")
-        ids.append(i)
-    return ids
+        return {"train": (config.source_path, config.target_path)}
 
 
 @dataclasses.dataclass(eq=False)
@@ -651,9 +535,9 @@ def labeled_files_config(name: str, files: str) -> LabeledFilesConfig:
     if "train" not in splits:
         raise ValueError(f'{name} needs a train file, files="train=PATH,..."; got {files!r}.')
     if name == TSV:
-        names = tsv_label_names(read_tsv(splits["train"])[1])
+        names = readers.tsv_label_names(readers.read_tsv(splits["train"])[1])
     else:
-        names = conll_tag_names(read_conll(splits["train"]))
+        names = readers.conll_tag_names(readers.read_conll(splits["train"]))
     items = tuple(sorted(splits.items()))
     return LabeledFilesConfig(
         name=_files_config_name([name, [split for split, _ in items]], [p for _, p in items]),
@@ -663,34 +547,19 @@ def labeled_files_config(name: str, files: str) -> LabeledFilesConfig:
     )
 
 
-class _LabeledBuilder(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
+class _LabeledBuilder(LocalFilesBuilder, skip_registration=True):
     """Labeled local files, one per split, one example per row (sentence) in file order.
 
-    Bundled data sets name their files in `SPLIT_FILES` (under `$JAXLM_DATA_DIR/DIRECTORY`, or
-    `input_dir`) and their classes in `NAMES`; the others take both from a
-    `LabeledFilesConfig`. Tagging builders read CoNLL files into `tokens` and `tags`, the
-    others TSV files into `text` and `label`.
+    Bundled data sets name their files in `SPLIT_FILES` and their classes in `NAMES`; the
+    others take both from a `LabeledFilesConfig`.
     """
 
-    VERSION = _VERSION
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "One example per row, in file order."}
-    DIRECTORY: ClassVar[str] = ""
-    SPLIT_FILES: ClassVar[dict[str, str]] = {}
-    NAMES: ClassVar[tuple[str, ...]] = ()
-    TAGGING: ClassVar[bool] = False
-    one_document = False  # See TextSource.
 
-    def __init__(self, *, input_dir: str = "", **kwargs: Any):
-        """Args: input_dir: a bundled data set's directory (default `$JAXLM_DATA_DIR/DIRECTORY`)."""
-        self._input_dir = input_dir
-        super().__init__(**kwargs)
-
-    @property
-    def split_files(self) -> dict[str, str]:
+    def split_files(self) -> dict[str, tuple[str, ...]]:
         if self.SPLIT_FILES:
-            directory = Path(self._input_dir or jaxlm_data_dir() / self.DIRECTORY)
-            return {split: str(directory / file) for split, file in self.SPLIT_FILES.items()}
-        return dict(self._files_config().files)
+            return super().split_files()
+        return {split: (path,) for split, path in self._files_config().files}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -704,79 +573,104 @@ class _LabeledBuilder(_LocalCodePath, tfds.core.GeneratorBasedBuilder):
             )
         return config
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        label = tfds.features.ClassLabel(names=list(self.names))
-        if self.TAGGING:
-            features = {
-                "tokens": tfds.features.Sequence(tfds.features.Text()),
-                "tags": tfds.features.Sequence(label),
-            }
-        else:
-            features = {"text": tfds.features.Text(), "label": label}
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(self.__doc__ or "").split("\n")[0],
-            features=tfds.features.FeaturesDict(features),
-            disable_shuffling=True,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
-        del dl_manager  # Offline: the files are local.
-        for path in self.split_files.values():
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{self.name} file not found at {path!r}. Set $JAXLM_DATA_DIR to the directory"
-                    f" holding {self.DIRECTORY}/."
-                )
-        return {split: self._generate_examples(path) for split, path in self.split_files.items()}
-
-    def _generate_examples(self, path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-        if self.TAGGING:
-            for i, (tokens, tags) in enumerate(read_conll(path)):
-                tag_ids = label_ids(tags, self.names, path, integers=False)
-                yield i, {"tokens": tokens, "tags": tag_ids}
-        else:
-            texts, labels = read_tsv(path)
-            for i, (text, label) in enumerate(zip(texts, label_ids(labels, self.names, path))):
-                yield i, {"text": text, "label": label}
-
 
 class JaxlmSst2(_LabeledBuilder):
     """GLUE SST-2: binary sentiment of movie-review sentences (lower-cased, tokenized)."""
 
     name = SST2
+    FORMAT = "tsv"
+    DESCRIPTION = "GLUE SST-2: binary sentiment of movie-review sentences (lower-cased, tokenized)."
     DIRECTORY = "sst2"
-    SPLIT_FILES: ClassVar[dict[str, str]] = {"train": "train.tsv", "validation": "dev.tsv"}
+    SPLIT_FILES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("train.tsv",),
+        "validation": ("dev.tsv",),
+    }
     NAMES = SST2_LABELS
 
 
 class JaxlmTsv(_LabeledBuilder):
-    """Local sentence-classification TSV files (see `read_tsv`), one per split.
+    """Local sentence-classification TSV files (see `readers.read_tsv`), one per split.
 
     Build it with `config=labeled_files_config(TSV, files)`.
     """
 
     name = TSV
+    FORMAT = "tsv"
+    DESCRIPTION = "Local sentence-classification TSV files (see `read_tsv`), one per split."
 
 
 class JaxlmConll2003(_LabeledBuilder):
     """CoNLL-2003 English named entities, IOB2 tags over PER, ORG, LOC and MISC."""
 
     name = CONLL2003
+    FORMAT = "conll"
+    DESCRIPTION = "CoNLL-2003 English named entities, IOB2 tags over PER, ORG, LOC and MISC."
     DIRECTORY = "conll2003"
-    SPLIT_FILES: ClassVar[dict[str, str]] = {"train": "train.txt", "validation": "valid.txt"}
+    SPLIT_FILES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "train": ("train.txt",),
+        "validation": ("valid.txt",),
+    }
     NAMES = CONLL_TAGS
-    TAGGING = True
 
 
 class JaxlmConll(_LabeledBuilder):
-    """Local CoNLL token-tagging files (see `read_conll`), one per split.
+    """Local CoNLL token-tagging files (see `readers.read_conll`), one per split.
 
     Build it with `config=labeled_files_config(CONLL, files)`.
     """
 
     name = CONLL
-    TAGGING = True
+    FORMAT = "conll"
+    DESCRIPTION = "Local CoNLL token-tagging files (see `read_conll`), one per split."
+
+
+class _IdxImages(LocalFilesBuilder, skip_registration=True):
+    """28x28 grey images in 10 classes from IDX files (LeCun's format and file names)."""
+
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "IDX files as uint8 tensors, in file order."
+    }
+    FORMAT = "idx"
+    SUPERVISED_KEYS = ("image", "label")
+    SPLIT_FILES: ClassVar[dict[str, tuple[str, ...]]] = {
+        split: (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
+        for split, prefix in {"train": "train", "test": "t10k"}.items()
+    }
+
+
+class JaxlmMnist(_IdxImages):
+    """MNIST handwritten digits from `$JAXLM_DATA_DIR/mnist`."""
+
+    name = MNIST
+    DESCRIPTION = "mnist from its IDX files (LeCun's format and file names)."
+    HOMEPAGE = "http://yann.lecun.com/exdb/mnist/"
+    DIRECTORY = "mnist"
+
+
+class JaxlmFashionMnist(_IdxImages):
+    """Fashion-MNIST (Zalando) from `$JAXLM_DATA_DIR/fashion_mnist`."""
+
+    name = FASHION_MNIST
+    DESCRIPTION = "fashion_mnist from its IDX files (LeCun's format and file names)."
+    HOMEPAGE = "https://github.com/zalandoresearch/fashion-mnist"
+    DIRECTORY = "fashion_mnist"
+
+
+_BUILDERS: dict[str, type[LocalFilesBuilder]] = {
+    builder.name: builder
+    for builder in (
+        JaxlmTinyShakespeare,
+        JaxlmTextFiles,
+        JaxlmMulti30k,
+        JaxlmParallelText,
+        JaxlmSst2,
+        JaxlmTsv,
+        JaxlmConll2003,
+        JaxlmConll,
+        JaxlmMnist,
+        JaxlmFashionMnist,
+    )
+}
 
 
 def _feature_text(example: dict[str, Any], key: str, setting: str) -> str:
@@ -861,7 +755,8 @@ class PairSource(Sequence[tuple[str, str]]):
             yield from self.__getitems__(range(start, min(start + batch_size, len(self))))
 
 
-def _check_split(name: str, split: str, builder: tfds.core.DatasetBuilder) -> None:
+def check_split(name: str, split: str, builder: tfds.core.DatasetBuilder) -> None:
+    """Raises ValueError, listing the splits, for a plain split name that `builder` lacks."""
     available = sorted(builder.info.splits.keys())
     if re.fullmatch(r"\w+", split) and split not in available:
         raise ValueError(
@@ -869,29 +764,50 @@ def _check_split(name: str, split: str, builder: tfds.core.DatasetBuilder) -> No
         )
 
 
+def builder_config(name: str, files: str = "", val_fraction: float = 0.1) -> Any:
+    """The builder config of `name` for its `files` (None for the bundled data sets)."""
+    if name == TEXT_FILES:
+        return text_files_config(files, val_fraction)
+    if name == PARALLEL_TEXT:
+        return parallel_text_config(files)
+    if name in (TSV, CONLL):
+        return labeled_files_config(name, files)
+    return None
+
+
+def make_builder(
+    name: str, *, data_dir: str = "", files: str = "", val_fraction: float = 0.1,
+    input_dir: str = "",
+) -> tfds.core.DatasetBuilder:
+    """The jaxlm builder `name`, not prepared (its `info` gives the features).
+
+    `input_dir` overrides where a bundled data set's files are read from when preparing.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"{name!r} is not a jaxlm builder ({', '.join(_BUILDERS)}).")
+    config = builder_config(name, files, val_fraction)
+    return _BUILDERS[name](
+        input_dir=input_dir,
+        data_dir=tfds_data_dir(data_dir),
+        file_format="array_record",
+        **({} if config is None else {"config": config}),
+    )
+
+
 def get_builder(
-    name: str, *, data_dir: str = "", files: str = "", val_fraction: float = 0.1
+    name: str, *, data_dir: str = "", files: str = "", val_fraction: float = 0.1,
+    input_dir: str = "",
 ) -> tfds.core.DatasetBuilder:
     """Returns the prepared jaxlm builder `name` (preparing it on first use)."""
-    kwargs = {"data_dir": tfds_data_dir(data_dir), "file_format": "array_record"}
-    if name == TINY_SHAKESPEARE:
-        make = functools.partial(JaxlmTinyShakespeare, **kwargs)
-    elif name == TEXT_FILES:
-        make = functools.partial(
-            JaxlmTextFiles, config=text_files_config(files, val_fraction), **kwargs
-        )
-    elif name == MULTI30K:
-        make = functools.partial(JaxlmMulti30k, **kwargs)
-    elif name == PARALLEL_TEXT:
-        make = functools.partial(JaxlmParallelText, config=parallel_text_config(files), **kwargs)
-    elif name in (SST2, CONLL2003):
-        make = functools.partial(JaxlmSst2 if name == SST2 else JaxlmConll2003, **kwargs)
-    elif name in (TSV, CONLL):
-        builder = JaxlmTsv if name == TSV else JaxlmConll
-        make = functools.partial(builder, config=labeled_files_config(name, files), **kwargs)
-    else:
-        raise ValueError(f"{name!r} is not a jaxlm builder ({', '.join(JAXLM_BUILDERS)}).")
-    return prepared(make, name, data_dir)
+    if name not in _BUILDERS:
+        raise ValueError(f"{name!r} is not a jaxlm builder ({', '.join(_BUILDERS)}).")
+    return prepared(
+        lambda: make_builder(
+            name, data_dir=data_dir, files=files, val_fraction=val_fraction, input_dir=input_dir
+        ),
+        name,
+        data_dir,
+    )
 
 
 def prepared(
@@ -921,7 +837,7 @@ def _prepared_split(
     be a feature of the data set.
     """
     builder = get_builder(name, data_dir=data_dir, files=files)
-    _check_split(name, split, builder)
+    check_split(name, split, builder)
     features = sorted(builder.info.features.keys())
     for setting, key in keys.items():
         if key not in features:
@@ -931,7 +847,8 @@ def _prepared_split(
     return builder, builder.as_data_source(split=split)
 
 
-def _check_files(name: str, files: str) -> None:
+def check_files(name: str, files: str) -> None:
+    """Raises ValueError when `files` is given to a builder that does not read it."""
     if files and name not in FILES_BUILDERS:
         raise ValueError(
             f"`files` is only used with {', '.join(FILES_BUILDERS)}, not with {name!r}."
@@ -958,7 +875,7 @@ def get_source(
     Returns:
       A `TextSource`: `len`, `[i]` and `__getitems__` give `str` documents.
     """
-    _check_files(name, files)
+    check_files(name, files)
     if name in JAXLM_BUILDERS:
         builder, source = _prepared_split(
             name, split, data_dir=data_dir, files=files, text_key=text_key
@@ -991,7 +908,7 @@ def get_pairs(
     Returns:
       A `PairSource`: `len`, `[i]` and `__getitems__` give `(source, target)` strings.
     """
-    _check_files(name, files)
+    check_files(name, files)
     keys = {"source_key": source_key, "target_key": target_key}
     if name in JAXLM_BUILDERS:
         builder, source = _prepared_split(name, split, data_dir=data_dir, files=files, **keys)

@@ -1,9 +1,7 @@
-"""Image classification data: IDX files (MNIST, Fashion-MNIST) as TFDS builders, Grain batches.
+"""Image classification data: a split's images and labels in memory -> Grain batches.
 
 Public functions:
 
-  read_idx(path, magic) -> np.ndarray                     # uint8, shape from the header
-  read_idx_split(directory, prefix) -> (uint8[n, H, W, 1], uint8[n])
   get_builder(name, *, data_dir='', input_dir='') -> tfds.core.DatasetBuilder
   get_images(name, split, *, data_dir='') -> (uint8[n, H, W, C], int32[n])
   num_classes(name, *, data_dir='') -> int
@@ -17,10 +15,11 @@ Public functions:
                process_index=0, process_count=1) -> list[dict[str, np.ndarray]]
   shift(images, offsets) -> np.ndarray                    # the 'shift' augmentation
 
-`jaxlm_mnist` and `jaxlm_fashion_mnist` are TFDS builders over the gzipped IDX
-files in `$JAXLM_DATA_DIR/mnist` and `$JAXLM_DATA_DIR/fashion_mnist` (LeCun's
-file names): splits 'train' (60,000) and 'test' (10,000), features
-{'image': uint8[28, 28, 1], 'label': ClassLabel(10)}, examples in file order.
+`jaxlm_mnist` and `jaxlm_fashion_mnist` are TFDS builders (`builders`) over the
+gzipped IDX files (`readers.read_idx`) in `$JAXLM_DATA_DIR/mnist` and
+`$JAXLM_DATA_DIR/fashion_mnist` (LeCun's file names): splits 'train' (60,000)
+and 'test' (10,000), features {'image': uint8[28, 28, 1], 'label':
+ClassLabel(10)}, examples in file order.
 They prepare on first use into `data_dir` (see `builders.tfds_data_dir`) and
 are then read as array_record data sources, without TensorFlow. Any other name
 is a TFDS catalog data set with features 'image' and 'label', read with
@@ -45,168 +44,21 @@ checkpointable: `get_state()` is a small JSON-serialisable dict.
 from __future__ import annotations
 
 import functools
-import gzip
-import math
-import os
-import sys
-import zlib
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxlm.data import builders, pipeline
+from jaxlm.data import batching, builders
 
-MNIST = "jaxlm_mnist"
-FASHION_MNIST = "jaxlm_fashion_mnist"
-IMAGES_MAGIC = 2051  # IDX: uint8 data (0x08), 3 dimensions.
-LABELS_MAGIC = 2049  # IDX: uint8 data (0x08), 1 dimension.
+MNIST = builders.MNIST
+FASHION_MNIST = builders.FASHION_MNIST
 AUGMENTATIONS = ("none", "shift")
 MAX_SHIFT = 2  # 'shift' translates by -MAX_SHIFT..MAX_SHIFT pixels on each axis.
-_SPLIT_FILES = {"train": "train", "test": "t10k"}  # split -> IDX file name prefix
-_NUM_CLASSES = 10
-_IMAGE_SHAPE = (28, 28, 1)
 _READ_CHUNK = 10_000
 _CACHE_SIZE = 8
 _images_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def read_idx(path: str | os.PathLike[str], magic: int) -> np.ndarray:
-    """Returns the uint8 data of an IDX file (gzipped when its name ends in `.gz`).
-
-    Args:
-      path: the file.
-      magic: the expected magic number, `IMAGES_MAGIC` or `LABELS_MAGIC`; its
-        low byte is the number of dimensions.
-
-    Returns:
-      A read-only uint8 array of the shape the header gives.
-
-    Raises:
-      ValueError: naming the file, when it is not valid gzip, has another magic
-        number, or holds more or fewer bytes than its header says.
-    """
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise ValueError(f"{str(path)!r} is not a readable gzip file: {e}") from e
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    found = int.from_bytes(data[:4], "big")
-    if len(data) < header or found != magic:
-        raise ValueError(
-            f"{str(path)!r} is not an IDX file with magic number {magic}: found {found}"
-            f" in a file of {len(data)} bytes."
-        )
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    if len(data) - header != math.prod(shape):
-        raise ValueError(
-            f"{str(path)!r}: the header gives shape {shape} ({math.prod(shape)} bytes) but"
-            f" {len(data) - header} bytes of data follow it."
-        )
-    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
-
-
-def read_idx_split(directory: str | os.PathLike[str], prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (uint8[n, H, W, 1], uint8[n]) from `PREFIX-images-idx3-ubyte.gz` and its labels."""
-    images_path = Path(directory) / f"{prefix}-images-idx3-ubyte.gz"
-    labels_path = Path(directory) / f"{prefix}-labels-idx1-ubyte.gz"
-    images = read_idx(images_path, IMAGES_MAGIC)
-    labels = read_idx(labels_path, LABELS_MAGIC)
-    if len(images) != len(labels):
-        raise ValueError(
-            f"{str(images_path)!r} holds {len(images)} images but {str(labels_path)!r}"
-            f" {len(labels)} labels."
-        )
-    if len(labels) and labels.max() >= _NUM_CLASSES:
-        raise ValueError(f"{str(labels_path)!r} has label {labels.max()} >= {_NUM_CLASSES}.")
-    return images[..., None], labels
-
-
-class _IdxImages(builders._LocalCodePath, tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """28x28 grey images in 10 classes from IDX files; subclasses name the data directory.
-
-    Examples keep the order of the files (`disable_shuffling`), so example i of
-    a split is image i of its IDX file.
-    """
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {
-        "1.0.0": "IDX files as uint8 tensors, in file order."
-    }
-    SUBDIR = ""
-    HOMEPAGE = ""
-
-    def __init__(self, *, input_dir: str = "", **kwargs: Any):
-        """Args: input_dir: the IDX files (default `$JAXLM_DATA_DIR/SUBDIR`)."""
-        self._input_dir = input_dir
-        super().__init__(**kwargs)
-
-    @property
-    def input_dir(self) -> Path:
-        return Path(self._input_dir or builders.jaxlm_data_dir() / self.SUBDIR)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=f"{self.SUBDIR} from its IDX files (LeCun's format and file names).",
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=_IMAGE_SHAPE, dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(num_classes=_NUM_CLASSES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            homepage=self.HOMEPAGE,
-            disable_shuffling=True,
-        )
-
-    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-        del dl_manager  # Offline: the files are local.
-        if not self.input_dir.is_dir():
-            raise FileNotFoundError(
-                f"{self.name}: no directory {str(self.input_dir)!r}. Set $JAXLM_DATA_DIR to the"
-                f" directory holding {self.SUBDIR}/ with the gzipped IDX files."
-            )
-        # Parsed here, before TFDS writes anything, so that a bad file fails fast.
-        return {
-            split: self._generate_examples(*read_idx_split(self.input_dir, prefix))
-            for split, prefix in _SPLIT_FILES.items()
-        }
-
-    def _generate_examples(self, images: np.ndarray, labels: np.ndarray) -> Any:
-        for i, (image, label) in enumerate(zip(images, labels)):
-            yield i, {"image": image, "label": int(label)}
-
-
-class JaxlmMnist(_IdxImages):
-    """MNIST handwritten digits from `$JAXLM_DATA_DIR/mnist`."""
-
-    SUBDIR = "mnist"
-    HOMEPAGE = "http://yann.lecun.com/exdb/mnist/"
-
-
-class JaxlmFashionMnist(_IdxImages):
-    """Fashion-MNIST (Zalando) from `$JAXLM_DATA_DIR/fashion_mnist`."""
-
-    SUBDIR = "fashion_mnist"
-    HOMEPAGE = "https://github.com/zalandoresearch/fashion-mnist"
-
-
-_BUILDERS = {MNIST: JaxlmMnist, FASHION_MNIST: JaxlmFashionMnist}
-
-
-def _make_builder(name: str, data_dir: str, input_dir: str = "") -> tfds.core.DatasetBuilder:
-    if name not in _BUILDERS:
-        raise ValueError(f"{name!r} is not a jaxlm image builder ({', '.join(_BUILDERS)}).")
-    return _BUILDERS[name](
-        input_dir=input_dir, data_dir=builders.tfds_data_dir(data_dir), file_format="array_record"
-    )
 
 
 def get_builder(name: str, *, data_dir: str = "", input_dir: str = "") -> tfds.core.DatasetBuilder:
@@ -214,13 +66,21 @@ def get_builder(name: str, *, data_dir: str = "", input_dir: str = "") -> tfds.c
 
     `input_dir` overrides where the IDX files are read from when preparing.
     """
-    return builders.prepared(functools.partial(_make_builder, name, data_dir, input_dir), name, data_dir)
+    _check_builder(name)
+    return builders.get_builder(name, data_dir=data_dir, input_dir=input_dir)
+
+
+def _check_builder(name: str) -> None:
+    if name not in builders.IMAGE_BUILDERS:
+        raise ValueError(
+            f"{name!r} is not a jaxlm image builder ({', '.join(builders.IMAGE_BUILDERS)})."
+        )
 
 
 def _data_source(name: str, split: str, data_dir: str) -> Any:
-    if name in _BUILDERS:
+    if name in builders.IMAGE_BUILDERS:
         builder = get_builder(name, data_dir=data_dir)
-        builders._check_split(name, split, builder)
+        builders.check_split(name, split, builder)
         return builder.as_data_source(split=split)
     return tfds.data_source(name, split=split, data_dir=data_dir or None, download=True)
 
@@ -271,8 +131,8 @@ def get_images(name: str, split: str, *, data_dir: str = "") -> tuple[np.ndarray
 
 def _features(name: str, data_dir: str) -> tfds.features.FeaturesDict:
     """The features of `name`, read from the builder's metadata (nothing is prepared)."""
-    if name in _BUILDERS:
-        return _make_builder(name, data_dir).info.features
+    if name in builders.IMAGE_BUILDERS:
+        return builders.make_builder(name, data_dir=data_dir).info.features
     return tfds.builder(name, data_dir=data_dir or None).info.features
 
 
@@ -382,7 +242,7 @@ def train_dataset(
     Returns:
       A MapDataset of batches (see the module docstring).
     """
-    b = pipeline._per_process_batch_size(global_batch_size, process_index, process_count)
+    batching.per_process_batch_size(global_batch_size, process_index, process_count)
     _check_augment(augment)
     count = len(images)
     if count < global_batch_size or len(labels) != count:
@@ -390,17 +250,20 @@ def train_dataset(
             f"Training needs at least one global batch ({global_batch_size}) of examples and"
             f" one label per image; got {count} images and {len(labels)} labels."
         )
-    rows = process_index * b + np.arange(b)
 
-    def load(step: int) -> dict[str, np.ndarray]:
-        indices, offsets = _train_rows(step * global_batch_size + rows, seed, count)
+    def gather(positions: np.ndarray) -> dict[str, np.ndarray]:
+        indices, offsets = _train_rows(positions, seed, count)
         batch = images[indices]
         if augment == "shift":
             batch = shift(batch, offsets)
-        return _batch(batch, labels[indices], np.ones(b, np.float32))
+        return _batch(batch, labels[indices], np.ones(len(positions), np.float32))
 
-    # As long as Grain's endless `repeat()`; the iterator state is the next step.
-    return grain.MapDataset.range(sys.maxsize).map(load)
+    return batching.gathered_batches(
+        gather,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def train_iterator(
@@ -446,17 +309,7 @@ def train_iterator(
         process_index=process_index,
         process_count=process_count,
     )
-    return pipeline.iterate(ds, num_threads, prefetch_buffer_size)
-
-
-def _eval_batch(images: np.ndarray, labels: np.ndarray, start: int, b: int) -> dict[str, Any]:
-    """Rows start..start+b, zero-padded (weight 0) past the end of the split."""
-    real = max(0, min(b, len(images) - start))
-    padded_images = np.zeros((b, *images.shape[1:]), images.dtype)
-    padded_images[:real] = images[start : start + real]
-    padded_labels = np.zeros(b, np.int32)
-    padded_labels[:real] = labels[start : start + real]
-    return _batch(padded_images, padded_labels, np.arange(b) < real)
+    return batching.iterate(ds, num_threads, prefetch_buffer_size)
 
 
 def eval_batches(
@@ -475,12 +328,19 @@ def eval_batches(
     the last global batch is filled with zero images of weight 0. Rows are split
     between processes as in `train_dataset`; the same every call.
     """
-    b = pipeline._per_process_batch_size(global_batch_size, process_index, process_count)
+    batching.per_process_batch_size(global_batch_size, process_index, process_count)
     images, labels = get_images(name, split, data_dir=data_dir)
-    num_batches = -(-len(images) // global_batch_size)
-    if max_batches > 0:
-        num_batches = min(num_batches, max_batches)
-    return [
-        _eval_batch(images, labels, j * global_batch_size + process_index * b, b)
-        for j in range(num_batches)
-    ]
+    padding = {
+        "image": np.zeros(images.shape[1:], np.float32),
+        "label": np.int32(0),
+        "weight": np.float32(0),
+    }
+    return batching.eval_batches(
+        len(images),
+        lambda rows: _batch(images[rows], labels[rows], np.ones(len(rows), np.float32)),
+        global_batch_size=global_batch_size,
+        max_batches=max_batches,
+        process_index=process_index,
+        process_count=process_count,
+        padding=padding,
+    )

@@ -33,7 +33,8 @@ np.int32(e[1])}` or `lambda e: encode_words(tok, *e, 128, specials)`, where `spe
 Training order: examples are shuffled with `seed`, a new permutation every epoch, repeated
 forever and batched into global batches; process p of P gets rows p*b..(p+1)*b of every global
 batch (b = global_batch_size // P), so the global batches do not depend on the process count.
-The iterators are checkpointable like `pipeline.train_iterator`'s.
+Evaluation pads the last global batch with rows that `eval_batches` describes (see
+`batching`). The iterators are checkpointable (see `batching.iterate`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.data import builders, mlm, pipeline, tokenizers
+from jaxlm.data import batching, builders, mlm, readers, tokenizers
 
 IGNORE = -1  # The label / tag of positions and rows without a target.
 LABEL_KEYS = ("label", "tags")  # Filled with IGNORE where a row lacks them; other keys with 0.
@@ -56,13 +57,13 @@ Encode = Callable[[Example], dict[str, np.ndarray]]
 def _builder(name: str, kinds: Sequence[str], data_dir: str, files: str) -> Any:
     if name not in kinds:
         raise ValueError(f"{name!r} is not one of the data sets {', '.join(kinds)}.")
-    builders._check_files(name, files)
+    builders.check_files(name, files)
     return builders.get_builder(name, data_dir=data_dir, files=files)
 
 
 def _examples(builder: Any, split: str) -> list[dict[str, Any]]:
     """Every example of `split`, decoded by TFDS (text as bytes)."""
-    builders._check_split(builder.name, split, builder)
+    builders.check_split(builder.name, split, builder)
     source = builder.as_data_source(split=split)
     return source.__getitems__(list(range(len(source))))
 
@@ -81,14 +82,14 @@ def classification_source(
       split: e.g. 'train' or 'validation' (TFDS slicing works); unused with `data_path`.
       data_dir: where prepared data lives (see `builders.get_source`).
       files: for `jaxlm_tsv`, 'train=PATH,validation=PATH'.
-      data_path: a TSV file (see `builders.read_tsv`) read instead of the split, its labels
+      data_path: a TSV file (see `readers.read_tsv`) read instead of the split, its labels
         mapped with `name`'s label names (a name, or an integer id).
     """
     builder = _builder(name, builders.CLASSIFICATION_BUILDERS, data_dir, files)
     names = list(builder.info.features["label"].names)
     if data_path:
-        texts, labels = builders.read_tsv(data_path)
-        return list(zip(texts, builders.label_ids(labels, names, data_path))), names
+        texts, labels = readers.read_tsv(data_path)
+        return list(zip(texts, readers.label_ids(labels, names, data_path))), names
     return [(_text(e["text"]), int(e["label"])) for e in _examples(builder, split)], names
 
 
@@ -102,15 +103,15 @@ def tagging_source(
       split: e.g. 'train' or 'validation' (TFDS slicing works); unused with `data_path`.
       data_dir: where prepared data lives (see `builders.get_source`).
       files: for `jaxlm_conll`, 'train=PATH,validation=PATH'.
-      data_path: a CoNLL file (see `builders.read_conll`) read instead of the split, its tags
+      data_path: a CoNLL file (see `readers.read_conll`) read instead of the split, its tags
         mapped with `name`'s tag names.
     """
     builder = _builder(name, builders.TAGGING_BUILDERS, data_dir, files)
     names = list(builder.info.features["tags"].feature.names)
     if data_path:
         return [
-            (tokens, builders.label_ids(tags, names, data_path, integers=False))
-            for tokens, tags in builders.read_conll(data_path)
+            (tokens, readers.label_ids(tags, names, data_path, integers=False))
+            for tokens, tags in readers.read_conll(data_path)
         ], names
     return [
         ([_text(t) for t in e["tokens"]], [int(t) for t in e["tags"]])
@@ -194,16 +195,7 @@ def _epochs(examples: Sequence[Example], encode: Encode, seed: int) -> grain.Map
     """Encoded examples, a new permutation every epoch (shuffle before repeat), forever."""
     if not len(examples):
         raise ValueError("There are no examples to train on.")
-    ds = grain.MapDataset.range(len(examples)).shuffle(seed=seed).repeat()
-    return ds.map(lambda i: encode(examples[i]))
-
-
-def _process_batches(
-    ds: grain.MapDataset, global_batch_size: int, process_index: int, process_count: int
-) -> grain.MapDataset:
-    """Batches of b = G / P rows, keeping p, p + P, ...: rows p*b..(p+1)*b of each global batch."""
-    b = pipeline._per_process_batch_size(global_batch_size, process_index, process_count)
-    return ds.batch(b, drop_remainder=True)[process_index::process_count]
+    return batching.shuffled_epochs(len(examples), seed, lambda epoch, i: encode(examples[i]))
 
 
 def train_iterator(
@@ -233,10 +225,13 @@ def train_iterator(
       Batches of global_batch_size // process_count rows; `get_state()` / `set_state()` save
       and restore the position (restore into an iterator built with the same arguments).
     """
-    ds = _process_batches(
-        _epochs(examples, encode, seed), global_batch_size, process_index, process_count
+    ds = batching.per_process_batches(
+        _epochs(examples, encode, seed),
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
     )
-    return pipeline.iterate(ds, num_threads, prefetch_buffer_size)
+    return batching.iterate(ds, num_threads, prefetch_buffer_size)
 
 
 def fill_values(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -314,10 +309,13 @@ def mixed_train_iterator(
         _epochs(examples, tagged(encode, task), _task_seed(seed, task))
         for task, (examples, encode) in enumerate(datasets)
     ]
-    ds = _process_batches(
-        grain.MapDataset.mix(parts, list(weights)), global_batch_size, process_index, process_count
+    ds = batching.per_process_batches(
+        grain.MapDataset.mix(parts, list(weights)),
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
     )
-    return pipeline.iterate(ds, num_threads, prefetch_buffer_size)
+    return batching.iterate(ds, num_threads, prefetch_buffer_size)
 
 
 def eval_batches(
@@ -337,19 +335,18 @@ def eval_batches(
     global batches. Rows are split between processes as in `train_iterator` (batch_size is the
     global batch size).
     """
-    b = pipeline._per_process_batch_size(batch_size, process_index, process_count)
+    batching.per_process_batch_size(batch_size, process_index, process_count)
     if not len(examples):
         raise ValueError("There are no examples to evaluate.")
     padding = {**fill_values([encode(examples[0])]), "index": np.int32(IGNORE)}
-    num_batches = -(-len(examples) // batch_size)
-    if max_batches > 0:
-        num_batches = min(num_batches, max_batches)
-    batches = []
-    for batch in range(num_batches):
-        first = batch * batch_size + process_index * b
-        rows = [
-            {**encode(examples[i]), "index": np.int32(i)} if i < len(examples) else padding
-            for i in range(first, first + b)
-        ]
-        batches.append({key: np.stack([row[key] for row in rows]) for key in padding})
-    return batches
+    return batching.eval_batches(
+        len(examples),
+        lambda rows: batching.stack(
+            [{**encode(examples[int(i)]), "index": np.int32(i)} for i in rows], padding
+        ),
+        global_batch_size=batch_size,
+        max_batches=max_batches,
+        process_index=process_index,
+        process_count=process_count,
+        padding=padding,
+    )

@@ -45,7 +45,7 @@ padding), `input_mask` (1 on real tokens), `mlm_targets` (the original id where
 a token was chosen for prediction, else 0) int32[b, seq_len], `mlm_weights`
 float32[b, seq_len] (1.0 where chosen) and `nsp_label` int32[b]. Special tokens
 and padding are never chosen. Process p of P gets rows p*b..(p+1)*b of every
-global batch, so the global batches do not depend on the process count.
+global batch (see `batching`), so the global batches do not depend on the process count.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.data import pipeline, tokenizers
+from jaxlm.data import batching, tokenizers
 
 SHORT_SEQ_PROB = 0.1  # BERT: this often, aim for a random shorter length (as in fine-tuning).
 MASK_FRACTION = 0.8  # Of the chosen tokens: 80% become [MASK],
@@ -293,10 +293,6 @@ class _ExampleMaker:
     def num_examples(self) -> int:
         return len(self.anchors)
 
-    def from_index(self, index: int, example: int) -> dict[str, np.ndarray]:
-        """For `map_with_index` over the repeated, shuffled example indices."""
-        return self.example(index // self.num_examples, int(example))
-
     def example(self, epoch: int, example: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch, example])
         sentence = int(self.anchors[example])
@@ -473,7 +469,7 @@ def mlm_nsp_dataset(
       A MapDataset of batches (see the module docstring) of b = global_batch_size //
       process_count rows.
     """
-    b = pipeline._per_process_batch_size(global_batch_size, process_index, process_count)
+    batching.per_process_batch_size(global_batch_size, process_index, process_count)
     maker = _example_maker(
         documents,
         seq_len=seq_len,
@@ -486,9 +482,12 @@ def mlm_nsp_dataset(
         word_starts_fn=word_starts_fn,
         nsp=nsp,
     )
-    ds = grain.MapDataset.range(maker.num_examples).shuffle(seed=seed).repeat()
-    ds = ds.map_with_index(maker.from_index)
-    return ds.batch(b, drop_remainder=True)[process_index::process_count]
+    return batching.per_process_batches(
+        batching.shuffled_epochs(maker.num_examples, seed, maker.example),
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def mlm_nsp_train_iterator(
@@ -499,9 +498,10 @@ def mlm_nsp_train_iterator(
     **dataset_kwargs: Any,
 ) -> grain.DatasetIterator:
     """An endless, checkpointable iterator over `mlm_nsp_dataset(documents, **dataset_kwargs)`
-    (see `pipeline.iterate`)."""
-    return pipeline.iterate(mlm_nsp_dataset(documents, **dataset_kwargs), num_threads,
-                            prefetch_buffer_size)
+    (see `batching.iterate`)."""
+    return batching.iterate(
+        mlm_nsp_dataset(documents, **dataset_kwargs), num_threads, prefetch_buffer_size
+    )
 
 
 def mlm_nsp_eval_batches(
@@ -527,7 +527,7 @@ def mlm_nsp_eval_batches(
     examples that do not fill a last global batch are dropped. Arguments as in
     `mlm_nsp_dataset`.
     """
-    b = pipeline._per_process_batch_size(global_batch_size, process_index, process_count)
+    batching.per_process_batch_size(global_batch_size, process_index, process_count)
     maker = _example_maker(
         documents,
         seq_len=seq_len,
@@ -540,14 +540,12 @@ def mlm_nsp_eval_batches(
         word_starts_fn=word_starts_fn,
         nsp=nsp,
     )
-    count = maker.num_examples
-    order = np.random.default_rng(seed).permutation(count)
-    num_batches = count // global_batch_size
-    if max_batches > 0:
-        num_batches = min(num_batches, max_batches)
-    batches = []
-    for i in range(num_batches):
-        rows = order[i * global_batch_size + process_index * b :][:b]
-        examples = [maker.example(0, int(example)) for example in rows]
-        batches.append({key: np.stack([e[key] for e in examples]) for key in examples[0]})
-    return batches
+    order = np.random.default_rng(seed).permutation(maker.num_examples)
+    return batching.eval_batches(
+        maker.num_examples,
+        lambda rows: batching.stack([maker.example(0, int(order[row])) for row in rows]),
+        global_batch_size=global_batch_size,
+        max_batches=max_batches,
+        process_index=process_index,
+        process_count=process_count,
+    )

@@ -12,6 +12,10 @@ there is one), so that generation can rebuild it from the workdir alone:
   tok = tokenizers.create('char', texts=[train_text])
   tok.save(workdir / 'tokenizer')
   tok = tokenizers.load(workdir / 'tokenizer')
+
+`build_tokenizer(kind, workdir=..., name=...)` does both for a run: it loads
+`WORKDIR/tokenizer`, or creates the tokenizer (a 'char' vocabulary from a data set's
+split) and saves it there.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ CONFIG_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "sentencepiece.model"
 WORDPIECE_FILE = "vocab.txt"
 HF_TOKENIZER_FILE = "hf_tokenizer.json"  # not tokenizer.json: that name is CONFIG_FILE here
+TOKENIZER_DIR = "tokenizer"  # WORKDIR/TOKENIZER_DIR holds a run's tokenizer
 
 
 class Tokenizer(abc.ABC):
@@ -583,3 +588,53 @@ def load(directory: str | os.PathLike[str]) -> Tokenizer:
     raise ValueError(
         f"{str(path)!r} names unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}."
     )
+
+
+def build_tokenizer(
+    kind: str,
+    *,
+    workdir: str | os.PathLike[str],
+    name: str,
+    split: str = "train",
+    model_path: str = "",
+    data_dir: str = "",
+    files: str = "",
+    text_key: str = "text",
+) -> Tokenizer:
+    """Loads `WORKDIR/tokenizer`, or creates the tokenizer and saves it there.
+
+    A 'char' tokenizer takes its vocabulary from the text of `split` of `name`.
+    Saving it in the workdir pins the ids for the rest of the run (resumes,
+    generation) even if the data changes later.
+
+    Args:
+      kind: 'char', 'byte' or 'sentencepiece'.
+      workdir: the run's directory.
+      name: the data set (see `builders.get_source`), used by 'char'.
+      split: the split whose characters form the 'char' vocabulary.
+      model_path: the `.model` file for 'sentencepiece'.
+      data_dir: see `builders.get_source`.
+      files: see `builders.get_source`.
+      text_key: see `builders.get_source`.
+
+    Returns:
+      The tokenizer.
+    """
+    directory = Path(workdir) / TOKENIZER_DIR
+    if exists(directory):
+        tokenizer = load(directory)
+        if tokenizer.kind != kind:
+            raise ValueError(
+                f"{str(directory)!r} holds a {tokenizer.kind!r} tokenizer but"
+                f" {kind!r} was asked for; use another workdir or the same kind."
+            )
+        return tokenizer
+    texts = None
+    if kind == "char":
+        from jaxlm.data import builders  # pylint: disable=import-outside-toplevel  (imports TFDS)
+
+        source = builders.get_source(name, split, data_dir=data_dir, files=files, text_key=text_key)
+        texts = source.iter_texts()
+    tokenizer = create(kind, texts=texts, model_path=model_path)
+    tokenizer.save(directory)
+    return tokenizer

@@ -21,7 +21,7 @@ import optax
 
 from jaxlm import convert, models, peft
 from jaxlm.compress import quantize
-from jaxlm.data import pipeline
+from jaxlm.data import tokenizers
 from jaxlm.models import pipeline_parallel
 
 
@@ -120,9 +120,9 @@ class Task(abc.ABC):
         model_path = d.tokenizer_path
         if d.tokenizer == "wordpiece" and not os.path.isfile(model_path):
             model_path = hf_vocab(model_path or config.init_from)
-        return pipeline.build_tokenizer(d.tokenizer, workdir=workdir, name=d.name, split=d.train_split,
-                                        model_path=model_path, data_dir=d.data_dir,
-                                        files=d.files, text_key=d.text_key)
+        return tokenizers.build_tokenizer(d.tokenizer, workdir=workdir, name=d.name, split=d.train_split,
+                                          model_path=model_path, data_dir=d.data_dir,
+                                          files=d.files, text_key=d.text_key)
 
     def init(self, rng: jax.Array):
         return self.model.init({"params": rng, "dropout": rng}, **self.model_inputs(self.dummy_batch()))

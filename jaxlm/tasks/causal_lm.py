@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 
-from jaxlm.data import pipeline
+from jaxlm.data import lm
 from jaxlm.infer import sampling
 from jaxlm.tasks import base
 
@@ -43,12 +43,12 @@ class CausalLM(base.Task):
 
     def train_iterator(self):
         c = self.config
-        return pipeline.train_iterator(global_batch_size=c.train.batch_size, seed=c.seed,
-                                       **self.data_kwargs(c.data.train_split))
+        return lm.train_iterator(global_batch_size=c.train.batch_size, seed=c.seed,
+                                 **self.data_kwargs(c.data.train_split))
 
     def eval_batches(self, split: str, max_batches: int):
-        return pipeline.eval_batches(global_batch_size=self.config.train.batch_size,
-                                     max_batches=max_batches, **self.data_kwargs(split))
+        return lm.eval_batches(global_batch_size=self.config.train.batch_size,
+                               max_batches=max_batches, **self.data_kwargs(split))
 
     def sample(self, params) -> str | None:
         return sampling.sample_text(self.model, params, self.tokenizer, self.config.sample,

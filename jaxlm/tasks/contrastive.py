@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.data import builders, labeled, mlm
+from jaxlm.data import builders, labeled, mlm, readers
 from jaxlm.tasks import base
 
 ENCODER_KEYS = ("input_ids", "segment_ids", "input_mask")
@@ -169,7 +169,7 @@ class Contrastive(base.Task, base.Predicts):
                 if len(files) != 2:
                     raise ValueError(f"data_path={data_path!r}: retrieval reads two line-aligned files, "
                                      "given as 'SOURCE_FILE,TARGET_FILE'")
-                self._examples[key] = builders.read_aligned(*files)
+                self._examples[key] = readers.read_aligned(*files)
             else:
                 d = self.config.data
                 self._examples[key] = list(builders.get_pairs(

@@ -28,7 +28,7 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import convert, tasks, tree
 from jaxlm.compress import distill
-from jaxlm.data import labeled, pipeline, tokenizers
+from jaxlm.data import labeled, tokenizers
 from jaxlm.tasks import base, classification
 
 STUDENT_TASKS = ("classification", "token_classification", "causal_lm")
@@ -141,8 +141,8 @@ class Distillation(base.Task):
     def build_tokenizer(cls, config, workdir: str):
         """The student's tokenizer; a jaxlm teacher's own when the workdir has none yet, so the
         ids are the teacher's."""
-        teacher_dir = os.path.join(config.distill.teacher, pipeline.TOKENIZER_DIR)
-        own_dir = os.path.join(workdir, pipeline.TOKENIZER_DIR)
+        teacher_dir = os.path.join(config.distill.teacher, tokenizers.TOKENIZER_DIR)
+        own_dir = os.path.join(workdir, tokenizers.TOKENIZER_DIR)
         if config.distill.teacher and tokenizers.exists(teacher_dir) and not tokenizers.exists(own_dir):
             tokenizers.load(teacher_dir).save(own_dir)
         return student_class(config).build_tokenizer(config, workdir)

@@ -1,6 +1,6 @@
 """Encoder-decoder objectives (T5): span corruption pretraining and seq2seq (translation).
 
-Both train the decoder with teacher forcing on the batches of `jaxlm.data.seq2seq`
+Both train the decoder with teacher forcing on the batches of `jaxlm.data.encoder_decoder`
 (encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights,
 example_weight); pad id 0 is padding and the decoder's start token, as in T5.
 """
@@ -10,8 +10,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import builders, pipeline, seq2seq, tokenizers
-from jaxlm.infer import encoder_decoder as decoding
+from jaxlm.data import builders, lm, readers, span_corruption, text_pairs, tokenizers
+from jaxlm.infer import seq2seq_decoding as decoding
 from jaxlm.tasks import base
 
 PAD = 0
@@ -34,13 +34,13 @@ class EncoderDecoder(base.Task):
     def build_tokenizer(cls, config, workdir: str):
         """A sentencepiece model trained on the train split when `data.tokenizer_path` is empty."""
         d = config.data
-        directory = os.path.join(workdir, pipeline.TOKENIZER_DIR)
+        directory = os.path.join(workdir, tokenizers.TOKENIZER_DIR)
         if d.tokenizer == "sentencepiece" and not d.tokenizer_path and not tokenizers.exists(directory):
             # Trained straight into the workdir's tokenizer folder, where saving it finds it.
             model = tokenizers.train_sentencepiece(
                 cls.tokenizer_texts(config), vocab_size=d.tokenizer_vocab_size,
                 path=os.path.join(directory, tokenizers.SENTENCEPIECE_FILE))
-            return pipeline.build_tokenizer("sentencepiece", workdir=workdir, name=d.name, model_path=model)
+            return tokenizers.build_tokenizer("sentencepiece", workdir=workdir, name=d.name, model_path=model)
         return super().build_tokenizer(config, workdir)
 
     def dummy_batch(self):
@@ -77,7 +77,7 @@ class SpanCorruption(EncoderDecoder):
         super().__init__(config, tokenizer)
         t = config.task
         self.set_vocab_size(tokenizer.vocab_size + t.extra_ids)
-        self.tokens_length, self.target_len = seq2seq.span_corruption_lengths(
+        self.tokens_length, self.target_len = span_corruption.span_corruption_lengths(
             config.data.seq_len, t.noise_density, t.mean_noise_span_length)
         self.check_lengths()
         self.model = self.build_model()
@@ -93,19 +93,19 @@ class SpanCorruption(EncoderDecoder):
 
     def data_kwargs(self, split: str) -> dict:
         c, d = self.config, self.config.data
-        tokens = pipeline.token_stream(name=d.name, split=split, tokenizer=self.tokenizer,
-                                       data_dir=d.data_dir, files=d.files, text_key=d.text_key)
+        tokens = lm.token_stream(name=d.name, split=split, tokenizer=self.tokenizer,
+                                 data_dir=d.data_dir, files=d.files, text_key=d.text_key)
         return dict(inputs_length=d.seq_len, global_batch_size=c.train.batch_size, seed=c.seed,
                     vocab_size=c.model.vocab_size, eos_id=self.eos_id, noise_density=c.task.noise_density,
                     mean_noise_span_length=c.task.mean_noise_span_length, **self.process_kwargs()), tokens
 
     def train_iterator(self):
         kwargs, tokens = self.data_kwargs(self.config.data.train_split)
-        return seq2seq.span_corruption_train_iterator(tokens=tokens, **kwargs)
+        return span_corruption.span_corruption_train_iterator(tokens=tokens, **kwargs)
 
     def eval_batches(self, split: str, max_batches: int):
         kwargs, tokens = self.data_kwargs(split)
-        return seq2seq.span_corruption_eval_batches(tokens, max_batches=max_batches, **kwargs)
+        return span_corruption.span_corruption_eval_batches(tokens, max_batches=max_batches, **kwargs)
 
 
 class Seq2Seq(EncoderDecoder, base.Predicts):
@@ -142,7 +142,7 @@ class Seq2Seq(EncoderDecoder, base.Predicts):
         if len(files) != 2:
             raise ValueError(f"data_path={data_path!r}: a seq2seq task reads two line-aligned files, "
                              "given as 'SOURCE_FILE,TARGET_FILE'")
-        return builders.read_aligned(*files)
+        return readers.read_aligned(*files)
 
     def data_kwargs(self, split: str, data_path: str = "") -> dict:
         c = self.config
@@ -151,10 +151,10 @@ class Seq2Seq(EncoderDecoder, base.Predicts):
                     source_prefix=c.task.source_prefix, **self.process_kwargs())
 
     def train_iterator(self):
-        return seq2seq.pairs_train_iterator(seed=self.config.seed, **self.data_kwargs(self.config.data.train_split))
+        return text_pairs.pairs_train_iterator(seed=self.config.seed, **self.data_kwargs(self.config.data.train_split))
 
     def eval_batches(self, split: str, max_batches: int, data_path: str = ""):
-        return seq2seq.pairs_eval_batches(max_batches=max_batches, **self.data_kwargs(split, data_path))
+        return text_pairs.pairs_eval_batches(max_batches=max_batches, **self.data_kwargs(split, data_path))
 
     def translate(self, params, encoder_tokens: np.ndarray) -> list[str]:
         tokens = decoding.decode(self.model, params, encoder_tokens, max_len=self.target_len,
@@ -182,9 +182,9 @@ class Seq2Seq(EncoderDecoder, base.Predicts):
         return self.predictions(params, split, max_batches=self.config.task.eval_bleu_batches)[0]
 
     def predict_text(self, params, text: str) -> dict:
-        batch = seq2seq.pairs_eval_batches(max_batches=1, **{**self.data_kwargs(self.config.data.eval_split),
-                                                             "pairs": [(text, "")], "global_batch_size": 1,
-                                                             "process_index": 0, "process_count": 1})[0]
+        batch = text_pairs.pairs_eval_batches(max_batches=1, **{**self.data_kwargs(self.config.data.eval_split),
+                                                                "pairs": [(text, "")], "global_batch_size": 1,
+                                                                "process_index": 0, "process_count": 1})[0]
         return {"source": text, "translation": self.translate(params, batch["encoder_input_tokens"])[0]}
 
     def sample(self, params) -> str | None:

@@ -1,16 +1,12 @@
-"""Causal-LM input pipeline: documents -> one token stream -> packed windows -> Grain.
+"""Causal-LM data: documents -> one token stream -> windows of seq_len + 1 tokens -> batches.
 
 Public functions (all keyword-only after the first argument):
 
-  build_tokenizer(kind, *, workdir, name, split='train', model_path='',
-                  data_dir='', files='', text_key='text') -> Tokenizer
   token_stream(*, name, split, tokenizer, data_dir='', files='',
                text_key='text') -> np.ndarray
   pack(tokens, seq_len) -> np.ndarray                      # [windows, seq_len + 1]
   train_dataset(tokens, *, seq_len, global_batch_size, seed, process_index=0,
                 process_count=1) -> grain.MapDataset
-  iterate(ds, num_threads=2, prefetch_buffer_size=8) -> grain.DatasetIterator
-                                                           # any jaxlm MapDataset of batches
   train_iterator(*, name, split, tokenizer, seq_len, global_batch_size, seed,
                  process_index=0, process_count=1, data_dir='', files='',
                  text_key='text', num_threads=2,
@@ -30,80 +26,29 @@ document, such as Tiny Shakespeare, are joined as text first), then cut into
 non-overlapping windows of seq_len + 1 tokens; the tail that does not fill a
 window is dropped. The whole stream is held in memory (uint16 when the
 vocabulary fits, else int32) and cached per (source, split, tokenizer) within
-the process: fine for corpora up to a few GB of tokens, not beyond.
+the process: fine for corpora up to a few GB of tokens, not beyond. T5's span
+corruption (`span_corruption`) cuts the same stream.
 
 Training order: windows are shuffled with `seed`, reshuffled every epoch (a
 different permutation per epoch, each window once per epoch; after the first
-epoch the window boundaries shift by a random offset per epoch), and batched into
-global batches; process p of P gets rows p*b..(p+1)*b of every global batch, so
-the global batches do not depend on the process count. The returned
-`grain.DatasetIterator` is checkpointable: `get_state()` is a small
-JSON-serialisable dict and `set_state(state)` continues with the next batch.
+epoch the window boundaries shift by a random offset per epoch), and batched as
+`batching` does for every pipeline (process p of P gets rows p*b..(p+1)*b of every
+global batch). Evaluation: windows in order; the windows that do not fill a last
+global batch are dropped (`batching.eval_batches` without padding: the batches
+carry no weights). The iterator is checkpointable (see `batching.iterate`).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
-from jaxlm.data import builders
-from jaxlm.data import tokenizers
+from jaxlm.data import batching, builders, tokenizers
 
-TOKENIZER_DIR = "tokenizer"
 _CACHE_SIZE = 8
 _stream_cache: dict[tuple, np.ndarray] = {}
-
-
-def build_tokenizer(
-    kind: str,
-    *,
-    workdir: str | os.PathLike[str],
-    name: str,
-    split: str = "train",
-    model_path: str = "",
-    data_dir: str = "",
-    files: str = "",
-    text_key: str = "text",
-) -> tokenizers.Tokenizer:
-    """Loads `WORKDIR/tokenizer`, or creates the tokenizer and saves it there.
-
-    A 'char' tokenizer takes its vocabulary from the text of `split` of `name`.
-    Saving it in the workdir pins the ids for the rest of the run (resumes,
-    generation) even if the data changes later.
-
-    Args:
-      kind: 'char', 'byte' or 'sentencepiece'.
-      workdir: the run's directory.
-      name: the data set (see `builders.get_source`), used by 'char'.
-      split: the split whose characters form the 'char' vocabulary.
-      model_path: the `.model` file for 'sentencepiece'.
-      data_dir: see `builders.get_source`.
-      files: see `builders.get_source`.
-      text_key: see `builders.get_source`.
-
-    Returns:
-      The tokenizer.
-    """
-    directory = Path(workdir) / TOKENIZER_DIR
-    if tokenizers.exists(directory):
-        tokenizer = tokenizers.load(directory)
-        if tokenizer.kind != kind:
-            raise ValueError(
-                f"{str(directory)!r} holds a {tokenizer.kind!r} tokenizer but"
-                f" {kind!r} was asked for; use another workdir or the same kind."
-            )
-        return tokenizer
-    texts = None
-    if kind == "char":
-        source = builders.get_source(name, split, data_dir=data_dir, files=files, text_key=text_key)
-        texts = source.iter_texts()
-    tokenizer = tokenizers.create(kind, texts=texts, model_path=model_path)
-    tokenizer.save(directory)
-    return tokenizer
 
 
 def _encode_source(source: builders.TextSource, tokenizer: tokenizers.Tokenizer) -> np.ndarray:
@@ -162,22 +107,6 @@ def _inputs_targets(windows: np.ndarray) -> dict[str, np.ndarray]:
     return {"inputs": windows[..., :-1], "targets": windows[..., 1:]}
 
 
-def _per_process_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-    if global_batch_size < 1 or process_count < 1:
-        raise ValueError(
-            f"global_batch_size ({global_batch_size}) and process_count"
-            f" ({process_count}) must be positive."
-        )
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not divisible by"
-            f" process_count {process_count}."
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, {process_count}).")
-    return global_batch_size // process_count
-
-
 def _check_windows(windows: np.ndarray, global_batch_size: int, what: str) -> None:
     if len(windows) < global_batch_size:
         raise ValueError(
@@ -217,30 +146,22 @@ def train_dataset(
     Returns:
       A MapDataset of `{'inputs', 'targets'}` batches of int32[b, seq_len].
     """
-    b = _per_process_batch_size(global_batch_size, process_index, process_count)
+    batching.per_process_batch_size(global_batch_size, process_index, process_count)
     window = seq_len + 1
     count = max(len(tokens) - seq_len, 0) // window  # windows that fit at every offset
     _check_windows(pack(tokens, seq_len)[:count], global_batch_size, "The training data")
 
-    def cut(index: int, j: int) -> dict[str, np.ndarray]:
-        epoch = index // count
+    def cut(epoch: int, j: int) -> dict[str, np.ndarray]:
         offset = int(np.random.default_rng([seed, epoch]).integers(window)) if epoch else 0
-        start = offset + int(j) * window
+        start = offset + j * window
         return _inputs_targets(tokens[start : start + window])
 
-    ds = grain.MapDataset.range(count).shuffle(seed=seed).repeat().map_with_index(cut)
-    ds = ds.batch(b, drop_remainder=True)[process_index::process_count]
-    return ds
-
-
-def iterate(ds: grain.MapDataset, num_threads: int = 2,
-            prefetch_buffer_size: int = 8) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator over the batches of `ds`, read by `num_threads`
-    Grain threads, `prefetch_buffer_size` batches ahead. `get_state()` / `set_state()` save and
-    restore the position (restore into an iterator built with the same arguments)."""
-    read_options = grain.ReadOptions(num_threads=num_threads,
-                                     prefetch_buffer_size=prefetch_buffer_size)
-    return iter(ds.to_iter_dataset(read_options))
+    return batching.per_process_batches(
+        batching.shuffled_epochs(count, seed, cut),
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
 
 
 def train_iterator(
@@ -302,7 +223,7 @@ def train_iterator(
         process_index=process_index,
         process_count=process_count,
     )
-    return iterate(ds, num_threads, prefetch_buffer_size)
+    return batching.iterate(ds, num_threads, prefetch_buffer_size)
 
 
 def eval_batches(
@@ -325,7 +246,7 @@ def eval_batches(
     fill a last global batch are dropped. Rows are split between processes as
     in `train_dataset`.
     """
-    b = _per_process_batch_size(global_batch_size, process_index, process_count)
+    batching.per_process_batch_size(global_batch_size, process_index, process_count)
     tokens = token_stream(
         name=name,
         split=split,
@@ -336,12 +257,11 @@ def eval_batches(
     )
     windows = pack(tokens, seq_len)
     _check_windows(windows, global_batch_size, f"Split {split!r} of {name} ({len(tokens)} tokens)")
-    num_batches = len(windows) // global_batch_size
-    if max_batches > 0:
-        num_batches = min(num_batches, max_batches)
-    batches = windows[: num_batches * global_batch_size].reshape(
-        num_batches, global_batch_size, seq_len + 1
+    return batching.eval_batches(
+        len(windows),
+        lambda rows: _inputs_targets(windows[rows]),
+        global_batch_size=global_batch_size,
+        max_batches=max_batches,
+        process_index=process_index,
+        process_count=process_count,
     )
-    return [
-        _inputs_targets(batch[process_index * b : (process_index + 1) * b]) for batch in batches
-    ]
