@@ -23,9 +23,9 @@ import numpy as np
 from jaxlm import config as config_lib
 from jaxlm import convert, tasks, tree
 from jaxlm.compress import prune, quantize
-from jaxlm.parallel import memory, pipeline as pipeline_lib
+from jaxlm.parallel import pipeline as pipeline_lib
 from jaxlm.parallel.partitioner import Partitioner
-from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from jaxlm.train import checkpoint, memory, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 
 log = logging.getLogger("jaxlm")
 STACKED = (None, "batch")  # logical axes of a stack of batches [steps, batch, ...]
