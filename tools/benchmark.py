@@ -8,7 +8,7 @@ The run is built the way the trainer builds it: `loop.setup`, `state.init`, the 
 the task's `train_iterator`. Each call runs `train.steps_per_call` steps; figures are per step.
 Only the train call is timed (fetching and sharding the next batches is timed apart, as
 `data_ms_per_step`). Before compiling it prints the memory estimate per device
-(`jaxlm.parallel.memory`); the measured peak per device is XLA's (arguments + outputs + temp -
+(`jaxlm.train.memory`); the measured peak per device is XLA's (arguments + outputs + temp -
 aliased, from the compiled call's `memory_analysis()`) and, where the backend keeps them (not
 CPU), the device's own peak bytes in use. The MFU denominator is `train.peak_flops` when set, else a matmul measured
 on the mesh's first device, times the mesh's device count. The last line printed is

@@ -24,9 +24,8 @@ from jaxlm import config as config_lib
 from jaxlm import convert, tasks, tree
 from jaxlm.compress import prune, quantize
 from jaxlm.models import pipeline_parallel
-from jaxlm.parallel import memory
 from jaxlm.parallel.partitioner import Partitioner
-from jaxlm.train import checkpoint, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from jaxlm.train import checkpoint, memory, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 
 log = logging.getLogger("jaxlm")
 STACKED = (None, "batch")  # logical axes of a stack of batches [steps, batch, ...]

@@ -1,6 +1,6 @@
 """Measures a config's train call the way the trainer runs it (what `tools/benchmark.py` and
 `tools/compare_meshes.py` print): compile time, step times, throughput, MFU, memory per device
-(XLA's compiled peak next to `parallel.memory`'s estimate) and the losses of the timed steps.
+(XLA's compiled peak next to `train.memory`'s estimate) and the losses of the timed steps.
 """
 
 import time
@@ -8,8 +8,7 @@ import time
 import jax
 import numpy as np
 
-from jaxlm.parallel import memory
-from jaxlm.train import loop, metrics as metrics_lib, state as state_lib
+from jaxlm.train import loop, memory, metrics as metrics_lib, state as state_lib
 
 
 def train_step(config, workdir: str, *, steps: int, warmup: int) -> dict:
