@@ -139,7 +139,7 @@ def default_config() -> ml_collections.ConfigDict:
         frozen="",  # regex of parameters to freeze under any method (e.g. "embed" with full)
     ))
 
-    # Pruning (jaxlm/compress/prune.py): masks in the train state, applied in every step.
+    # Pruning (jaxlm/compress/prune.py): masks in the optimizer state, applied in every step.
     c.prune = ml_collections.ConfigDict(dict(
         method="none",  # none | magnitude | nm (N:M) | heads (attention heads and MLP neurons)
         sparsity=0.5,  # magnitude: final share of zeros in the target kernels

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.train import memory
-from jaxlm.train import loop
+from jaxlm.train import loop, memory
 from jaxlm.train import state as state_lib
 
 # Estimated activations + gradients over XLA's temp bytes of the compiled step, measured on

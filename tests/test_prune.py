@@ -15,7 +15,7 @@ from jaxlm import config as config_lib
 from jaxlm import evaluate, tree
 from jaxlm.compress import prune
 from jaxlm.data import builders
-from jaxlm.train import loop, metrics as metrics_lib
+from jaxlm.train import checkpoint, loop, metrics as metrics_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import prune_export  # noqa: E402 (tools/ is not a package)
@@ -36,9 +36,14 @@ def scheduled(t: int, initial_sparsity: float, sparsity: float, begin_step: int,
     return sparsity + (initial_sparsity - sparsity) * (1 - progress) ** 3
 
 
+def masks_of(state) -> dict:
+    """The masks the state holds (in its optimizer state): those of the step it starts next."""
+    return flat(prune.masks(state.opt_state))
+
+
 def assert_masked_zero(state):
     params = flat(state.params)
-    for name, mask in flat(state.masks).items():
+    for name, mask in masks_of(state).items():
         assert np.all(params[name][~mask] == 0), name
 
 
@@ -123,8 +128,8 @@ def test_sparsity_follows_the_polynomial_schedule(tiny_finetune, tmp_path, steps
     logged = []
     for done, state, metrics in train_calls(config, str(tmp_path), 9 // steps_per_call):
         logged += list(np.asarray(metrics["sparsity"]))
-        want = scheduled(done - 1, **SCHEDULE)
-        masks = flat(state.masks)
+        want = scheduled(done, **SCHEDULE)  # the masks of the next step, as its loss will see them
+        masks = masks_of(state)
         if scope == "global":
             zeros = sum((~m).sum() for m in masks.values())
             assert abs(zeros - want * sum(m.size for m in masks.values())) <= 0.5
@@ -133,7 +138,7 @@ def test_sparsity_follows_the_polynomial_schedule(tiny_finetune, tmp_path, steps
                 for layer in (mask if scan else mask[None]):
                     assert abs((~layer).sum() - want * layer.size) <= 0.5, (done, name)
         assert_masked_zero(state)
-    sizes = [m.size for m in flat(state.masks).values()]
+    sizes = [m.size for m in masks_of(state).values()]
     expected = [scheduled(t, **SCHEDULE) for t in range(9)]
     np.testing.assert_allclose(logged, expected, atol=len(sizes) * (1 + scan) / sum(sizes))
     assert len(set(np.round(expected, 6))) == 5  # 0, then four updates: the test sees every level
@@ -155,8 +160,8 @@ def test_pruned_weights_stay_zero_through_adam_and_resume(tiny_finetune, tmp_pat
     resumed = loop.train_and_evaluate(config, workdir)
     assert int(resumed.step) == 4
 
-    masks = flat(straight.masks)
-    for name, mask in flat(resumed.masks).items():
+    masks = masks_of(straight)
+    for name, mask in masks_of(resumed).items():
         np.testing.assert_array_equal(mask, masks[name], err_msg=name)
         assert abs((~mask).sum() - 0.6 * mask.size) <= 0.5, name
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
@@ -258,8 +263,66 @@ def test_targets_that_match_nothing_or_only_frozen_parameters_are_errors(tiny_fi
     with pytest.raises(ValueError, match="would prune frozen parameters .*attn/"):
         loop.setup(config, str(tmp_path))
     config.peft.frozen = "attn"  # the MLP kernels still train: only they get masks
-    assert all("/mlp/" in n for n in tree.names(loop.setup(config, str(tmp_path)).shardings.masks))
+    masked = tree.names(prune.masks(loop.setup(config, str(tmp_path)).shardings.opt_state))
+    assert masked and all("/mlp/" in n for n in masked)
     config.peft.frozen = ""
     config.prune.update(dict(method="nm", m=5))
     with pytest.raises(ValueError, match="prune.m=5 does not divide"):
         loop.make_train_call(loop.setup(config, str(tmp_path)))
+
+
+# --- The trainer's view: an optimizer, and checkpoints of the earlier layout ---------------------
+
+@flax.struct.dataclass
+class EarlierTrainState:
+    """The train state as jaxlm saved it before the masks moved into the optimizer state."""
+    step: jax.Array
+    params: dict
+    opt_state: object
+    frozen: dict
+    masks: dict
+
+    def saved(self):
+        return self
+
+
+def test_masks_live_in_the_optimizer_state_sharded_like_their_parameters(tiny_finetune, tmp_path):
+    config = tiny_finetune()
+    config.mesh.update(dict(num_devices=0, data=2, fsdp=-1))  # all the test's devices: params split
+    config.prune.update(dict(method="magnitude", sparsity=0.5))
+    run = loop.setup(config, str(tmp_path))
+    assert not hasattr(run.shardings, "masks")
+    shardings = lambda nested: flax.traverse_util.flatten_dict(nested, sep="/")
+    params = shardings(run.shardings.params)
+    masks = shardings(prune.masks(run.shardings.opt_state))
+    assert masks and all("kernel" in n for n in masks)
+    for name, sharding in masks.items():
+        assert sharding == params[name], name
+    assert any(not s.is_fully_replicated for s in masks.values()) or jax.device_count() == 1
+    config.prune.method = "none"
+    assert prune.optimizer(run.tx, config, run.task, run.partitioner) is run.tx
+
+
+def test_an_earlier_pruned_checkpoint_fails_naming_the_change(tiny_finetune, tmp_path):
+    """A checkpoint with the masks in `state.masks` (jaxlm before they moved into the optimizer
+    state) is an error that names the move, when a run resumes it and when the export reads it;
+    the checkpoint is left as it was."""
+    config = tiny_finetune()
+    config.prune.update(dict(method="heads", heads_pruned=0.5))
+    workdir = str(tmp_path / "earlier")
+    run = loop.setup(config, workdir)
+    state = loop.base_params(run)[0]
+    earlier = EarlierTrainState(step=state.step, params=state.params, opt_state=state.opt_state.inner_state,
+                                frozen={}, masks=prune.masks(state.opt_state))
+    ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+    ckpt.save(2, earlier)
+    ckpt.close()
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints", "2", "state")))
+    message = r"earlier jaxlm: pruning masks moved from the train state \(state.masks\) into the optimizer state"
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(config, workdir)
+    with pytest.raises(ValueError, match=message):
+        prune_export.restore_masks(run, workdir, 2)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "2", "state"))) == before
+    params, step = checkpoint.restore_params(workdir, run.abstract_state.params)  # what inference reads
+    assert step == 2 and tree.names(params) == tree.names(state.params)

@@ -27,7 +27,8 @@ def export(workdir: str, output: str) -> int:
     if run.config.prune.method != "heads":
         raise ValueError(f"{workdir} is a prune.method={run.config.prune.method!r} run: only "
                          "prune.method='heads' removes whole heads and neurons")
-    smaller, sizes = prune.smaller_params(prune.masked_axes(run), jax.device_get(params),
+    axes, _ = prune.masked_axes(run.config, run.task, run.partitioner)
+    smaller, sizes = prune.smaller_params(axes, jax.device_get(params),
                                           jax.device_get(restore_masks(run, workdir, step)))
     config = config_lib.load(workdir)
     m = config.model
@@ -43,7 +44,7 @@ def export(workdir: str, output: str) -> int:
 def restore_masks(run, workdir: str, step: int) -> dict:
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
-        return ckpt.restore(run.abstract_state, step=step).masks
+        return prune.masks(ckpt.restore(run.abstract_state, step=step).opt_state)
     finally:
         ckpt.close()
 

@@ -16,22 +16,29 @@
   Michel et al.'s head-gate gradient), averaged over `importance_batches` train batches.
   `tools/prune_export.py` then cuts them out: a smaller plain model.
 
-Masks (bool, shaped like their parameters) are part of the train state and its checkpoints.
-Every step applies them: the gradients are masked and the parameters are multiplied by the masks
-after the optimizer update, so pruned weights stay exactly zero under Adam and weight decay.
-Magnitude and N:M masks are recomputed inside the jitted step (a `lax.cond` on the update
-steps), so several steps per call work; pruned weights are zero, hence ranked last: masks only
-grow. Only parameters that train are pruned (frozen ones are not in checkpoints).
+Pruning is an optax transformation wrapped around the run's optimizer (`optimizer`): its state
+(`PruneState`) holds the inner optimizer's state, the masks (bool, one per pruned parameter, in a
+params-shaped tree with `optax.MaskedNode()` elsewhere, so each is sharded and saved like its
+parameter), the steps done and the masks' sparsity (logged as `train/sparsity`). Each update masks
+the gradients before the inner optimizer and returns updates that leave the pruned weights exactly
+zero after `optax.apply_updates` (`where(mask, u, -w)`), so they stay zero under Adam and weight
+decay. Magnitude and N:M masks are recomputed inside the jitted step (a `lax.cond` on the update
+steps): an update computes the masks of the step that follows it, from the weights it produced,
+so every step's loss sees the masks of its step (`start` computes those of step 0 and, for
+'heads', the importance masks, before the first step). Pruned weights are zero, hence ranked
+last: masks only grow. Only parameters that train are pruned (frozen ones are not in checkpoints).
 """
 
 import logging
 import re
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxlm import tree
 
@@ -122,58 +129,72 @@ def masked_fn(config):
     return lambda name: regex.search(name) is not None
 
 
-def select(params, frozen, config) -> dict:
-    """The sub-tree of the trainable `params` (arrays, shapes or shardings) that gets masks.
+def masked_axes(config, task, partitioner, warn: bool = False) -> tuple[dict, dict]:
+    """('a/b/c' name -> logical axis names, name -> shape) of every parameter `config.prune`
+    masks (a scanned stack's axes start with 'layers').
 
     Frozen parameters are never pruned (checkpoints do not hold them, e.g. a distillation
     teacher); a method that would prune only frozen ones is an error naming them, and so is any
     frozen head or neuron under method 'heads' (every layer must lose the same units).
     """
     check(config)
+    with partitioner.context():
+        boxed = jax.eval_shape(lambda: task.init(jax.random.key(0))["params"])
+    specs = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.get_partition_spec(boxed)), sep="/")
+    flat = flax.traverse_util.flatten_dict(nn.unbox(boxed), sep="/")
+    shapes = {n: tuple(x.shape) for n, x in flat.items()}
     masked = masked_fn(config)
-    chosen, _ = tree.split(params, masked)
-    stuck = [n for n in tree.names(frozen) if masked(n)]
+    trainable = [n for n in shapes if task.trainable(n)]
+    chosen = [n for n in trainable if masked(n)]
+    stuck = [n for n in shapes if masked(n) and not task.trainable(n)]
     if stuck and (config.prune.method == "heads" or not chosen):
         raise ValueError(f"prune.method={config.prune.method!r} would prune frozen parameters "
                          f"({', '.join(stuck[:3])}{' ...' if len(stuck) > 3 else ''}; peft.method="
                          f"{config.peft.method!r}, peft.frozen={config.peft.frozen!r}): prune "
                          "parameters that train")
-    if config.prune.method == "none" or chosen:
-        return chosen
-    raise ValueError(f"prune.targets={config.prune.targets!r} matches no parameter of this model "
-                     f"(e.g. {', '.join(tree.names(params)[:3])})")
+    if not chosen:
+        raise ValueError(f"prune.targets={config.prune.targets!r} matches no parameter of this model "
+                         f"(e.g. {', '.join(trainable[:3])})")
+    if stuck and warn:
+        log.warning("prune: %d frozen parameters match and stay unpruned (%s ...)", len(stuck), stuck[0])
+    return {n: tuple(specs[n]) for n in chosen}, {n: shapes[n] for n in chosen}
 
 
-def ones(params) -> dict:
-    """All-true masks shaped like `params` (nothing pruned yet)."""
-    return jax.tree.map(lambda p: jnp.ones(p.shape, jnp.bool_), params)
+def _is_hole(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
-def apply(masks: dict, tree: dict) -> dict:
-    """`tree` (parameters or gradients) with the masked entries exactly zero."""
-    if not masks:
-        return tree
-    flat = flax.traverse_util.flatten_dict(tree)
-    for key, mask in flax.traverse_util.flatten_dict(masks).items():
-        flat[key] = jnp.where(mask, flat[key], jnp.zeros((), flat[key].dtype))
-    return flax.traverse_util.unflatten_dict(flat)
+def _named(masks) -> dict:
+    """'a/b/c' -> mask, of a params-shaped tree of masks (holes left out)."""
+    flat = flax.traverse_util.flatten_dict(masks, sep="/")
+    return {n: m for n, m in flat.items() if not _is_hole(m)}
 
 
-def sparsity(masks: dict) -> jax.Array:
+def _shaped(named: dict, params):
+    """The params-shaped tree of the masks in `named` ('a/b/c' -> mask), holes elsewhere."""
+    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
+    return jax.tree_util.tree_map_with_path(lambda path, _: named.get(name(path), optax.MaskedNode()), params)
+
+
+def masks(opt_state) -> dict:
+    """The masks a pruning optimizer state holds, as a nested dict of the pruned parameters only
+    ({} when `opt_state` is not one)."""
+    if not isinstance(opt_state, PruneState):
+        return {}
+    return flax.traverse_util.unflatten_dict(_named(opt_state.masks), sep="/")
+
+
+def apply(masks, tree):
+    """`tree` (parameters or gradients) with the masked entries exactly zero (`masks` params-shaped)."""
+    return jax.tree.map(lambda m, x: x if _is_hole(m) else jnp.where(m, x, jnp.zeros((), x.dtype)),
+                        masks, tree, is_leaf=_is_hole)
+
+
+def sparsity(masks) -> jax.Array:
     """The share of masked-out entries over all masks."""
     leaves = jax.tree.leaves(masks)
     kept = sum(jnp.sum(m, dtype=jnp.float32) for m in leaves)
     return 1.0 - kept / sum(m.size for m in leaves)
-
-
-def masked_axes(run) -> dict[str, tuple]:
-    """'a/b/c' name -> logical axis names of every masked parameter (a scanned stack's start
-    with 'layers')."""
-    with run.partitioner.context():
-        boxed = jax.eval_shape(lambda: run.task.init(jax.random.key(0))["params"])
-    specs = flax.traverse_util.flatten_dict(flax.core.unfreeze(nn.get_partition_spec(boxed)), sep="/")
-    names = set(tree.names(run.shardings.masks))
-    return {name: tuple(spec) for name, spec in specs.items() if name in names}
 
 
 # --- The schedule and the masks the step recomputes --------------------------------------------
@@ -206,24 +227,13 @@ def input_axis(axes: tuple) -> int:
 
 
 class Pruner:
-    """What the train step does with the masks: recompute them on the schedule's update steps
-    (magnitude, N:M), apply them to the parameters and gradients, report the sparsity."""
+    """The masks of magnitude and N:M pruning, recomputed from the weights on the schedule's
+    update steps (`axes`, `shapes`: those of the masked parameters, by 'a/b/c' name)."""
 
     def __init__(self, settings, axes: dict[str, tuple], shapes: dict[str, tuple]):
         self.settings, self.axes, self.shapes = settings, axes, shapes
         if settings.method == "nm":
             self._check_groups()
-
-    @classmethod
-    def from_run(cls, run) -> "Pruner | None":
-        if run.config.prune.method == "none":
-            return None
-        state = run.abstract_state
-        skipped = [n for n in tree.names(state.frozen) if masked_fn(run.config)(n)]
-        if skipped:
-            log.warning("prune: %d frozen parameters match and stay unpruned (%s ...)", len(skipped), skipped[0])
-        shapes = {n: tuple(s.shape) for n, s in flax.traverse_util.flatten_dict(state.masks, sep="/").items()}
-        return cls(run.config.prune, masked_axes(run), shapes)
 
     def _check_groups(self) -> None:
         m = self.settings.m
@@ -235,15 +245,8 @@ class Pruner:
             if size % m:
                 raise ValueError(f"prune.m={m} does not divide the {size} inputs of {name}")
 
-    def prepare(self, state):
-        """`state` with this step's masks (recomputed on update steps) applied to its params."""
-        masks = state.masks
-        if self.settings.method in ("magnitude", "nm"):
-            masks = jax.lax.cond(is_update_step(self.settings, state.step),
-                                 lambda: self.recompute(state.params, state.step), lambda: masks)
-        return state.replace(masks=masks, params=apply(masks, state.params))
-
     def recompute(self, params, step) -> dict:
+        """The masks (a nested dict of the masked parameters) at `step` from the weights `params`."""
         flat, _ = tree.split(params, self.axes.__contains__)
         flat = flax.traverse_util.flatten_dict(flat, sep="/")
         if self.settings.method == "nm":
@@ -281,6 +284,64 @@ class Pruner:
         return jnp.moveaxis(keep, -1, axis)
 
 
+# --- The optimizer that prunes ------------------------------------------------------------------
+
+class PruneState(NamedTuple):
+    inner_state: Any  # the wrapped optimizer's state
+    masks: Any  # params-shaped: a bool mask per pruned parameter, optax.MaskedNode() elsewhere
+    count: jax.Array  # updates done: the step the masks are for
+    metrics: dict  # {'sparsity': of `masks`}, logged by the train step
+
+
+def optimizer(tx: optax.GradientTransformation, config, task,
+              partitioner) -> optax.GradientTransformation:
+    """`tx` pruned as `config.prune` says (`tx` itself for method 'none').
+
+    The masks live in the returned transformation's state (`PruneState`); `start` fills them
+    before a fresh run's first step. Errors name the `prune.*` key that cannot work with this
+    model (`task.init` is traced under the partitioner for the parameters' logical axes).
+    """
+    check(config)
+    if config.prune.method == "none":
+        return tx
+    axes, shapes = masked_axes(config, task, partitioner, warn=True)
+    return masked(tx, Pruner(config.prune, axes, shapes))
+
+
+def masked(tx: optax.GradientTransformation, pruner: Pruner) -> optax.GradientTransformation:
+    """`tx` with `pruner`'s masks: gradients masked before `tx`, pruned weights kept exactly zero
+    by the updates, and (magnitude, N:M) the masks of the next step recomputed on its schedule."""
+    settings = pruner.settings
+    scheduled = settings.method in ("magnitude", "nm")
+
+    def init(params):
+        named = {n: jnp.ones(shape, jnp.bool_) for n, shape in pruner.shapes.items()}
+        # optax.tree_map_params calls this with a placeholder for `params`: `masks` is one then
+        return PruneState(inner_state=tx.init(params), masks=_shaped(named, params),
+                          count=jnp.zeros((), jnp.int32),
+                          metrics={"sparsity": jnp.zeros((), jnp.float32)})
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("pruning needs the parameters in update(): it keeps pruned ones at zero")
+        updates, inner_state = tx.update(apply(state.masks, grads), state.inner_state, params)
+        count = state.count + 1
+        following = state.masks
+        if scheduled:  # the weights the next step starts from, as the masks of this one leave them
+            stepped = apply(state.masks, optax.apply_updates(params, updates))
+            recompute = lambda: _shaped(
+                flax.traverse_util.flatten_dict(pruner.recompute(stepped, count), sep="/"), params)
+            following = jax.lax.cond(is_update_step(settings, count), recompute, lambda: state.masks)
+        keep = jax.tree.map(lambda a, b: a if _is_hole(a) else a & b, state.masks, following,
+                            is_leaf=_is_hole)
+        updates = jax.tree.map(lambda m, u, p: u if _is_hole(m) else jnp.where(m, u, -p),
+                               keep, updates, params, is_leaf=_is_hole)
+        return updates, PruneState(inner_state=inner_state, masks=following, count=count,
+                                   metrics={"sparsity": sparsity(following)})
+
+    return optax.GradientTransformation(init, update)
+
+
 # --- Heads and neurons: importance at the start, export of the smaller model -------------------
 
 def _unit_of(name: str) -> tuple[str, str]:
@@ -308,12 +369,12 @@ def unit_scores(axes: dict, params: dict, grads: dict) -> dict:
     return scores
 
 
-def importance(run, state) -> dict:
+def importance(run, state, axes: dict) -> dict:
     """(layer, unit) -> mean over `prune.importance_batches` train batches of |sum(w * dL/dw)|.
 
     The batches come from a fresh train iterator (the run's own is not advanced); dropout is off.
     """
-    task, axes = run.task, masked_axes(run)
+    task = run.task
 
     def batch_scores(params, frozen, batch):
         loss = lambda p: task.loss(tree.join(p, frozen) if frozen else p, batch, None, train=False)[0]
@@ -347,18 +408,27 @@ def unit_masks(p, axes: dict, shapes: dict, scores: dict) -> dict:
 
 
 def start(run, state):
-    """A fresh run's state before its first step. Method 'heads' scores the heads and neurons on
-    the loaded weights and fixes the masks; the others start from all-true masks and prune in
-    the step (at `prune.begin_step`)."""
-    if run.config.prune.method != "heads":
+    """A fresh run's state before its first step, the masks of step 0 filled in and applied to the
+    loaded weights: method 'heads' scores the heads and neurons and fixes the masks; magnitude
+    and N:M prune at step 0 when `prune.begin_step` is 0 (later, in the optimizer's updates).
+    A state without pruning (or with nothing to do at step 0) comes back as it is."""
+    p = run.config.prune
+    if not isinstance(state.opt_state, PruneState) or (p.method != "heads" and p.begin_step != 0):
         return state
-    axes = masked_axes(run)
-    shapes = {n: tuple(s.shape) for n, s in flax.traverse_util.flatten_dict(state.masks, sep="/").items()}
-    flat = unit_masks(run.config.prune, axes, shapes, importance(run, state))
-    masks = jax.device_put(flax.traverse_util.unflatten_dict(flat, sep="/"), run.shardings.masks)
+    axes, shapes = masked_axes(run.config, run.task, run.partitioner)
+    if p.method == "heads":
+        named = unit_masks(p, axes, shapes, importance(run, state, axes))
+    else:
+        recompute = run.partitioner.jit(Pruner(p, axes, shapes).recompute)
+        first = recompute(state.params, jnp.zeros((), jnp.int32))
+        named = flax.traverse_util.flatten_dict(first, sep="/")
+    shardings = run.shardings.opt_state
+    masks = jax.device_put(_shaped(named, state.params), shardings.masks)
     params = run.partitioner.jit(apply, out_shardings=run.shardings.params)(masks, state.params)
-    log.info("pruned heads/neurons: %.1f%% of the masked weights", 100 * float(sparsity(masks)))
-    return state.replace(masks=masks, params=params)
+    metrics = run.partitioner.jit(lambda m: {"sparsity": sparsity(m)},
+                                  out_shardings=shardings.metrics)(masks)
+    log.info("pruned at the start: %.1f%% of the masked weights", 100 * float(metrics["sparsity"]))
+    return state.replace(params=params, opt_state=state.opt_state._replace(masks=masks, metrics=metrics))
 
 
 def smaller_params(axes: dict, params: dict, masks: dict) -> tuple[dict, dict]:

@@ -21,6 +21,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data_iter"
+# Arrays that earlier jaxlm versions saved elsewhere in the state: name prefix -> what changed.
+MOVED = {"masks.": "pruning masks moved from the train state (state.masks) into the optimizer "
+                   "state (state.opt_state.masks, jaxlm/compress/prune.py)"}
 
 
 class Checkpointer:
@@ -71,6 +74,12 @@ class Checkpointer:
         """Raises naming the arrays whose saved shape differs from what the config builds."""
         saved = _saved_shapes(self.manager, step)
         wanted = _shapes(abstract_state)
+        for prefix, change in MOVED.items():
+            if any(n.startswith(prefix) for n in saved) and not any(n.startswith(prefix) for n in wanted):
+                raise ValueError(
+                    f"checkpoint step {step} in {self.directory} was written by an earlier jaxlm: "
+                    f"{change}. It cannot resume here; its parameters still load (init_from, "
+                    "jaxlm.evaluate, jaxlm.predict). The checkpoint was left untouched.")
         problems = [f"{name}: saved {saved.get(name, 'nothing')}, this config {shape}"
                     for name, shape in _differing(saved, wanted)]
         problems += [f"{name}: saved {shape}, this config has no such array"

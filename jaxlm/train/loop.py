@@ -49,6 +49,7 @@ def setup(config, workdir: str):
     tx, lr_schedule = optim.make(config.optim, config.train.steps)
     partitioner = Partitioner.from_config(config)
     check_batch(config, partitioner)
+    tx = prune.optimizer(tx, config, task, partitioner)  # masks in the optimizer state
     shardings = state_lib.shardings(partitioner, task, tx)
     return Run(config, tokenizer, task, tx, lr_schedule, partitioner, shardings, hf_dir)
 
@@ -113,8 +114,7 @@ def make_train_call(run):
     config, partitioner = run.config, run.partitioner
     train_step = step_lib.make_train_step(run.task, run.tx, run.lr_schedule, seed=config.seed,
                                           microbatches=config.train.microbatches,
-                                          skip_nonfinite=config.train.nan_policy == "skip",
-                                          pruner=prune.Pruner.from_run(run))
+                                          skip_nonfinite=config.train.nan_policy == "skip")
     return partitioner.jit(step_lib.repeat_steps(train_step),
                            in_shardings=(run.shardings, partitioner.sharding(STACKED)),
                            out_shardings=(run.shardings, partitioner.replicated),
@@ -266,7 +266,7 @@ def restore_or_init(run, ckpt, train_iter, workdir: str):
                  ckpt.latest_step(), config.init_from)
         return ckpt.restore(run.abstract_state, train_iter).replace(frozen=state.frozen)
     write_params_report(workdir, state, report)
-    return prune.start(run, state)  # pruning masks: a resumed run has them in its checkpoint
+    return prune.start(run, state)  # masks of step 0 (a resumed run has them in its checkpoint)
 
 
 def base_params(run):

@@ -6,8 +6,9 @@ in its sharded layout, so no device ever holds the full model.
 
 Fine-tuning splits the parameters (`jaxlm.peft`): `params` holds those that train (with optimizer
 state, in checkpoints), `frozen` the rest (loaded from `init_from` at start, never saved).
-Pruning (`jaxlm.compress.prune`) keeps `masks` for the pruned parameters, sharded like them and
-saved with them.
+Parameter-shaped trees in the optimizer state (Adam's moments, pruning masks) are sharded like
+the parameters; a tree with holes (`optax.MaskedNode`, as `optax.masked` and pruning leave for
+the parameters they skip) keeps them.
 """
 
 from typing import Any
@@ -19,7 +20,6 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import tree
-from jaxlm.compress import prune
 
 
 @flax.struct.dataclass
@@ -28,7 +28,6 @@ class TrainState:
     params: Any  # the trainable parameters (all of them unless a PEFT method freezes some)
     opt_state: Any
     frozen: Any = flax.struct.field(default_factory=dict)
-    masks: Any = flax.struct.field(default_factory=dict)  # pruning: bool, a sub-tree of params
 
     @property
     def model_params(self):
@@ -50,17 +49,17 @@ def shardings(partitioner, task, tx) -> TrainState:
         raise ValueError(f"peft: no parameter is trainable (method {task.config.peft.method!r}, "
                          f"peft.frozen={task.config.peft.frozen!r})")
     opt_state = jax.eval_shape(tx.init, abstract_params)
-    opt = optax.tree_map_params(tx, lambda _, s: s, opt_state, params,
-                                transform_non_params=lambda _: partitioner.replicated)
-    return TrainState(step=partitioner.replicated, params=params, opt_state=opt, frozen=frozen,
-                      masks=prune.select(params, frozen, task.config))
+    hole = lambda x: isinstance(x, optax.MaskedNode)
+    opt = optax.tree_map_params(tx, lambda x, s: x if hole(x) else s, opt_state, params,
+                                transform_non_params=lambda _: partitioner.replicated, is_leaf=hole)
+    return TrainState(step=partitioner.replicated, params=params, opt_state=opt, frozen=frozen)
 
 
 def _init_fn(task, tx):
     def init_fn(rng):
         params, frozen = tree.split(nn.unbox(task.init(rng)["params"]), task.trainable)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          frozen=frozen, masks=prune.ones(prune.select(params, frozen, task.config)))
+                          frozen=frozen)
     return init_fn
 
 

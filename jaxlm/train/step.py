@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm import tree
-from jaxlm.compress import prune
 from jaxlm.train.state import TrainState
 
 
@@ -40,30 +39,26 @@ def grads_and_sums(task, params, batch, rng, microbatches: int, frozen=None):
 
 
 def make_train_step(task, tx, lr_schedule, *, seed: int, microbatches: int = 1,
-                    skip_nonfinite: bool = False, pruner: prune.Pruner | None = None):
+                    skip_nonfinite: bool = False):
     """Returns `train_step(state, batch) -> (state, metrics)`.
 
     The dropout rng is `fold_in(key(seed), step)`, so a resumed run draws the same masks.
-    A `pruner` updates `state.masks` on its schedule; masked weights and their gradients are zero.
+    Figures an optimizer transformation keeps in a `metrics` field of its state (pruning's
+    sparsity) are logged with the step's.
     """
     base_rng = jax.random.key(seed)
 
     def train_step(state: TrainState, batch: dict):
-        if pruner is not None:
-            state = pruner.prepare(state)
         rng = jax.random.fold_in(base_rng, state.step)
         grads, sums = grads_and_sums(task, state.params, batch, rng, microbatches, state.frozen)
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
-        grads = prune.apply(state.masks, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        # Masked again after the update: Adam's moments and weight decay would move pruned weights.
-        params = prune.apply(state.masks, optax.apply_updates(state.params, updates))
+        params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = dict(task.summarize(sums))
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = lr_schedule(state.step)
-        if pruner is not None:
-            metrics["sparsity"] = prune.sparsity(state.masks)
+        metrics.update(optax.tree_utils.tree_get(state.opt_state, "metrics", default={}))  # this step's
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         if skip_nonfinite:
             keep_old = lambda n, o: jnp.where(finite, n, o)
