@@ -8,7 +8,9 @@ ConfigDict is locked: setting a key that does not exist (in a config file or wit
 import importlib.util
 import json
 import os
+import time
 
+import jax
 import ml_collections
 
 # Ordered logical-axis rules: for each logical axis the first rule whose mesh axes are still
@@ -243,6 +245,17 @@ def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
+def record(config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+    """Saves `config` as the run's `config.json` and appends it, with the step it starts at, to
+    `config_history.jsonl`: a resumed run with changed values keeps the earlier ones on record."""
+    save(config, workdir)
+    if jax.process_index() == 0:
+        entry = {"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "config": json.loads(config.to_json_best_effort())}
+        with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
 def load(workdir: str) -> ml_collections.ConfigDict:
     """Reads the config a run wrote into `workdir`, on top of today's defaults."""
     path = os.path.join(workdir, "config.json")
@@ -271,3 +284,44 @@ def update(config: ml_collections.ConfigDict, values: dict, prefix: str = "") ->
 
 def _tuplify(value):
     return tuple(_tuplify(v) if isinstance(v, list) else v for v in value)
+
+
+# (key, check, what it must be): values a run can check before it writes anything.
+RANGES = (
+    ("train.steps", lambda v: v >= 1, "at least 1"),
+    ("train.batch_size", lambda v: v >= 1, "at least 1"),
+    ("train.microbatches", lambda v: v >= 1, "at least 1"),
+    ("train.steps_per_call", lambda v: v >= 1, "at least 1"),
+    ("train.log_every", lambda v: v >= 1, "at least 1"),
+    ("train.eval_every", lambda v: v >= 1, "at least 1"),
+    ("train.eval_batches", lambda v: v >= 0, "0 (the whole split) or more"),
+    ("train.nan_policy", lambda v: v in ("stop", "skip"), "'stop' or 'skip'"),
+    ("checkpoint.every", lambda v: v >= 1, "at least 1"),
+    ("checkpoint.keep", lambda v: v >= 0, "0 (keep all) or more"),
+    ("optim.lr", lambda v: 0 <= v < float("inf"), "finite and not negative"),
+    ("optim.end_lr", lambda v: 0 <= v < float("inf"), "finite and not negative"),
+    ("optim.warmup_steps", lambda v: v >= 0, "0 or more"),
+    ("optim.decay_steps", lambda v: v >= 0, "0 (train.steps) or more"),
+    ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.clip_norm", lambda v: v >= 0, "0 (no clipping) or more"),
+    ("data.seq_len", lambda v: v >= 1, "at least 1"),
+    ("data.target_len", lambda v: v >= 0, "0 (derived) or more"),
+    ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("sample.max_new_tokens", lambda v: v >= 0, "0 (no sample) or more"),
+    ("sample.temperature", lambda v: v >= 0, "0 (greedy) or more"),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises a ValueError naming every key whose value is out of range (a run calls this
+    before it writes anything)."""
+    problems = []
+    for key, check, expected in RANGES:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if not check(value):
+            problems.append(f"{key}={value!r} must be {expected}")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))

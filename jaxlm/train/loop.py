@@ -26,6 +26,7 @@ from jaxlm.compress import prune, quantize
 from jaxlm.models import pipeline_parallel
 from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.train import checkpoint, memory, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from jaxlm.train import workdir as workdir_lib
 
 log = logging.getLogger("jaxlm")
 STACKED = (None, "batch")  # logical axes of a stack of batches [steps, batch, ...]
@@ -78,8 +79,6 @@ def hf_source(init_from: str) -> str | None:
 
 def check_batch(config, partitioner) -> None:
     t = config.train
-    if t.nan_policy not in ("stop", "skip"):
-        raise ValueError(f"train.nan_policy={t.nan_policy!r}: expected 'stop' or 'skip'")
     if t.batch_size % t.microbatches:
         raise ValueError(f"train.batch_size={t.batch_size} does not split into train.microbatches={t.microbatches}")
     shards = partitioner.batch_shards
@@ -164,23 +163,41 @@ def export_workdir(config, source: str, output: str, make_params, step: int) -> 
 
 
 def train_and_evaluate(config, workdir: str):
-    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state."""
-    os.makedirs(workdir, exist_ok=True)
-    run = setup(config, workdir)
-    quantize.check_trainable(run.abstract_state.params, quantize.from_config(config.model))
-    log.info(memory.describe(memory.estimate(run)))  # before anything is allocated
-    t = config.train
-    partitioner = run.partitioner
-    train_iter = run.task.train_iterator()
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final state.
 
-    ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                   async_save=config.checkpoint.async_save)
-    state = restore_or_init(run, ckpt, train_iter, workdir)
-    config_lib.save(config, workdir)  # only now: a failed restore leaves the run's config as it was
+    Everything that can fail before training fails before the first step: the config's values,
+    the data (the eval batches are built here), the checkpoint to resume. A workdir that such a
+    failure finds new is removed again; one that holds a run is left as it was.
+    """
+    config_lib.validate(config)
+    with workdir_lib.claim(workdir) as claim:
+        run = setup(config, workdir)
+        quantize.check_trainable(run.abstract_state.params, quantize.from_config(config.model))
+        log.info(memory.describe(memory.estimate(run)))  # before anything is allocated
+        train_iter = run.task.train_iterator()
+        evaluator = Evaluator(run, config)
+        ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+        try:
+            check_resumable(config, workdir, ckpt)
+            state = restore_or_init(run, ckpt, train_iter, workdir)
+            config_lib.record(config, workdir, int(state.step))  # only now: a failed restore leaves it
+            claim.started()
+            return train_loop(run, state, train_iter, evaluator, ckpt, workdir)
+        finally:
+            ckpt.close()
+
+
+def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
+    """Steps from the state's step to `train.steps`: logs, saves, then evaluates at each period.
+
+    SIGTERM or a first Ctrl-C logs the steps not yet logged, saves and returns; a second Ctrl-C
+    stops at once. No step whose parameters or optimizer state went non-finite is ever saved.
+    """
+    config, partitioner, t = run.config, run.partitioner, run.config.train
     start_step = int(state.step)
     log.info("parameters: %s (%s trainable), mesh: %s", f"{metrics_lib.count_params(state.model_params):,}",
              f"{metrics_lib.count_params(state.params):,}", dict(partitioner.mesh.shape))
-
     steps_fn = make_train_call(run)
     compiled = {}
 
@@ -193,54 +210,55 @@ def train_and_evaluate(config, workdir: str):
                      time.perf_counter() - start, compiled[shapes].memory_analysis())
         return compiled[shapes](state, batches)
 
-    evaluator = Evaluator(run, config)
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, start_step)
     tokens_per_step = t.batch_size * run.task.tokens_per_example
     flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
         config.model, state.model_params, run.task.tokens_per_example)
     peak = t.peak_flops or metrics_lib.measure_matmul_peak()
-    stop = _SigtermFlag()
+    stop = StopSignals()
     bar = metrics_lib.progress_bar(t.steps, start_step)
+    interval = Interval(config.train.nan_policy)
 
-    step, pending, last_time = start_step, [], time.perf_counter()
+    def log_interval(step):
+        figures = interval.summary(step)  # waits for the steps to finish
+        now = time.perf_counter()
+        elapsed = now - interval.start
+        steps_done = len(interval.figures["loss"])
+        figures["train/examples_per_sec"] = steps_done * t.batch_size / elapsed
+        if tokens_per_step:
+            figures["train/tokens_per_sec"] = steps_done * tokens_per_step / elapsed
+            figures["train/mfu"] = steps_done * flops_per_step / elapsed / (peak * partitioner.mesh.size)
+        writer.write(step, figures)
+        bar.set_postfix(loss=f"{figures['train/loss']:.4f}", ex_s=f"{figures['train/examples_per_sec']:.0f}")
+        interval.reset(now)
+
+    step = start_step
     try:
         while step < t.steps:
             k = min(t.steps_per_call, _steps_to_next_event(step, config))
             batches = run.task.fit_length(_stack([next(train_iter) for _ in range(k)]))
             state, step_metrics = run_steps(state, partitioner.shard_batch(batches, STACKED))
             step += k
-            pending.append(step_metrics)
+            interval.add(step_metrics)
             bar.update(k)
-            if step % t.log_every == 0 or step == t.steps:
-                figures = _summarize(pending, config, step)  # waits for the steps to finish
-                now = time.perf_counter()
-                elapsed = now - last_time
-                steps_done = sum(len(m["loss"]) for m in pending)
-                figures["train/examples_per_sec"] = steps_done * t.batch_size / elapsed
-                if tokens_per_step:
-                    figures["train/tokens_per_sec"] = steps_done * tokens_per_step / elapsed
-                    figures["train/mfu"] = steps_done * flops_per_step / elapsed / (peak * partitioner.mesh.size)
-                writer.write(step, figures)
-                bar.set_postfix(loss=f"{figures['train/loss']:.4f}",
-                                ex_s=f"{figures['train/examples_per_sec']:.0f}")
-                pending, last_time = [], now
+            if step % t.log_every == 0 or step == t.steps or stop.raised:
+                log_interval(step)
+            if step % config.checkpoint.every == 0 or step == t.steps or stop.raised:
+                interval.check_before_save(step)
+                ckpt.save(step, state, train_iter)
+            if stop.raised:
+                log.warning("%s: saved step %d, exiting", stop.raised, step)
+                break
             if step % t.eval_every == 0 or step == t.steps:
                 figures = evaluator(state.model_params)
                 writer.write(step, figures)
                 if jax.process_index() == 0:
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items()),
                               file=sys.stderr)
-                last_time = time.perf_counter()
-            if step % config.checkpoint.every == 0 or step == t.steps or stop.raised:
-                _check_finite(pending, config, step)
-                ckpt.save(step, state, train_iter)
-            if stop.raised:
-                log.warning("SIGTERM: saved step %d, exiting", step)
-                break
+                interval.start = time.perf_counter()  # the eval's time is not the steps'
     finally:
         bar.close()
         stop.restore()
-        ckpt.close()
         writer.close()
     if not stop.raised and config.sample.max_new_tokens > 0:
         # Every process takes part (the parameters are global arrays); process 0 prints.
@@ -248,6 +266,35 @@ def train_and_evaluate(config, workdir: str):
         if text is not None and jax.process_index() == 0:
             print(text, flush=True)
     return state
+
+
+# Keys that fix what a saved data position means (batches of this many rows of these examples in
+# this order): a run cannot resume with other values.
+DATA_POSITION_KEYS = ("task.name", "seed", "train.batch_size", "data.name", "data.files", "data.train_split",
+                      "data.seq_len", "data.target_len", "data.tokenizer", "data.tokenizer_path",
+                      "data.tokenizer_vocab_size", "data.text_key", "data.source_key", "data.target_key")
+
+
+def check_resumable(config, workdir: str, ckpt) -> None:
+    """Raises naming the keys whose change would make a resumed run read its data from the wrong
+    place (the saved position counts batches of the saved batch size)."""
+    step = ckpt.latest_step()
+    if step is None or not os.path.isfile(os.path.join(workdir, "config.json")):
+        return
+    saved = config_lib.load(workdir)
+    changed = [f"{key}={_get(config, key)!r} (saved {_get(saved, key)!r})" for key in DATA_POSITION_KEYS
+               if _get(config, key) != _get(saved, key)]
+    if changed:
+        raise ValueError(
+            f"{workdir} resumes at step {step}, but {', '.join(changed)}: its saved data position "
+            "counts batches of the saved run's examples. Resume with the saved values, or start a "
+            f"new workdir from this one with --config.init_from={workdir}.")
+
+
+def _get(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
 
 
 def restore_or_init(run, ckpt, train_iter, workdir: str):
@@ -356,28 +403,33 @@ def merge_params(params, loaded: dict):
 
 
 class Evaluator:
-    """Evaluates on the first `train.eval_batches` batches of the eval split, kept on device."""
+    """Evaluates on the first `train.eval_batches` batches of the eval split, kept on device.
+
+    The batches are built when the evaluator is, before training: an eval split that cannot be
+    read or encoded fails the run before its first step, not at its first evaluation."""
 
     def __init__(self, run, config):
         self.run = run
-        self.batches = None
-        self.config = config
+        self.split = config.data.eval_split
         eval_step = step_lib.make_eval_step(run.task)
 
         def evaluate(params, batches):
             sums = jax.lax.map(lambda b: eval_step(params, b), batches)
             return run.task.summarize(jax.tree.map(lambda x: x.sum(0), sums))
 
-        self.split = config.data.eval_split
-
         self.fn = run.partitioner.jit(
             evaluate, in_shardings=(run.shardings.model_params, run.partitioner.sharding(STACKED)),
             out_shardings=run.partitioner.replicated)
+        try:
+            batches = list(run.task.eval_batches(self.split, config.train.eval_batches))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"eval split {self.split!r} of {config.data.name!r}: {e}") from e
+        if not batches:
+            raise ValueError(f"eval split {self.split!r} of {config.data.name!r} gives no batch of "
+                             f"train.batch_size={config.train.batch_size} rows")
+        self.batches = run.partitioner.shard_batch(_stack(batches), STACKED)
 
     def __call__(self, params) -> dict:
-        if self.batches is None:
-            batches = self.run.task.eval_batches(self.split, self.config.train.eval_batches)
-            self.batches = self.run.partitioner.shard_batch(_stack(list(batches)), STACKED)
         figures = jax.device_get(self.fn(params, self.batches))
         figures.update(self.run.task.generation_metrics(params, self.split))
         return {f"eval/{k}": float(v) for k, v in figures.items()}
@@ -400,43 +452,86 @@ def _merge(pending: list) -> dict:
     return {k: np.concatenate([np.atleast_1d(v[k]) for v in values]) for k in values[0]}
 
 
-def _summarize(pending: list, config, step: int) -> dict:
-    """Means over the logged interval (the learning rate is the last step's)."""
-    merged = _merge(pending)
-    _raise_if_nonfinite(merged["finite"], config, step)
-    figures = {f"train/{k}": float(np.mean(v)) for k, v in merged.items() if k not in ("finite", "learning_rate")}
-    figures["train/learning_rate"] = float(merged["learning_rate"][-1])
-    return figures
+class Interval:
+    """The per-step figures of the steps since the last log, fetched from the device only when
+    they are logged or a save needs them checked.
+
+    Every step is checked once for finiteness: under train.nan_policy='stop' a non-finite step
+    raises (its state is never saved); under 'skip' its update was dropped in the step, and a
+    save after an interval in which every step was skipped raises instead (the run is stuck).
+    """
+
+    def __init__(self, nan_policy: str):
+        self.nan_policy = nan_policy
+        self.calls, self.figures = [], {}
+        self.steps_since_save = self.skipped_since_save = 0
+        self.start = time.perf_counter()
+
+    def add(self, step_metrics) -> None:
+        self.calls.append(step_metrics)
+
+    def fetch(self, step: int) -> dict:
+        if self.calls:
+            new = _merge(self.calls)
+            self.calls = []
+            self._check(new["finite"], step)
+            self.figures = {k: np.concatenate([self.figures[k], v]) if k in self.figures else v
+                            for k, v in new.items()}
+        return self.figures
+
+    def summary(self, step: int) -> dict:
+        """Means over the interval (the learning rate is the last step's)."""
+        merged = self.fetch(step)
+        figures = {f"train/{k}": float(np.mean(v)) for k, v in merged.items() if k not in ("finite", "learning_rate")}
+        figures["train/learning_rate"] = float(merged["learning_rate"][-1])
+        return figures
+
+    def reset(self, now: float) -> None:
+        self.figures, self.start = {}, now
+
+    def check_before_save(self, step: int) -> None:
+        self.fetch(step)
+        if self.steps_since_save and self.skipped_since_save == self.steps_since_save:
+            raise NonFiniteLoss(
+                f"every one of the {self.steps_since_save} steps since the last save (up to step "
+                f"{step}) was non-finite and skipped (train.nan_policy='skip'): the run makes no "
+                "progress; the last checkpoint was left as it was. Lower optim.lr or check the data.")
+        self.steps_since_save = self.skipped_since_save = 0
+
+    def _check(self, finite: np.ndarray, step: int) -> None:
+        bad = int((~finite).sum())
+        self.steps_since_save += len(finite)
+        self.skipped_since_save += bad
+        if not bad:
+            return
+        first = step - len(finite) + int(np.argmin(finite)) + 1
+        if self.nan_policy == "stop":
+            raise NonFiniteLoss(f"non-finite loss, gradient, parameters or optimizer state at step "
+                                f"{first} (train.nan_policy='stop'); the last checkpoint was left as it was")
+        log.warning("skipped %d non-finite steps (the first at step %d) before step %d", bad, first, step)
 
 
-def _check_finite(pending: list, config, step: int) -> None:
-    """Before a save: never write a checkpoint of a run whose loss went non-finite."""
-    if pending:
-        _raise_if_nonfinite(_merge(pending)["finite"], config, step)
+class StopSignals:
+    """Turns SIGTERM and a first Ctrl-C (SIGINT) into a flag the loop checks after each call, so
+    it can log, save and return. A second Ctrl-C ends the process at once (the default action:
+    checkpoints are written atomically, and the kernel drops the workdir lock).
 
+    `raised` is the signal's name once one arrived (falsy before)."""
 
-def _raise_if_nonfinite(finite: np.ndarray, config, step: int) -> None:
-    if config.train.nan_policy == "stop" and not finite.all():
-        bad = step - len(finite) + int(np.argmin(finite)) + 1
-        raise NonFiniteLoss(f"non-finite loss or gradient at step {bad} (train.nan_policy='stop'); "
-                            "the last checkpoint was left as it was")
-    if not finite.all():
-        log.warning("skipped %d non-finite steps before step %d", int((~finite).sum()), step)
-
-
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks after each call, so it can save and exit 0."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.raised = False
+        self.raised = ""
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         except ValueError:  # not the main thread (e.g. inside a notebook worker)
-            self._previous = None
+            self._previous = {}
 
     def _handle(self, signum, frame):
-        self.raised = True
+        self.raised = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        log.warning("%s: stopping after this call (saving first); Ctrl-C again ends it at once", self.raised)
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)

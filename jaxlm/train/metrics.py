@@ -14,11 +14,17 @@ from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-    """Appends one JSON object per logged step and mirrors it to TensorBoard (process 0 only)."""
+    """Appends one JSON object per logged step and mirrors it to TensorBoard (process 0 only).
 
-    def __init__(self, workdir: str):
+    A run resumed at `start_step` first moves the lines of later steps (written by the run that
+    crashed before saving them) from `metrics.jsonl` to `metrics.replayed.jsonl`: the resumed run
+    writes those steps again, and each step appears once."""
+
+    def __init__(self, workdir: str, start_step: int = 0):
         self.enabled = jax.process_index() == 0
         if self.enabled:
+            set_aside_after(os.path.join(workdir, "metrics.jsonl"), start_step,
+                            os.path.join(workdir, "metrics.replayed.jsonl"))
             self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -35,6 +41,31 @@ class MetricWriter:
         if self.enabled:
             self.jsonl.close()
             self.tensorboard.close()
+
+
+def set_aside_after(path: str, step: int, aside: str) -> None:
+    """Moves the lines of `path` whose step is after `step` to the end of `aside`."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    later = [line for line in lines if _line_step(line) > step]
+    if not later:
+        return
+    with open(aside, "a") as f:
+        f.writelines(later)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(line for line in lines if _line_step(line) <= step)
+    os.replace(tmp, path)
+
+
+def _line_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf
 
 
 def progress_bar(total: int, initial: int):

@@ -59,7 +59,10 @@ def make_train_step(task, tx, lr_schedule, *, seed: int, microbatches: int = 1,
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = lr_schedule(state.step)
         metrics.update(optax.tree_utils.tree_get(state.opt_state, "metrics", default={}))  # this step's
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        # The step counts only if what it leaves behind is finite: a finite loss and gradient
+        # can still give inf/NaN parameters (a huge learning rate) or moments.
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+                  & all_finite(new.params) & all_finite(new.opt_state))
         if skip_nonfinite:
             keep_old = lambda n, o: jnp.where(finite, n, o)
             new = new.replace(params=jax.tree.map(keep_old, new.params, state.params),
@@ -68,6 +71,12 @@ def make_train_step(task, tx, lr_schedule, *, seed: int, microbatches: int = 1,
         return new, metrics
 
     return train_step
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point value of `tree` is finite."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.array(True)
 
 
 def repeat_steps(train_step):
