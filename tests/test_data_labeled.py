@@ -160,7 +160,8 @@ def test_labeled_files_without_examples_name_the_split_and_file(tmp_path):
     kwargs = {"data_dir": str(tmp_path / "tfds")}
     with pytest.raises(ValueError, match=re.escape(
             f"jaxlm_tsv: split 'validation' has no examples: '{header_only}' holds none.")):
-        builders.get_builder(builders.TSV, files=f"train={train},validation={header_only}", **kwargs)
+        builders.get_builder(builders.TSV, files=f"train={train},validation={header_only}",
+                             **kwargs)
     with pytest.raises(ValueError, match=re.escape(
             f"jaxlm_tsv: split 'validation' has no examples: '{empty}' is empty.")):
         builders.get_builder(builders.TSV, files=f"train={train},validation={empty}", **kwargs)
