@@ -2,7 +2,8 @@
 
     python -m jaxlm.predict --workdir=DIR --text="a gripping , funny film" [--text=...]
 
-Prints one JSON line per text (a PEFT run loads onto its base from `init_from`).
+Prints one JSON line per text (a PEFT run loads onto its base from `init_from`). A text that is
+empty or only whitespace is an error naming it (nothing is predicted, the checkpoint not loaded).
 """
 
 import json
@@ -17,6 +18,13 @@ FLAGS = flags.FLAGS
 
 
 def predict(workdir: str, texts: list[str]) -> list[dict]:
+    """One prediction per text, in order.
+
+    Raises:
+      ValueError: a text is empty or only whitespace (named), or the run's task does not predict
+        for raw text.
+    """
+    check_texts(texts)
     run, params, _ = loop.restore_latest(workdir)
     task = run.task.serving_task
     if not isinstance(task, base.Predicts):
@@ -25,9 +33,23 @@ def predict(workdir: str, texts: list[str]) -> list[dict]:
     return [task.predict_text(params, text) for text in texts]
 
 
+def check_texts(texts: list[str]) -> None:
+    """Raises ValueError naming each text that is empty or only whitespace: a model would still
+    answer for it (from its special tokens alone), an answer that means nothing."""
+    empty = [f"#{i} ({text!r})" for i, text in enumerate(texts, 1) if not text.strip()]
+    if empty:
+        raise ValueError(f"--text {', '.join(empty)} of {len(texts)} "
+                         f"{'is' if len(empty) == 1 else 'are'} empty or only whitespace: "
+                         "nothing to predict for")
+
+
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        check_texts(FLAGS.text)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     for row in predict(FLAGS.workdir, FLAGS.text):
         print(json.dumps(row, ensure_ascii=False))
 

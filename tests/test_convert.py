@@ -321,6 +321,56 @@ def test_resolve(minilm, hf_dirs, tmp_path):
     assert convert.resolve("no-such-package-anywhere") is None
 
 
+def fake_hf_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_resolve_never_imports_a_module_of_that_name(tmp_path, monkeypatch):
+    """A workdir's config.json may name init_from: a module of that name (here in the current
+    directory, which is on sys.path) must not run, even one that points at a real folder."""
+    marker = tmp_path / "imported"
+    hf_dir = fake_hf_dir(tmp_path / "hf")
+    (tmp_path / "evil_model.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        f"def get_model_path():\n    return {str(hf_dir)!r}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert convert.resolve("evil-model") is None and convert.resolve("evil_model") is None
+    assert not marker.exists()
+
+
+def fake_distribution(site: Path, name: str, files: list[str]) -> None:
+    """An installed distribution `name` in `site` whose RECORD lists `files` (and its metadata)."""
+    info = site / f"{name.replace('-', '_')}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    record = [*files, f"{info.name}/METADATA", f"{info.name}/RECORD"]
+    (info / "RECORD").write_text("".join(f"{f},,\n" for f in record))
+
+
+def test_resolve_finds_the_shallowest_folder_an_installed_package_ships(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    for folder in ("pkg_a/model", "pkg_a/model/extra/deeper", "pkg_b/one", "pkg_b/two"):
+        fake_hf_dir(site / folder)
+    (site / "pkg_a/model/1_Pooling").mkdir()
+    (site / "pkg_a/model/1_Pooling/config.json").write_text("{}")  # no weights: not a model folder
+    in_folder = ["config.json", "model.safetensors"]
+    fake_distribution(site, "pkg-a", [f"pkg_a/model/{f}" for f in in_folder]
+                      + [f"pkg_a/model/extra/deeper/{f}" for f in in_folder]
+                      + ["pkg_a/model/1_Pooling/config.json"])
+    fake_distribution(site, "pkg-b", [f"pkg_b/{d}/{f}" for d in ("one", "two") for f in in_folder])
+    fake_distribution(site, "pkg-c", ["pkg_c/__init__.py"])
+    monkeypatch.syspath_prepend(str(site))
+    assert convert.resolve("pkg-a") == convert.resolve("pkg_a") == str(site / "pkg_a/model")
+    assert convert.resolve("pkg-c") is None
+    with pytest.raises(ValueError, match=r"'pkg-b' ships several Hugging Face model folders "
+                                         r"\(.*pkg_b/one, .*pkg_b/two\)"):
+        convert.resolve("pkg-b")
+
+
 def run_tool(*args):
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_hf.py"), *args],
                           cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300)

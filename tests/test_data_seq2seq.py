@@ -2,12 +2,17 @@
 
 import gzip
 import json
+import os
+import re
 
 import numpy as np
 import pytest
 
+from jaxlm import config as config_lib
+from jaxlm import tasks
 from jaxlm.data import builders, encoder_decoder, span_corruption, text_pairs, tokenizers
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = builders.MULTI30K
 VOCAB = 1000  # Model vocabulary of the span-corruption tests: text ids < 900, sentinels above.
 
@@ -196,6 +201,29 @@ def test_span_tokens_colliding_with_sentinels_say_so():
     with pytest.raises(ValueError, match=r"Token id 999 collides with the \d+ sentinels"):
         span_dataset(num_tokens=990)
 
+
+
+def test_span_eval_split_smaller_than_one_batch_names_the_split(tmp_path):
+    """The task's eval batches over 1 window with batch_size 8 (no padded batch: span corruption
+    drops a partial one): an error naming the split, its size and the batch size."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("We are accounted poor citizens.\n")  # validation: file 0
+    train = [f"Speech {i}: {i * 37 % 1000} citizens, {i * 91 % 1000} senators of Rome."
+             for i in range(300)]
+    (corpus / "b.txt").write_text("\n".join(train))
+    config = config_lib.from_file(os.path.join(REPO, "configs", "t5_span_corruption.py"))
+    sentencepiece = tokenizers.train_sentencepiece(train, vocab_size=320, path=tmp_path / "sp")
+    config.data.update({"name": builders.TEXT_FILES, "files": str(corpus / "*.txt"), "seq_len": 16,
+                        "data_dir": str(tmp_path / "tfds"), "tokenizer_path": sentencepiece})
+    config.train.batch_size = 8
+    cls = tasks.get(config.task.name)
+    task = cls(config, cls.build_tokenizer(config, str(tmp_path / "workdir")))
+    assert next(task.train_iterator())["encoder_input_tokens"].shape == (8, 16)
+    with pytest.raises(ValueError, match=re.escape("Split 'validation' of jaxlm_text_files (")
+                       + r"\d+ tokens\) has 1 windows of \d+ tokens \(for inputs_length 16\), "
+                       + re.escape("fewer than one global batch of 8")):
+        task.eval_batches("validation", 0)
 
 # Parallel text: builders.
 

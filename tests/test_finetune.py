@@ -53,6 +53,13 @@ def test_classification_evaluates_a_split_and_a_file(sst2_run, tmp_path):
     assert [p["prediction"] for p in predict.predict(sst2_run, list(by_text))] == list(by_text.values())
 
 
+def test_empty_text_is_an_error_naming_it(sst2_run):
+    with pytest.raises(ValueError, match=r"--text #2 \(' '\) of 3 is empty or only whitespace"):
+        predict.predict(sst2_run, ["a fine film", " ", "awful"])
+    with pytest.raises(ValueError, match=r"--text #1 \(''\) of 1 is empty"):
+        predict.predict(sst2_run, [""])
+
+
 def test_tagging_scores_entities_over_words(conll_run, tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text("-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n"

@@ -15,7 +15,8 @@ export: the latest parameters of a workdir as a folder transformers loads.
 check: imports and runs jaxlm and transformers (PyTorch, float32, eval mode) on real sentences
 (SST-2 under $JAXLM_DATA_DIR, else built-in ones) or random images; prints per-example
 differences and, last, `max_abs_diff=<x>`; exits 1 above `--tolerance`.
-`--hf_dir` also takes the name of an installed package that ships a checkpoint.
+`--hf_dir` also takes the pip name of an installed package that ships a checkpoint
+(found among its recorded files; nothing is imported).
 Nothing is ever written into a non-empty directory.
 """
 

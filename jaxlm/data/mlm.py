@@ -397,8 +397,9 @@ def _example_maker(
     whole_word: bool,
     word_starts_fn: WordStartsFn | None,
     nsp: bool,
+    what: str,
 ) -> _ExampleMaker:
-    """Checks the arguments and indexes the corpus."""
+    """Checks the arguments and indexes the corpus (`what` names it in errors)."""
     shortest = 5 if nsp else 4  # Room for the specials and 2 tokens of text.
     if seq_len < shortest:
         raise ValueError(f"seq_len must be at least {shortest} (nsp={nsp}); got {seq_len}.")
@@ -410,12 +411,13 @@ def _example_maker(
     if nsp and corpus.num_documents < 2:
         raise ValueError(
             "Next-sentence prediction draws random B segments from other documents and needs at"
-            f" least 2 documents; got {corpus.num_documents} (blank lines separate documents)."
+            f" least 2 documents; {what} has {corpus.num_documents} (blank lines separate"
+            " documents)."
         )
     anchors = corpus.chunk_starts(seq_len - (3 if nsp else 2))
     if len(anchors) < global_batch_size:
         raise ValueError(
-            f"The MLM data makes {len(anchors)} examples of seq_len {seq_len} (chunks of"
+            f"{what} makes {len(anchors)} examples of seq_len {seq_len} (chunks of"
             f" {corpus.num_documents} documents), fewer than one global batch of"
             f" {global_batch_size}; lower global_batch_size or use more data."
         )
@@ -446,6 +448,7 @@ def mlm_nsp_dataset(
     nsp: bool = True,
     process_index: int = 0,
     process_count: int = 1,
+    what: str = "The MLM data",
 ) -> grain.MapDataset:
     """Shuffled, repeated, batched MLM(+NSP) examples for one process (an infinite MapDataset).
 
@@ -464,6 +467,7 @@ def mlm_nsp_dataset(
       nsp: build sentence pairs with next-sentence labels; else single segments.
       process_index: this process.
       process_count: number of processes.
+      what: the documents in errors, e.g. "Split 'validation' of jaxlm_text_files".
 
     Returns:
       A MapDataset of batches (see the module docstring) of b = global_batch_size //
@@ -481,6 +485,7 @@ def mlm_nsp_dataset(
         whole_word=whole_word,
         word_starts_fn=word_starts_fn,
         nsp=nsp,
+        what=what,
     )
     return batching.per_process_batches(
         batching.shuffled_epochs(maker.num_examples, seed, maker.example),
@@ -519,6 +524,7 @@ def mlm_nsp_eval_batches(
     nsp: bool = True,
     process_index: int = 0,
     process_count: int = 1,
+    what: str = "The MLM data",
 ) -> list[dict[str, Any]]:
     """The first `max_batches` (<= 0: all) evaluation batches of this process.
 
@@ -539,6 +545,7 @@ def mlm_nsp_eval_batches(
         whole_word=whole_word,
         word_starts_fn=word_starts_fn,
         nsp=nsp,
+        what=what,
     )
     order = np.random.default_rng(seed).permutation(maker.num_examples)
     return batching.eval_batches(

@@ -198,11 +198,12 @@ def _span_rows(
     mean_noise_span_length: float,
     pad_id: int,
     decoder_start_id: int | None,
+    what: str,
 ) -> tuple[int, Callable[[int, int], dict[str, np.ndarray]]]:
     """Returns (the number of windows, row): row(epoch, j) is window j with epoch's noise.
 
-    Raises ValueError unless one global batch of windows fits and the token ids stay below the
-    sentinels.
+    Raises ValueError (naming the tokens as `what`) unless one global batch of windows fits and
+    the token ids stay below the sentinels.
     """
     tokens_length, targets_length = span_corruption_lengths(
         inputs_length, noise_density, mean_noise_span_length
@@ -210,7 +211,7 @@ def _span_rows(
     windows = lm.pack(tokens, tokens_length - 1)  # Windows of tokens_length tokens.
     if len(windows) < global_batch_size:
         raise ValueError(
-            f"The token stream ({len(tokens)} tokens) has {len(windows)} windows of"
+            f"{what} ({len(tokens)} tokens) has {len(windows)} windows of"
             f" {tokens_length} tokens (for inputs_length {inputs_length}), fewer than one global"
             f" batch of {global_batch_size}; lower inputs_length or global_batch_size."
         )
@@ -251,6 +252,7 @@ def span_corruption_dataset(
     decoder_start_id: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    what: str = "The token stream",
 ) -> grain.MapDataset:
     """Shuffled, repeated, span-corrupted batches of `tokens` for one process (infinite).
 
@@ -272,6 +274,7 @@ def span_corruption_dataset(
       decoder_start_id: the first decoder input (default: pad_id).
       process_index: this process.
       process_count: number of processes.
+      what: the tokens in errors, e.g. "Split 'validation' of jaxlm_tiny_shakespeare".
 
     Returns:
       A MapDataset of batches (see the module docstring); targets have length
@@ -289,6 +292,7 @@ def span_corruption_dataset(
         mean_noise_span_length=mean_noise_span_length,
         pad_id=pad_id,
         decoder_start_id=decoder_start_id,
+        what=what,
     )
     return batching.per_process_batches(
         batching.shuffled_epochs(count, seed, row),
@@ -323,6 +327,7 @@ def span_corruption_eval_batches(
     decoder_start_id: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
+    what: str = "The token stream",
 ) -> list[dict[str, np.ndarray]]:
     """Returns the first `max_batches` (<= 0: all) span-corruption evaluation batches.
 
@@ -342,6 +347,7 @@ def span_corruption_eval_batches(
         mean_noise_span_length=mean_noise_span_length,
         pad_id=pad_id,
         decoder_start_id=decoder_start_id,
+        what=what,
     )
     return batching.eval_batches(
         count,

@@ -79,15 +79,18 @@ class MlmNsp(base.Task):
             self._documents[split] = mlm.encode_documents(documents, self.tokenizer)
         return self._documents[split]
 
-    def data_kwargs(self) -> dict:
+    def data_kwargs(self, split: str) -> dict:
         c = self.config
         return dict(seq_len=c.data.seq_len, global_batch_size=c.train.batch_size, seed=c.seed,
                     specials=self.specials, vocab_size=self.tokenizer.vocab_size,
                     probability=c.task.mlm_probability, whole_word=c.task.whole_word_masking,
-                    word_starts_fn=self.tokenizer.word_starts, nsp=c.task.nsp, **self.process_kwargs())
+                    word_starts_fn=self.tokenizer.word_starts, nsp=c.task.nsp,
+                    what=f"Split {split!r} of {c.data.name}", **self.process_kwargs())
 
     def train_iterator(self):
-        return mlm.mlm_nsp_train_iterator(self.documents(self.config.data.train_split), **self.data_kwargs())
+        split = self.config.data.train_split
+        return mlm.mlm_nsp_train_iterator(self.documents(split), **self.data_kwargs(split))
 
     def eval_batches(self, split: str, max_batches: int):
-        return mlm.mlm_nsp_eval_batches(self.documents(split), max_batches=max_batches, **self.data_kwargs())
+        return mlm.mlm_nsp_eval_batches(self.documents(split), max_batches=max_batches,
+                                        **self.data_kwargs(split))

@@ -97,7 +97,8 @@ class SpanCorruption(EncoderDecoder):
                                  data_dir=d.data_dir, files=d.files, text_key=d.text_key)
         return dict(inputs_length=d.seq_len, global_batch_size=c.train.batch_size, seed=c.seed,
                     vocab_size=c.model.vocab_size, eos_id=self.eos_id, noise_density=c.task.noise_density,
-                    mean_noise_span_length=c.task.mean_noise_span_length, **self.process_kwargs()), tokens
+                    mean_noise_span_length=c.task.mean_noise_span_length,
+                    what=f"Split {split!r} of {d.name}", **self.process_kwargs()), tokens
 
     def train_iterator(self):
         kwargs, tokens = self.data_kwargs(self.config.data.train_split)
