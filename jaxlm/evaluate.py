@@ -20,6 +20,7 @@ from jaxlm import config as config_lib
 from jaxlm.parallel import distributed
 from jaxlm.tasks import base
 from jaxlm.train import loop
+from jaxlm.train import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -42,13 +43,18 @@ def evaluate(workdir: str, split: str | None = None, eval_batches: int = 0, data
     metrics = {"step": step, **figures}
     if jax.process_index() == 0:  # every process computed the same figures
         out = os.path.join(workdir, "eval", name)
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        if rows is not None:
-            with open(os.path.join(out, "predictions.jsonl"), "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+        with workdir_lib.lock(out):  # two evaluations of one split do not interleave their files
+            _write(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
+            if rows is not None:
+                _write(os.path.join(out, "predictions.jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
     return metrics
+
+
+def _write(path: str, text: str) -> None:
+    """Replaces `path` whole (a reader never sees half a file)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv):

@@ -214,6 +214,10 @@ def test_an_eval_split_the_vocabulary_cannot_encode_fails_before_training_and_le
     with pytest.raises(ValueError, match=r"eval split 'validation'.*'Z'"):
         train(config, tmp_path / "new")
     assert not os.path.exists(tmp_path / "new")  # no tokenizer/ left behind
+    os.makedirs(tmp_path / "made")
+    with pytest.raises(ValueError, match=r"eval split 'validation'.*'Z'"):
+        train(config, tmp_path / "made")
+    assert os.listdir(tmp_path / "made") == []  # the user's folder stays, as it was
 
 
 @needs_shakespeare
@@ -278,3 +282,20 @@ def test_all_finite_sees_inf_in_any_floating_leaf():
     assert not bool(step.all_finite(tree))
     tree["b"] = np.zeros(2)
     assert bool(step.all_finite(tree))
+
+
+@needs_shakespeare
+def test_an_export_into_a_folder_another_export_writes_is_an_error(data_dir, tmp_path):
+    train(tiny_config(data_dir, steps=5), tmp_path / "run")
+    run, params, step = loop.restore_latest(str(tmp_path / "run"))
+    out = str(tmp_path / "out")
+
+    def export():
+        loop.export_workdir(run.config, str(tmp_path / "run"), out, lambda _: params, step)
+
+    with workdir_lib.lock(out + ".partial"):
+        with pytest.raises(workdir_lib.WorkdirLocked, match=f"pid {os.getpid()}"):
+            export()
+    assert not os.path.exists(out)
+    export()
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "tokenizer"]

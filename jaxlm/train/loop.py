@@ -6,6 +6,7 @@ fetched from the device only when they are logged, so the host never waits on a 
 need to see.
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -143,23 +144,27 @@ def export_workdir(config, source: str, output: str, make_params, step: int) -> 
     config's abstract parameters (no optimizer state: it evaluates, predicts, generates and
     serves as `init_from`; it does not resume training). Written under `output.partial` and
     renamed at the end, so a failed export leaves no half-written workdir."""
-    if os.path.exists(output) and os.listdir(output):
-        raise FileExistsError(f"{output} is not empty: export into a new folder")
     partial = output.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(os.path.join(source, "tokenizer"), os.path.join(partial, "tokenizer"))
-    run = setup(config, partial)
-    abstract = run.abstract_state.params
-    params = jax.tree.map(lambda value, leaf: jax.device_put(np.asarray(value).astype(leaf.dtype), leaf.sharding),
-                          make_params(abstract), abstract)
-    ckpt = checkpoint.Checkpointer(partial, async_save=False)
-    ckpt.save(step, state_lib.TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=params,
-                                         opt_state={}))
-    ckpt.close()
-    config_lib.save(config, partial)
-    if os.path.exists(output):
-        os.rmdir(output)
-    os.rename(partial, output)
+    with workdir_lib.lock(partial):  # a second export into `output` fails here, naming this one
+        if os.path.exists(output) and os.listdir(output):
+            raise FileExistsError(f"{output} is not empty: export into a new folder")
+        for name in set(os.listdir(partial)) - {workdir_lib.LOCK_FILE}:  # a failed export's
+            shutil.rmtree(os.path.join(partial, name))
+        shutil.copytree(os.path.join(source, "tokenizer"), os.path.join(partial, "tokenizer"))
+        run = setup(config, partial)
+        abstract = run.abstract_state.params
+        params = jax.tree.map(lambda value, leaf: jax.device_put(np.asarray(value).astype(leaf.dtype), leaf.sharding),
+                              make_params(abstract), abstract)
+        ckpt = checkpoint.Checkpointer(partial, async_save=False)
+        ckpt.save(step, state_lib.TrainState(step=jax.numpy.asarray(step, jax.numpy.int32), params=params,
+                                             opt_state={}))
+        ckpt.close()
+        config_lib.save(config, partial)
+        if os.path.exists(output):
+            os.rmdir(output)
+        os.rename(partial, output)
+    with contextlib.suppress(FileNotFoundError):  # process 0's, moved along with the folder
+        os.remove(os.path.join(output, workdir_lib.LOCK_FILE))
 
 
 def train_and_evaluate(config, workdir: str):

@@ -43,7 +43,10 @@ def lock(directory: str):
     try:
         yield
     finally:
-        os.unlink(handle.name)  # unlinked while still held: a waiting process re-checks the inode
+        # Unlinked while still held (a process that opened it meanwhile sees another inode and
+        # retries); gone already if the block renamed the folder (an export's last step).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(handle.name)
         handle.close()
 
 
@@ -91,17 +94,26 @@ def _same_file(handle, path: str) -> bool:
 
 
 class Claim:
-    """A locked workdir that is removed again if the run fails before `started()` and the folder
-    was new."""
+    """A locked workdir whose contents are removed again if the run fails before `started()` and
+    the folder was new (missing or empty)."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        self.new = not os.path.isdir(workdir) or not os.listdir(workdir)
+        self.existed = os.path.isdir(workdir)
+        self.new = not self.existed or not os.listdir(workdir)
         self.is_started = False
 
     def started(self) -> None:
         """From here on the workdir holds the run's work: a failure leaves it in place."""
         self.is_started = True
+
+    def undo(self) -> None:
+        if not self.existed:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return
+        for name in os.listdir(self.workdir):  # a folder the user made stays, empty
+            path = os.path.join(self.workdir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 @contextlib.contextmanager
@@ -112,5 +124,5 @@ def claim(workdir: str):
             yield state
     except BaseException:
         if state.new and not state.is_started and jax.process_index() == 0:
-            shutil.rmtree(workdir, ignore_errors=True)
+            state.undo()
         raise
