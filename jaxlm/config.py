@@ -288,7 +288,7 @@ def _tuplify(value):
 
 # (key, check, what it must be): values a run can check before it writes anything.
 RANGES = (
-    ("train.steps", lambda v: v >= 1, "at least 1"),
+    ("train.steps", lambda v: v >= 0, "0 (initialize only, nothing saved) or more"),
     ("train.batch_size", lambda v: v >= 1, "at least 1"),
     ("train.microbatches", lambda v: v >= 1, "at least 1"),
     ("train.steps_per_call", lambda v: v >= 1, "at least 1"),
