@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxlm.train import checkpoint
@@ -160,17 +161,61 @@ def test_synchronous_save_writes_the_manifest_and_orbax_keeps_and_deletes_steps(
     assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 3
 
 
-def test_a_step_written_without_a_manifest_restores_with_a_warning(workdir, caplog):
-    folder = workdir / "checkpoints" / "2"
+def drop_manifest(workdir, step=2):
+    """Makes `step` look written by an earlier jaxlm: no manifest, none recorded."""
+    folder = workdir / "checkpoints" / str(step)
     (folder / "checksums.json").unlink()
     metadata = json.loads((folder / "_CHECKPOINT_METADATA").read_text())
-    metadata["custom_metadata"] = {}  # as an earlier jaxlm wrote it
+    metadata["custom_metadata"] = {}
     (folder / "_CHECKPOINT_METADATA").write_text(json.dumps(metadata))
+
+
+def test_a_step_written_without_a_manifest_restores_with_a_warning(workdir, caplog):
+    drop_manifest(workdir)
     with caplog.at_level(logging.WARNING, logger="jaxlm"):
         state, position, latest = restore(workdir)
     assert_restores(state, 2)
     assert position == SAVED[2][1] and latest == 2
     assert any("step 2" in r.getMessage() and "no checksums.json" in r.getMessage() for r in caplog.records)
+
+
+# TensorStore's failed read leaves a callback on Orbax's closed event loop ("Event loop is closed").
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_step_without_a_manifest_is_named_from_orbax_error_and_falls_back(workdir):
+    drop_manifest(workdir)
+    rel = damage(workdir, "b-tree node")  # OCDBT's own CRC-32C catches this one
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=rf"step 2 in \S+ is corrupt: {re.escape(rel)} cannot be read"):
+        restore(workdir, step=2)
+    state, position, latest = restore(workdir)
+    assert_restores(state, 1)
+    assert position == SAVED[1][1] and latest == 1
+    assert (workdir / "checkpoints.corrupt" / "2" / rel).exists()
+
+
+@pytest.mark.parametrize("damaged", [True, False])
+def test_orbax_errors_of_damaged_files_fall_back_and_others_move_nothing(workdir, monkeypatch, damaged):
+    path = workdir / "checkpoints" / "2" / "state" / "manifest.ocdbt"
+    error = (ValueError(f'DATA_LOSS: Error reading local file "{path}": simulated') if damaged
+             else RuntimeError("RESOURCE_EXHAUSTED: simulated"))
+    orbax_restore = ocp.CheckpointManager.restore
+
+    def restore_failing_step_2(self, step, *args, **kwargs):
+        if step == 2:
+            raise error
+        return orbax_restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore_failing_step_2)
+    if damaged:
+        with pytest.raises(checkpoint.CorruptCheckpoint, match=r"step 2 in \S+ is corrupt: state/manifest.ocdbt cannot be read"):
+            restore(workdir, step=2)
+        state, _, latest = restore(workdir)
+        assert_restores(state, 1)
+        assert latest == 1 and (workdir / "checkpoints.corrupt" / "2").is_dir()
+    else:
+        with pytest.raises(RuntimeError, match=r"cannot restore checkpoint step 2 .*RESOURCE_EXHAUSTED"):
+            restore(workdir)
+        assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+        assert not (workdir / "checkpoints.corrupt").exists()
 
 
 def test_a_lost_manifest_is_corruption(workdir):

@@ -27,7 +27,9 @@ manifest is part of the atomic step, so a committed step always has one. `sha256
 files too. A restore first verifies the step: every listed file present with its size and hash.
 Other unlisted files are logged and ignored (Orbax reads only what its own metadata names). A
 step without a manifest (an earlier jaxlm's) restores unverified, with a warning. Every failure
-is a `CorruptCheckpoint` naming the step and the file.
+is a `CorruptCheckpoint` naming the step and the file, and so are Orbax's read errors of damaged
+files (TensorStore's DATA_LOSS, invalid JSON, a missing file: what an unverified step shows);
+other errors (out of memory, a bad sharding) are raised as they are and move nothing.
 
 Fall-back: a restore of the latest step (`step=None`) that finds it corrupt tries the previous
 steps, newest first. Once one restores, the corrupt newer ones are moved aside, never deleted, to
@@ -157,13 +159,13 @@ class Checkpointer:
         if step not in self.manager.all_steps():
             raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} (its steps: "
                                     f"{sorted(self.manager.all_steps())})")
-        verified = self.verify(step)
+        self.verify(step)
         abstract_state = abstract_state.saved()
         try:
             metadata = self.manager.item_metadata(step)
             saved = _shapes_in(metadata)
         except Exception as e:
-            raise _read_error(e, self.directory, step, verified) from e
+            raise _read_error(e, self.directory, step) from e
         self.check_shapes(step, abstract_state, saved)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None and DATA in metadata:
@@ -173,7 +175,7 @@ class Checkpointer:
         except DataIterMismatch:
             raise
         except Exception as e:
-            raise _read_error(e, self.directory, step, verified) from e
+            raise _read_error(e, self.directory, step) from e
         return restored[STATE]
 
     def _set_aside(self, corrupt: list, restored: int) -> None:
@@ -314,13 +316,13 @@ def restore_params(workdir: str, abstract_params) -> tuple[dict, int]:
 
 def _restore_params(source, step: int, workdir: str, abstract_params) -> dict:
     directory = str(source.directory)
-    verified = verify_folder(os.path.join(directory, str(step)), directory, step)
+    verify_folder(os.path.join(directory, str(step)), directory, step)
     try:
         metadata = source.item_metadata(step)
         saved = _shapes_in(metadata)
         dtypes = {m.name: m.dtype for m in jax.tree.leaves(metadata[STATE])}
     except Exception as e:
-        raise _read_error(e, directory, step, verified) from e
+        raise _read_error(e, directory, step) from e
     present = {}
     for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_params)).items():
         name = _dotted(("params",) + path)
@@ -342,7 +344,7 @@ def _restore_params(source, step: int, workdir: str, abstract_params) -> dict:
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True)}))
     except Exception as e:
-        raise _read_error(e, directory, step, verified) from e
+        raise _read_error(e, directory, step) from e
     return restored[STATE]["params"]
 
 
@@ -467,17 +469,17 @@ _DAMAGE_TYPES = (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError, EO
 _DAMAGE_WORDS = ("DATA_LOSS", "Invalid JSON", "Error decoding", "CRC-32", "checksum")
 
 
-def _read_error(error: Exception, directory: str, step: int, verified: bool) -> Exception:
-    """What to raise for `error`, raised by Orbax reading `step`: `CorruptCheckpoint` (the
-    fall-back applies) for damaged files of a step without a manifest; else a plain error, never
-    a reason to move the step aside: a verified step's files are those that were written."""
+def _read_error(error: Exception, directory: str, step: int) -> Exception:
+    """What to raise for `error`, raised by Orbax reading `step`: `CorruptCheckpoint` (so the
+    fall-back applies) when it is one of damaged files (a step without a manifest, or bytes
+    damaged before the manifest hashed them); else a plain error that moves nothing."""
     chain, e = [], error
     while e is not None and e not in chain:
         chain.append(e)
         e = e.__cause__ or e.__context__
     damaged = any(isinstance(e, _DAMAGE_TYPES) or any(w in str(e) for w in _DAMAGE_WORDS)
                   for e in chain)
-    if not verified and damaged:
+    if damaged:
         return CorruptCheckpoint(directory, step, _file_named(chain, directory, step),
                                  f"cannot be read ({type(error).__name__}: {error})")
     return RuntimeError(
