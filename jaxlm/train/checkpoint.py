@@ -306,8 +306,9 @@ def restore_params(workdir: str, abstract_params) -> tuple[dict, int]:
                 corrupt.append(e)
                 continue
             if corrupt:
-                log.warning("init_from %s: restored step %d, its newer steps %s are corrupt",
-                            workdir, step, [e.step for e in corrupt])
+                log.warning("restored the parameters of checkpoint step %d of %s; its newer "
+                            "steps %s are corrupt and were left in place", step, directory,
+                            [e.step for e in corrupt])
             return params, step
         raise _none_restores(directory, corrupt)
     finally:
