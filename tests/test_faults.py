@@ -130,6 +130,35 @@ def test_a_signal_logs_the_pending_steps_saves_and_the_resumed_run_matches(data_
     assert final_eval == read_metrics(uninterrupted_run, "eval/loss")[STEPS]
 
 
+def damage(path, how: str) -> None:
+    data = bytearray(open(path, "rb").read())
+    if how == "flip":
+        middle = len(data) // 2
+        data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    else:
+        data = data[:len(data) // 2]
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@needs_shakespeare
+@pytest.mark.parametrize("how", ["flip", pytest.param("truncate", marks=pytest.mark.slow)])
+def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_rerun_matches(data_dir, tmp_path, uninterrupted,
+                                                                         how):
+    """64 bytes flipped (or the file cut in half) in the largest data file of the last step: the
+    rerun resumes from the step before, moves the bad one aside, and ends with the same losses."""
+    workdir = tmp_path / "run"
+    code, err = finish(start(workdir, data_dir))
+    assert code == 0, err
+    files = [p for p in (workdir / "checkpoints" / str(STEPS) / "state").rglob("*") if p.is_file()]
+    damage(max(files, key=lambda p: p.stat().st_size), how)
+    code, err = finish(start(workdir, data_dir))
+    assert code == 0, err
+    assert f"moved corrupt checkpoint step {STEPS} to" in err and f"restored step {STEPS - EVERY}" in err
+    assert (workdir / "checkpoints.corrupt" / str(STEPS) / "state").is_dir()  # kept, not deleted
+    assert losses(workdir) == uninterrupted
+
+
 def test_a_first_ctrl_c_asks_to_stop_and_a_second_ends_the_process_at_once():
     previous = signal.getsignal(signal.SIGINT)
     stop = loop.StopSignals()

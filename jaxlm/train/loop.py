@@ -310,15 +310,19 @@ def restore_or_init(run, ckpt, train_iter, workdir: str):
         raise ValueError("init_from names this run's own workdir")
     resume = ckpt.latest_step() is not None
     if resume and not run.abstract_state.frozen:
-        log.info("resuming from %s step %d", ckpt.directory, ckpt.latest_step())
-        return ckpt.restore(run.abstract_state, train_iter)
+        return _resumed(ckpt, ckpt.restore(run.abstract_state, train_iter))
     state, report = base_params(run)
     if resume:
-        log.info("resuming from %s step %d (frozen parameters from %s)", ckpt.directory,
-                 ckpt.latest_step(), config.init_from)
-        return ckpt.restore(run.abstract_state, train_iter).replace(frozen=state.frozen)
+        restored = ckpt.restore(run.abstract_state, train_iter).replace(frozen=state.frozen)
+        return _resumed(ckpt, restored, f" (frozen parameters from {config.init_from})")
     write_params_report(workdir, state, report)
     return prune.start(run, state)  # masks of step 0 (a resumed run has them in its checkpoint)
+
+
+def _resumed(ckpt, state, note: str = ""):
+    """Logs the step a run resumes at (the latest that verified: corrupt ones were moved aside)."""
+    log.info("resuming from %s step %d%s", ckpt.directory, int(state.step), note)
+    return state
 
 
 def base_params(run):
