@@ -256,7 +256,7 @@ def test_non_finite_parameters_are_never_saved_under_either_policy(data_dir, tmp
     config = tiny_config(data_dir, steps=3, steps_per_call=1)
     config.optim.update(dict(lr=1e39, warmup_steps=0, clip_norm=0.0))
     config.checkpoint.every = 1
-    with pytest.raises(loop.NonFiniteLoss, match="parameters or optimizer state at step 1 "):
+    with pytest.raises(loop.NonFiniteLoss, match="parameters or optimizer state went non-finite by step 1 "):
         train(config, tmp_path / "stop")
     assert checkpoint.Checkpointer(str(tmp_path / "stop"), read_only=True).latest_step() is None
     config.train.nan_policy = "skip"

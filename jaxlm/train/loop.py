@@ -223,9 +223,11 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
     stop = StopSignals()
     bar = metrics_lib.progress_bar(t.steps, start_step)
     interval = Interval(config.train.nan_policy)
+    state_is_finite = jax.jit(lambda s: step_lib.all_finite((s.params, s.opt_state)))
 
-    def log_interval(step):
+    def log_interval(step, state):
         figures = interval.summary(step)  # waits for the steps to finish
+        interval.check_state(step, state_is_finite(state))
         now = time.perf_counter()
         elapsed = now - interval.start
         steps_done = len(interval.figures["loss"])
@@ -247,9 +249,9 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
             interval.add(step_metrics)
             bar.update(k)
             if step % t.log_every == 0 or step == t.steps or stop.raised:
-                log_interval(step)
+                log_interval(step, state)
             if step % config.checkpoint.every == 0 or step == t.steps or stop.raised:
-                interval.check_before_save(step)
+                interval.check_before_save(step, state_is_finite(state))
                 ckpt.save(step, state, train_iter)
             if stop.raised:
                 log.warning("%s: saved step %d, exiting", stop.raised, step)
@@ -465,9 +467,11 @@ class Interval:
     """The per-step figures of the steps since the last log, fetched from the device only when
     they are logged or a save needs them checked.
 
-    Every step is checked once for finiteness: under train.nan_policy='stop' a non-finite step
-    raises (its state is never saved); under 'skip' its update was dropped in the step, and a
-    save after an interval in which every step was skipped raises instead (the run is stuck).
+    Every step's loss and gradient are checked once: under train.nan_policy='stop' a non-finite
+    one raises (its state is never saved); under 'skip' the step dropped its update (it also
+    checked the state it made), and a save after an interval in which every step was skipped
+    raises instead (the run is stuck). At each log and save the state itself is checked too: a
+    finite loss and gradient can still make non-finite parameters.
     """
 
     def __init__(self, nan_policy: str):
@@ -498,8 +502,17 @@ class Interval:
     def reset(self, now: float) -> None:
         self.figures, self.start = {}, now
 
-    def check_before_save(self, step: int) -> None:
+    def check_state(self, step: int, state_is_finite) -> None:
+        """Raises unless the state after `step` is finite (its loss and gradients were)."""
+        if not bool(state_is_finite):
+            raise NonFiniteLoss(
+                f"the parameters or optimizer state went non-finite by step {step} though the loss "
+                "and gradients stayed finite (an update too large: optim.lr?); the last checkpoint "
+                "was left as it was")
+
+    def check_before_save(self, step: int, state_is_finite) -> None:
         self.fetch(step)
+        self.check_state(step, state_is_finite)
         if self.steps_since_save and self.skipped_since_save == self.steps_since_save:
             raise NonFiniteLoss(
                 f"every one of the {self.steps_since_save} steps since the last save (up to step "
@@ -515,8 +528,8 @@ class Interval:
             return
         first = step - len(finite) + int(np.argmin(finite)) + 1
         if self.nan_policy == "stop":
-            raise NonFiniteLoss(f"non-finite loss, gradient, parameters or optimizer state at step "
-                                f"{first} (train.nan_policy='stop'); the last checkpoint was left as it was")
+            raise NonFiniteLoss(f"non-finite loss or gradient at step {first} (train.nan_policy='stop'); "
+                                "the last checkpoint was left as it was")
         log.warning("skipped %d non-finite steps (the first at step %d) before step %d", bad, first, step)
 
 
