@@ -113,7 +113,7 @@ def test_kill_9_at_seeded_random_points_always_resumes_to_the_uninterrupted_loss
 
 
 @needs_shakespeare
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_signal_logs_the_pending_steps_saves_and_the_resumed_run_matches(data_dir, tmp_path,
                                                                          uninterrupted_run, signum):
     workdir = tmp_path / "run"
