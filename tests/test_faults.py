@@ -173,15 +173,18 @@ def test_a_first_ctrl_c_asks_to_stop_and_a_second_ends_the_process_at_once():
 
 @needs_shakespeare
 @pytest.mark.slow
-def test_two_runs_on_one_workdir_the_second_fails_naming_the_first(data_dir, tmp_path, uninterrupted):
+def test_two_runs_on_one_workdir_the_second_fails_naming_the_first(data_dir, tmp_path):
     workdir = tmp_path / "run"
-    first = start(workdir, data_dir)
+    first = start(workdir, data_dir, "--config.train.steps=100000")  # still running when the second starts
     wait_for_step(first, workdir, 1)
     code, err = finish(start(workdir, data_dir, "--config.optim.lr=3e-3", "--config.seed=1"))
     assert code != 0 and f"in use by pid {first.pid}" in err
+    assert first.poll() is None, "the first run must still be running"
+    first.send_signal(signal.SIGTERM)
     code, err = finish(first)
     assert code == 0, err
-    assert losses(workdir) == uninterrupted
+    saved = checkpoint.Checkpointer(str(workdir), read_only=True).latest_step()
+    assert sorted(losses(workdir)) == list(range(1, saved + 1))  # one run's steps, each once
     assert config_lib.load(str(workdir)).seed == 0
 
 
