@@ -171,13 +171,14 @@ def test_pad_after_eos(kwargs):
     model, params, _ = _setup(True)
     decode = functools.partial(seq2seq_decoding.decode, model, params, _source(), max_len=12, **kwargs)
     free = decode(eos_id=59)
-    eos_id = int(free[0, 3])  # an EOS after which row 0 would go on with other tokens
-    assert eos_id not in free[0, :3] and free[0, 4:].any()
+    # an EOS after which row 0 would go on with other tokens: its first new token from position 3
+    t = next(t for t in range(3, 11) if free[0, t] not in free[0, :t] and free[0, t + 1:].any())
+    eos_id = int(free[0, t])
     got = decode(eos_id=eos_id)
     assert eos_id in got
     _assert_pad_after_eos(got, eos_id)
     if "beam_size" not in kwargs:  # the EOS changes nothing before it
-        np.testing.assert_array_equal(got[0], np.where(np.arange(12) < 4, free[0], 0))
+        np.testing.assert_array_equal(got[0], np.where(np.arange(12) <= t, free[0], 0))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(temperature=1.0), dict(beam_size=3)])
