@@ -171,13 +171,14 @@ def test_pad_after_eos(kwargs):
     model, params, _ = _setup(True)
     decode = functools.partial(seq2seq_decoding.decode, model, params, _source(), max_len=12, **kwargs)
     free = decode(eos_id=59)
-    eos_id = int(free[0, 3])  # an EOS after which row 0 would go on with other tokens
-    assert eos_id not in free[0, :3] and free[0, 4:].any()
+    # an EOS after which row 0 would go on with other tokens: its first new token from position 3
+    t = next(t for t in range(3, 11) if free[0, t] not in free[0, :t] and free[0, t + 1:].any())
+    eos_id = int(free[0, t])
     got = decode(eos_id=eos_id)
     assert eos_id in got
     _assert_pad_after_eos(got, eos_id)
     if "beam_size" not in kwargs:  # the EOS changes nothing before it
-        np.testing.assert_array_equal(got[0], np.where(np.arange(12) < 4, free[0], 0))
+        np.testing.assert_array_equal(got[0], np.where(np.arange(12) <= t, free[0], 0))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(temperature=1.0), dict(beam_size=3)])
@@ -198,3 +199,33 @@ def test_argument_errors():
         decode(max_len=4, beam_size=2, temperature=1.0)
     with pytest.raises(ValueError, match="eos_id=7"):
         seq2seq_decoding.decode(model, params, _source(), max_len=4, eos_id=7, vocab_size=5)
+
+
+def _attention_logits(intermediates, stack, layer, kind, batch):
+    """q k^T [batch, heads, q_len, k_len] of one attention layer from captured projections."""
+    proj = intermediates[stack][layer][kind]
+    q, k = (proj[name]["__call__"][0] for name in ("query", "key"))
+    return np.einsum("bqhd,bkhd->bhqk", q.reshape(batch, -1, *q.shape[-2:]), k.reshape(batch, -1, *k.shape[-2:]))
+
+
+def test_fresh_t5_attention_has_t5_scale():
+    """T5 does not scale queries by 1/sqrt(head_dim): the query kernel's initialization must carry
+    it (Mesh TF: std (d_model * d_kv)^-1/2 against d_model^-1/2 for keys), or the attention logits
+    of a fresh model are sqrt(head_dim) times too large and every softmax is nearly one-hot.
+    Shape and init of configs/t5_multi30k.py: width 256, heads of 64, init_std 0.05 (old
+    initialization: logits std 5.1, 5 times T5's)."""
+    c = config_lib.default_config().model
+    c.update(dict(name="t5", vocab_size=100, num_layers=1, num_heads=4, head_dim=64, emb_dim=256, mlp_dim=512,
+                  max_len=16, norm="rmsnorm", norm_eps=1e-6, mlp="geglu", tie_embeddings=False, init_std=0.05,
+                  scan_layers=False))
+    model = models.get(c)
+    rng = np.random.RandomState(0)
+    enc, dec = rng.randint(2, 100, (8, 24)).astype(np.int32), rng.randint(2, 100, (8, 16)).astype(np.int32)
+    variables = model.init(jax.random.key(0), enc, dec)
+    _, state = model.apply(variables, enc, dec, capture_intermediates=True, mutable=["intermediates"])
+    for stack, kind in [("encoder", "attn"), ("decoder", "attn"), ("decoder", "cross_attn")]:
+        logits = _attention_logits(state["intermediates"], stack, "layers_0", kind, 8)
+        # T5's own initialization gives std 1 on the unit-RMS (normalized) inputs of attention
+        assert 0.3 < logits.std() < 2.0, (stack, kind, logits.std())
+    probs = jax.nn.softmax(logits, -1)  # cross-attention over the 24 source tokens
+    assert float(probs.max(-1).mean()) < 0.3

@@ -46,7 +46,7 @@ class BlockConfig:
     dropout: float = 0.0
     use_bias: bool = False
     post_norm: bool = False  # BERT: normalize after each residual add instead of before the branch
-    scale_queries: bool = True  # T5 folds 1/sqrt(head_dim) into its initialization instead
+    scale_queries: bool = True  # False (T5): 1/sqrt(head_dim) is in the query kernel's init instead
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     init_std: float = 0.02
@@ -303,9 +303,14 @@ class Attention(nn.Module):
         cfg = self.cfg
         batch, length = positions.shape
         heads = lambda y: y.reshape(batch, -1, cfg.num_heads, cfg.head_dim)
-        proj = lambda name: dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg, name)
+        proj = lambda name, std=None: dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg,
+                                            name, std=std)
+        # Unscaled queries (T5) take 1/sqrt(head_dim) from the query kernel's initialization, or
+        # the attention logits start sqrt(head_dim) times too large and the softmax saturates.
+        query_std = None if cfg.scale_queries else cfg.init_std * cfg.head_dim ** -0.5
         source = memory if self.cross else x
-        q, k, v = heads(proj("query")(x)), heads(proj("key")(source)), heads(proj("value")(source))
+        q = heads(proj("query", query_std)(x))
+        k, v = heads(proj("key")(source)), heads(proj("value")(source))
         if cfg.positions == "rotary" and not self.cross:
             q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
         if cfg.scale_queries:
