@@ -127,14 +127,19 @@ def test_damaged_file_is_named_and_latest_falls_back_to_the_previous_step(workdi
                for r in caplog.records)
 
 
-def test_truncated_data_file_is_named_and_latest_falls_back(workdir):
-    rel = damage(workdir, "array data", truncate=True)
-    with pytest.raises(checkpoint.CorruptCheckpoint, match=rf"{re.escape(rel)} has \d+ bytes, checksums.json lists \d+ \(truncated\)"):
-        restore(workdir, step=2)
+def assert_fell_back_to_step_1(workdir, rel):
+    """The latest restore gave step 1's state and position; step 2 (holding `rel`) moved aside."""
     state, position, latest = restore(workdir)
     assert_restores(state, 1)
     assert position == SAVED[1][1] and latest == 1
     assert (workdir / "checkpoints.corrupt" / "2" / rel).exists()
+
+
+def test_truncated_data_file_is_named_and_latest_falls_back(workdir):
+    rel = damage(workdir, "array data", truncate=True)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=rf"{re.escape(rel)} has \d+ bytes, checksums.json lists \d+ \(truncated\)"):
+        restore(workdir, step=2)
+    assert_fell_back_to_step_1(workdir, rel)
 
 
 def test_untouched_checkpoint_restores_bit_identically_and_lists_every_file(workdir):
@@ -186,10 +191,7 @@ def test_a_damaged_step_without_a_manifest_is_named_from_orbax_error_and_falls_b
     rel = damage(workdir, "b-tree node")  # OCDBT's own CRC-32C catches this one
     with pytest.raises(checkpoint.CorruptCheckpoint, match=rf"step 2 in \S+ is corrupt: {re.escape(rel)} cannot be read"):
         restore(workdir, step=2)
-    state, position, latest = restore(workdir)
-    assert_restores(state, 1)
-    assert position == SAVED[1][1] and latest == 1
-    assert (workdir / "checkpoints.corrupt" / "2" / rel).exists()
+    assert_fell_back_to_step_1(workdir, rel)
 
 
 @pytest.mark.parametrize("damaged", [True, False])
