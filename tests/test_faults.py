@@ -142,7 +142,8 @@ def damage(path, how: str) -> None:
 
 
 @needs_shakespeare
-@pytest.mark.parametrize("how", ["flip", pytest.param("truncate", marks=pytest.mark.slow)])
+@pytest.mark.slow  # tests/test_checkpoint_integrity.py covers the fall-back in the fast suite
+@pytest.mark.parametrize("how", ["flip", "truncate"])
 def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_rerun_matches(data_dir, tmp_path, uninterrupted,
                                                                          how):
     """64 bytes flipped (or the file cut in half) in the largest data file of the last step: the
