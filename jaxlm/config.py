@@ -282,6 +282,13 @@ def update(config: ml_collections.ConfigDict, values: dict, prefix: str = "") ->
             config[key] = value
 
 
+def get(config: ml_collections.ConfigDict, key: str):
+    """The value of a dotted key, e.g. get(config, "train.batch_size")."""
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
 def _tuplify(value):
     return tuple(_tuplify(v) if isinstance(v, list) else v for v in value)
 
@@ -318,9 +325,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     before it writes anything)."""
     problems = []
     for key, check, expected in RANGES:
-        value = config
-        for part in key.split("."):
-            value = value[part]
+        value = get(config, key)
         if not check(value):
             problems.append(f"{key}={value!r} must be {expected}")
     if problems:

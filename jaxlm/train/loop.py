@@ -225,9 +225,8 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
     interval = Interval(config.train.nan_policy)
     state_is_finite = jax.jit(lambda s: step_lib.all_finite((s.params, s.opt_state)))
 
-    def log_interval(step, state):
-        figures = interval.summary(step)  # waits for the steps to finish
-        interval.check_state(step, state_is_finite(state))
+    def log_interval(step):
+        figures = interval.summary(step)
         now = time.perf_counter()
         elapsed = now - interval.start
         steps_done = len(interval.figures["loss"])
@@ -248,12 +247,18 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
             step += k
             interval.add(step_metrics)
             bar.update(k)
-            if step % t.log_every == 0 or step == t.steps or stop.raised:
-                log_interval(step, state)
-            if step % config.checkpoint.every == 0 or step == t.steps or stop.raised:
-                interval.check_before_save(step, state_is_finite(state))
+            stopping = bool(stop.raised)  # read once: a signal arriving below waits for the next call
+            log_now = step % t.log_every == 0 or step == t.steps or stopping
+            save_now = step % config.checkpoint.every == 0 or step == t.steps or stopping
+            if log_now or save_now:
+                interval.fetch(step)  # waits for the steps; a bad loss or gradient names its step
+                interval.check_state(step, state_is_finite(state))  # one pass over the state
+            if log_now:
+                log_interval(step)
+            if save_now:
+                interval.check_before_save(step)
                 ckpt.save(step, state, train_iter)
-            if stop.raised:
+            if stopping:
                 log.warning("%s: saved step %d, exiting", stop.raised, step)
                 break
             if step % t.eval_every == 0 or step == t.steps:
@@ -289,19 +294,14 @@ def check_resumable(config, workdir: str, ckpt) -> None:
     if step is None or not os.path.isfile(os.path.join(workdir, "config.json")):
         return
     saved = config_lib.load(workdir)
-    changed = [f"{key}={_get(config, key)!r} (saved {_get(saved, key)!r})" for key in DATA_POSITION_KEYS
-               if _get(config, key) != _get(saved, key)]
+    get = config_lib.get
+    changed = [f"{key}={get(config, key)!r} (saved {get(saved, key)!r})" for key in DATA_POSITION_KEYS
+               if get(config, key) != get(saved, key)]
     if changed:
         raise ValueError(
             f"{workdir} resumes at step {step}, but {', '.join(changed)}: its saved data position "
             "counts batches of the saved run's examples. Resume with the saved values, or start a "
             f"new workdir from this one with --config.init_from={workdir}.")
-
-
-def _get(config, key: str):
-    for part in key.split("."):
-        config = config[part]
-    return config
 
 
 def restore_or_init(run, ckpt, train_iter, workdir: str):
@@ -510,9 +510,8 @@ class Interval:
                 "and gradients stayed finite (an update too large: optim.lr?); the last checkpoint "
                 "was left as it was")
 
-    def check_before_save(self, step: int, state_is_finite) -> None:
-        self.fetch(step)
-        self.check_state(step, state_is_finite)
+    def check_before_save(self, step: int) -> None:
+        """After `fetch`: raises if every step since the last save was skipped (no progress)."""
         if self.steps_since_save and self.skipped_since_save == self.steps_since_save:
             raise NonFiniteLoss(
                 f"every one of the {self.steps_since_save} steps since the last save (up to step "
