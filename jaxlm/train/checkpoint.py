@@ -140,20 +140,13 @@ class Checkpointer:
         """
         if step is not None:
             return self._restore(step, abstract_state, data_iter)
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        if not steps:
+        if not self.manager.all_steps():
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        corrupt = []
-        for candidate in steps:
-            try:
-                state = self._restore(candidate, abstract_state, data_iter)
-            except CorruptCheckpoint as e:
-                log.warning("%s; trying the previous checkpoint", e)
-                corrupt.append(e)
-                continue
-            self._set_aside(corrupt, restored=candidate)
-            return state
-        raise _none_restores(self.directory, corrupt)
+        state, restored, corrupt = _newest_that_restores(
+            self.directory, self.manager.all_steps(),
+            lambda candidate: self._restore(candidate, abstract_state, data_iter))
+        self._set_aside(corrupt, restored=restored)
+        return state
 
     def _restore(self, step: int, abstract_state, data_iter):
         if step not in self.manager.all_steps():
@@ -294,25 +287,31 @@ def restore_params(workdir: str, abstract_params) -> tuple[dict, int]:
         directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
         item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
     try:
-        steps = sorted(source.all_steps(), reverse=True)
-        if not steps:
+        if not source.all_steps():
             raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-        corrupt = []
-        for step in steps:
-            try:
-                params = _restore_params(source, step, workdir, abstract_params)
-            except CorruptCheckpoint as e:
-                log.warning("%s; trying the previous checkpoint (nothing is moved)", e)
-                corrupt.append(e)
-                continue
-            if corrupt:
-                log.warning("restored the parameters of checkpoint step %d of %s; its newer "
-                            "steps %s are corrupt and were left in place", step, directory,
-                            [e.step for e in corrupt])
-            return params, step
-        raise _none_restores(directory, corrupt)
+        params, step, corrupt = _newest_that_restores(
+            directory, source.all_steps(),
+            lambda candidate: _restore_params(source, candidate, workdir, abstract_params))
+        if corrupt:
+            log.warning("restored the parameters of checkpoint step %d of %s; its newer "
+                        "steps %s are corrupt and were left in place", step, directory,
+                        [e.step for e in corrupt])
+        return params, step
     finally:
         source.close()
+
+
+def _newest_that_restores(directory: str, steps, restore):
+    """(what `restore(step)` gave, that step, the `CorruptCheckpoint`s of the newer steps) for the
+    newest of `steps` that is not corrupt; raises listing every step's problem when none is."""
+    corrupt = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return restore(step), step, corrupt
+        except CorruptCheckpoint as e:
+            log.warning("%s; trying the previous checkpoint", e)
+            corrupt.append(e)
+    raise _none_restores(directory, corrupt)
 
 
 def _restore_params(source, step: int, workdir: str, abstract_params) -> dict:
