@@ -24,11 +24,11 @@ def get_config():
     config.task.update(dict(name="seq2seq", beam_size=4))
     config.data.update(dict(name="jaxlm_multi30k", source_key="en", target_key="de", train_split="train",
                             eval_split="validation", tokenizer="sentencepiece", tokenizer_vocab_size=4000,
-                            seq_len=32, target_len=32))
+                            seq_len=48, target_len=48, bucket_batches=100, pad_multiple=8))
     _span.t5_model(config)
-    config.model.max_len = 32
+    config.model.max_len = 48
     config.train.update(dict(steps=1200, batch_size=64, log_every=50, eval_every=600, eval_batches=0,
-                             steps_per_call=25))
+                             steps_per_call=1))
     config.optim.update(dict(lr=2e-3, end_lr=5e-5, warmup_steps=150, b2=0.999, weight_decay=0.01))
     config.checkpoint.every = 600
     config.sample.max_new_tokens = 1  # > 0: print three translations at the end

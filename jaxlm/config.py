@@ -68,6 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
         norm_eps=1e-5,
         positions="learned",  # learned | rotary
         rope_theta=10000.0,
+        scale_queries=True,  # attention logits times 1/sqrt(head_dim); False: that factor is folded
+                             # into the query kernel's initialisation instead (Mesh TF T5 checkpoints)
         dropout=0.0,
         use_bias=False,
         tie_embeddings=True,
@@ -112,7 +114,11 @@ def default_config() -> ml_collections.ConfigDict:
         tokenizer_vocab_size=8000,  # sentencepiece trained on the train split when no tokenizer_path
         augment="none",  # image_classification: none | shift
         pad_multiple=16,  # classification/tagging: train batches are cut to their longest row, rounded
-                          # up to this (one compile per length; 0: always seq_len; 1 process only)
+                          # up to this (one compile per length; 0: always seq_len; 1 process only);
+                          # seq2seq: both sides to the longest source or target
+        bucket_batches=0,  # seq2seq train: pairs of similar lengths share a batch, sorted in windows
+                           # of this many batches (0: off); with pad_multiple a short batch is a short
+                           # step (best with train.steps_per_call=1: a call is cut to its longest row)
     ))
 
     c.train = ml_collections.ConfigDict(dict(
@@ -125,6 +131,7 @@ def default_config() -> ml_collections.ConfigDict:
         eval_batches=20,  # 0: the whole eval split
         nan_policy="stop",  # stop | skip: what a non-finite loss does
         peak_flops=0.0,  # per device, for MFU; 0: measured with a matmul at start-up
+        profile_steps=0,  # > 0: trace this many steps (after the first call) into WORKDIR/profile
     ))
 
     # Parameter-efficient fine-tuning (jaxlm/peft): what trains on top of init_from's model.
@@ -265,6 +272,9 @@ def load(workdir: str) -> ml_collections.ConfigDict:
         values = json.load(f)
     config = default_config()
     update(config, values)
+    model = values.get("model", {})
+    if model.get("name") == "t5" and "scale_queries" not in model:
+        config.model.scale_queries = False  # T5 runs from before the key: folded into the init
     return config
 
 
@@ -300,6 +310,7 @@ RANGES = (
     ("train.microbatches", lambda v: v >= 1, "at least 1"),
     ("train.steps_per_call", lambda v: v >= 1, "at least 1"),
     ("train.log_every", lambda v: v >= 1, "at least 1"),
+    ("train.profile_steps", lambda v: v >= 0, "0 (off) or more"),
     ("train.eval_every", lambda v: v >= 1, "at least 1"),
     ("train.eval_batches", lambda v: v >= 0, "0 (the whole split) or more"),
     ("train.nan_policy", lambda v: v in ("stop", "skip"), "'stop' or 'skip'"),
@@ -314,6 +325,7 @@ RANGES = (
     ("optim.clip_norm", lambda v: v >= 0, "0 (no clipping) or more"),
     ("data.seq_len", lambda v: v >= 1, "at least 1"),
     ("data.target_len", lambda v: v >= 0, "0 (derived) or more"),
+    ("data.bucket_batches", lambda v: v >= 0, "0 (off) or more"),
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("sample.max_new_tokens", lambda v: v >= 0, "0 (no sample) or more"),
     ("sample.temperature", lambda v: v >= 0, "0 (greedy) or more"),

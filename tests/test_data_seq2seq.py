@@ -4,13 +4,15 @@ import gzip
 import json
 import os
 import re
+import types
 
+import jax
 import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import tasks
-from jaxlm.data import builders, encoder_decoder, span_corruption, text_pairs, tokenizers
+from jaxlm.data import batching, builders, encoder_decoder, span_corruption, text_pairs, tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = builders.MULTI30K
@@ -367,6 +369,53 @@ def test_pair_iterator_state_restores_the_next_batches():
     resumed.set_state(state)
     for a, b in zip(expected, [next(resumed) for _ in range(4)]):
         np.testing.assert_array_equal(a["encoder_input_tokens"], b["encoder_input_tokens"])
+
+
+BUCKET_PAIRS = [(f"s{i} " + "x" * (i * 7 % 20), f"t{i} " + "y" * (i * 3 % 13)) for i in range(96)]
+
+
+def pair_lengths(batch) -> np.ndarray:
+    return np.maximum((batch["encoder_input_tokens"] > 0).sum(-1), (batch["decoder_loss_weights"] > 0).sum(-1))
+
+
+def test_bucketed_batches_hold_similar_lengths_and_every_pair_once_per_window():
+    kwargs = pair_kwargs(pairs=BUCKET_PAIRS, seed=2)
+    plain = text_pairs.pairs_dataset(bucket_batches=0, **kwargs)
+    bucketed = text_pairs.pairs_dataset(bucket_batches=6, **kwargs)  # windows of 48 pairs
+    ids = lambda batch: sorted(int(s.split()[0][1:]) for s in decode_rows(batch, "encoder_input_tokens"))
+    for window in range(4):  # the same pairs as the plain stream's, window by window
+        batches = range(window * 6, (window + 1) * 6)
+        assert sorted(sum((ids(bucketed[j]) for j in batches), [])) == sorted(sum((ids(plain[j]) for j in batches), []))
+    spread = lambda ds: np.mean([np.ptp(pair_lengths(ds[j])) for j in range(24)])
+    assert spread(bucketed) < 0.3 * spread(plain), (spread(bucketed), spread(plain))
+    halves = [text_pairs.pairs_dataset(bucket_batches=6, process_index=p, process_count=2, **kwargs)
+              for p in range(2)]
+    for j in range(12):
+        np.testing.assert_array_equal(np.concatenate([h[j]["encoder_input_tokens"] for h in halves]),
+                                      bucketed[j]["encoder_input_tokens"])
+    with pytest.raises(ValueError, match="bucketing window"):
+        batching.length_bucketed_epochs([1, 2, 3], 0, lambda epoch, i: i, window=10, batch_size=4)
+
+
+def test_fit_length_keeps_the_loss_of_every_pair():
+    """A batch cut to its longest row (rounded up) has the same loss per pair as at full length."""
+    config = config_lib.from_file(os.path.join(REPO, "configs/t5_multi30k.py"))
+    config.model.update(dict(emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64, num_layers=1, num_decoder_layers=1))
+    config.data.update(dict(pad_multiple=4, seq_len=24, target_len=16))
+    byte_with_pad = types.SimpleNamespace(pad_id=0, eos_id=256, vocab_size=257)  # pair_kwargs' ids
+    task = tasks.get(config.task.name)(config, byte_with_pad)
+    params = task.init(jax.random.key(0))["params"]
+    dataset = text_pairs.pairs_dataset(BUCKET_PAIRS, seed=0, bucket_batches=12, **pair_kwargs())
+    batch = min((dataset[j] for j in range(12)), key=lambda b: pair_lengths(b).max())  # the shortest
+    cut = task.fit_length(batch)
+    length = -(-int(pair_lengths(batch).max()) // 4) * 4
+    assert cut["encoder_input_tokens"].shape[-1] == length < 24
+    assert cut["decoder_target_tokens"].shape[-1] == min(length, 16)
+    for i in range(len(batch["example_weight"])):
+        row = lambda b: {k: v[i:i + 1] for k, v in b.items()}
+        full, _ = task.loss(params, row(batch))
+        short, _ = task.loss(params, row(cut))
+        np.testing.assert_allclose(short, full, rtol=1e-5)
 
 
 def test_encodings_are_cached_per_pairs_tokenizer_and_prefix(multi30k, data_dir):

@@ -208,16 +208,18 @@ def _attention_logits(intermediates, stack, layer, kind, batch):
     return np.einsum("bqhd,bkhd->bhqk", q.reshape(batch, -1, *q.shape[-2:]), k.reshape(batch, -1, *k.shape[-2:]))
 
 
-def test_fresh_t5_attention_has_t5_scale():
-    """T5 does not scale queries by 1/sqrt(head_dim): the query kernel's initialization must carry
-    it (Mesh TF: std (d_model * d_kv)^-1/2 against d_model^-1/2 for keys), or the attention logits
-    of a fresh model are sqrt(head_dim) times too large and every softmax is nearly one-hot.
+@pytest.mark.parametrize("scale_queries", [True, False])
+def test_fresh_t5_attention_has_t5_scale(scale_queries):
+    """Fresh attention logits have std about 1 whether 1/sqrt(head_dim) multiplies the logits
+    (`model.scale_queries`, the configs' default) or is folded into the query kernel's
+    initialization as in Mesh TF T5 (std (d_model * d_kv)^-1/2 against d_model^-1/2 for keys);
+    otherwise they are sqrt(head_dim) times too large and every softmax is nearly one-hot.
     Shape and init of configs/t5_multi30k.py: width 256, heads of 64, init_std 0.05 (old
     initialization: logits std 5.1, 5 times T5's)."""
     c = config_lib.default_config().model
     c.update(dict(name="t5", vocab_size=100, num_layers=1, num_heads=4, head_dim=64, emb_dim=256, mlp_dim=512,
                   max_len=16, norm="rmsnorm", norm_eps=1e-6, mlp="geglu", tie_embeddings=False, init_std=0.05,
-                  scan_layers=False))
+                  scan_layers=False, scale_queries=scale_queries))
     model = models.get(c)
     rng = np.random.RandomState(0)
     enc, dec = rng.randint(2, 100, (8, 24)).astype(np.int32), rng.randint(2, 100, (8, 16)).astype(np.int32)
@@ -225,6 +227,7 @@ def test_fresh_t5_attention_has_t5_scale():
     _, state = model.apply(variables, enc, dec, capture_intermediates=True, mutable=["intermediates"])
     for stack, kind in [("encoder", "attn"), ("decoder", "attn"), ("decoder", "cross_attn")]:
         logits = _attention_logits(state["intermediates"], stack, "layers_0", kind, 8)
+        logits = logits / 8 if scale_queries else logits  # 1/sqrt(head_dim) after the projection
         # T5's own initialization gives std 1 on the unit-RMS (normalized) inputs of attention
         assert 0.3 < logits.std() < 2.0, (stack, kind, logits.std())
     probs = jax.nn.softmax(logits, -1)  # cross-attention over the 24 source tokens

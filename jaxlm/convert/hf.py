@@ -365,6 +365,7 @@ def export(params, model_config, hf_dir: str, tokenizer: tokenizers.Tokenizer | 
     family = _family_named(model_config.name)
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     flat = _unstack_layers({path: np.asarray(x, np.float32) for path, x in flat.items()})
+    flat, model_config = _fold_query_scale(family, flat, model_config)
     with_heads = not family.heads or any(path.split("/")[0] in family.heads for path in flat)
     config = _hf_config(family, model_config, flat, with_heads)
     tensors, used = {}, set()
@@ -389,6 +390,18 @@ def export(params, model_config, hf_dir: str, tokenizer: tokenizers.Tokenizer | 
     _write_json(os.path.join(hf_dir, CONFIG_FILE), config)
     if tokenizer is not None:
         _export_tokenizer(tokenizer, hf_dir)
+
+
+def _fold_query_scale(family: Family, flat: dict, model_config):
+    """A model trained with `scale_queries` exported to a family whose attention does not scale
+    (T5): 1/sqrt(head_dim) goes into the query kernels, which computes the same logits."""
+    if family.fixed.get("scale_queries", True) or not model_config.scale_queries:
+        return flat, model_config
+    factor = np.float32(_resolved(model_config)["head_dim"] ** -0.5)
+    flat = {path: x * factor if path.endswith("attn/query/kernel") else x for path, x in flat.items()}
+    model_config = copy_lib.deepcopy(model_config)
+    model_config.scale_queries = False
+    return flat, model_config
 
 
 def _family_named(name: str) -> Family:

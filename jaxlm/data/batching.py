@@ -5,6 +5,8 @@ how they become batches, the same way for every data set:
 
   per_process_batch_size(global_batch_size, process_index, process_count) -> int
   shuffled_epochs(count, seed, example) -> grain.MapDataset      # endless, one row per element
+  length_bucketed_epochs(lengths, seed, example, *, window,
+                         batch_size) -> grain.MapDataset          # the same, rows of a batch alike
   per_process_batches(ds, *, global_batch_size, process_index=0,
                       process_count=1) -> grain.MapDataset
   gathered_batches(gather, *, global_batch_size, process_index=0,
@@ -34,6 +36,7 @@ pipeline gives one, else dropped.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -74,6 +77,36 @@ def shuffled_epochs(
     """
     ds = grain.MapDataset.range(count).shuffle(seed=seed).repeat()
     return ds.map_with_index(lambda index, i: example(index // count, int(i)))
+
+
+def length_bucketed_epochs(
+    lengths: Sequence[int], seed: int, example: Callable[[int, int], Any], *, window: int,
+    batch_size: int,
+) -> grain.MapDataset:
+    """`shuffled_epochs` whose batches hold examples of similar lengths ("bucketing").
+
+    The endless shuffled stream is cut into windows of `window` examples (a multiple of
+    `batch_size`); each window is sorted by `lengths`, cut into batches of `batch_size`
+    consecutive examples, and its batches are put in a seeded random order (rows within a batch
+    too). Every example still comes once per epoch, in a random batch; a batch cut to its
+    longest row then costs about its own length instead of the longest in the data.
+    """
+    if window < batch_size or window % batch_size:
+        raise ValueError(f"the bucketing window ({window} examples) must be a positive multiple of the "
+                         f"batch size ({batch_size})")
+    count, lengths = len(lengths), np.asarray(lengths)
+    stream = grain.MapDataset.range(count).shuffle(seed=seed).repeat()
+
+    @functools.lru_cache(maxsize=4)
+    def window_order(w: int) -> np.ndarray:
+        indices = np.array([stream[n] for n in range(w * window, (w + 1) * window)])
+        by_length = indices[np.argsort(lengths[indices], kind="stable")].reshape(-1, batch_size)
+        rng = np.random.default_rng([seed, w])
+        by_length = by_length[rng.permutation(len(by_length))]
+        return rng.permuted(by_length, axis=1).reshape(-1)
+
+    return grain.MapDataset.range(sys.maxsize).map(
+        lambda n: example(n // count, int(window_order(n // window)[n % window])))
 
 
 def per_process_batches(

@@ -4,7 +4,7 @@ Public functions:
 
   encode_pairs(pairs, tokenizer, *, source_prefix='') -> tuple[(source_ids, target_ids), ...]
   pairs_dataset(pairs, *, tokenizer, source_len, target_len, global_batch_size, seed, eos_id,
-                ...) -> grain.MapDataset
+                bucket_batches=0, ...) -> grain.MapDataset
   pairs_train_iterator(*, num_threads=2, prefetch_buffer_size=8,
                        **pairs_dataset_kwargs) -> grain.DatasetIterator
   pairs_eval_batches(*, pairs, tokenizer, source_len, target_len, global_batch_size, eos_id,
@@ -18,6 +18,8 @@ iterators again (e.g. after a restore) does not tokenize the corpus again.
 Training order: pairs are shuffled with `seed`, a new permutation every epoch, and batched as
 `batching` does for every pipeline. Evaluation: every pair in order; the last global batch is
 filled with all-padding rows (example_weight 0), so that metrics such as BLEU cover every pair.
+With `bucket_batches`, training batches hold pairs of similar lengths (see `pairs_dataset`), so
+that a batch cut to its longest row (`Seq2Seq.fit_length`) is a short step.
 The iterators are checkpointable (see `batching.iterate`).
 """
 
@@ -126,6 +128,7 @@ def pairs_dataset(
     pad_id: int = 0,
     decoder_start_id: int | None = None,
     source_prefix: str = "",
+    bucket_batches: int = 0,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
@@ -142,6 +145,8 @@ def pairs_dataset(
       pad_id: fills padding positions.
       decoder_start_id: the first decoder input (default: pad_id).
       source_prefix: text put before every source (e.g. 'translate English to German: ').
+      bucket_batches: > 0: each batch holds pairs of similar lengths (the longer side counts),
+        sorted together in windows of this many global batches (`batching.length_bucketed_epochs`).
       process_index: this process.
       process_count: number of processes.
 
@@ -159,8 +164,16 @@ def pairs_dataset(
         decoder_start_id=decoder_start_id,
         source_prefix=source_prefix,
     )
+    if bucket_batches > 0:
+        encoded = encode_pairs(pairs, tokenizer, source_prefix=source_prefix)
+        lengths = [max(min(len(s) + 1, source_len), min(len(t) + 1, target_len)) for s, t in encoded]
+        rows = batching.length_bucketed_epochs(lengths, seed, lambda epoch, i: row(i),
+                                               window=bucket_batches * global_batch_size,
+                                               batch_size=global_batch_size)
+    else:
+        rows = batching.shuffled_epochs(count, seed, lambda epoch, i: row(i))
     return batching.per_process_batches(
-        batching.shuffled_epochs(count, seed, lambda epoch, i: row(i)),
+        rows,
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,

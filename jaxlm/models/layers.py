@@ -67,6 +67,7 @@ def block_config(m, **overrides) -> BlockConfig:
         norm_eps=m.norm_eps,
         positions=m.positions,
         rope_theta=m.rope_theta,
+        scale_queries=m.scale_queries,
         dropout=m.dropout,
         use_bias=m.use_bias,
         dtype=jnp.dtype(m.dtype),

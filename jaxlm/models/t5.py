@@ -81,6 +81,6 @@ def from_config(m, pipeline=None) -> T5:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return T5(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
               num_decoder_layers=m.num_decoder_layers or m.num_layers,
-              cfg=block_config(m, scale_queries=False), relative_buckets=m.relative_buckets,
+              cfg=block_config(m), relative_buckets=m.relative_buckets,
               relative_max_distance=m.relative_max_distance, tie_embeddings=m.tie_embeddings,
               stack=stack_config(m, pipeline))

@@ -238,12 +238,15 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
         bar.set_postfix(loss=f"{figures['train/loss']:.4f}", ex_s=f"{figures['train/examples_per_sec']:.0f}")
         interval.reset(now)
 
+    profiler = Profiler(workdir, t.profile_steps)
     step = start_step
     try:
         while step < t.steps:
             k = min(t.steps_per_call, _steps_to_next_event(step, config))
             batches = run.task.fit_length(_stack([next(train_iter) for _ in range(k)]))
+            profiler.before_call(first=step == start_step)
             state, step_metrics = run_steps(state, partitioner.shard_batch(batches, STACKED))
+            profiler.after_call(k, state)
             step += k
             interval.add(step_metrics)
             bar.update(k)
@@ -269,6 +272,7 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
                               file=sys.stderr)
                 interval.start = time.perf_counter()  # the eval's time is not the steps'
     finally:
+        profiler.stop()
         bar.close()
         stop.restore()
         writer.close()
@@ -284,7 +288,8 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
 # this order): a run cannot resume with other values.
 DATA_POSITION_KEYS = ("task.name", "seed", "train.batch_size", "data.name", "data.files", "data.train_split",
                       "data.seq_len", "data.target_len", "data.tokenizer", "data.tokenizer_path",
-                      "data.tokenizer_vocab_size", "data.text_key", "data.source_key", "data.target_key")
+                      "data.tokenizer_vocab_size", "data.text_key", "data.source_key", "data.target_key",
+                      "data.bucket_batches")
 
 
 def check_resumable(config, workdir: str, ckpt) -> None:
@@ -530,6 +535,33 @@ class Interval:
             raise NonFiniteLoss(f"non-finite loss or gradient at step {first} (train.nan_policy='stop'); "
                                 "the last checkpoint was left as it was")
         log.warning("skipped %d non-finite steps (the first at step %d) before step %d", bad, first, step)
+
+
+class Profiler:
+    """`train.profile_steps` steps traced with `jax.profiler` into WORKDIR/profile, from the second
+    call on (the first one compiles): open it in TensorBoard's profile plugin, or load the
+    `perfetto_trace.json.gz` at ui.perfetto.dev; `tools/profile_report.py` sums it by kind of op."""
+
+    def __init__(self, workdir: str, steps: int):
+        self.dir, self.left, self.active = os.path.join(workdir, "profile"), steps, False
+
+    def before_call(self, first: bool) -> None:
+        if self.left > 0 and not first and not self.active:
+            jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+            self.active = True
+
+    def after_call(self, steps: int, state) -> None:
+        if self.active:
+            self.left -= steps
+            if self.left <= 0:
+                jax.block_until_ready(state)
+                self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("profile of the traced steps written under %s", self.dir)
 
 
 class StopSignals:
