@@ -80,3 +80,17 @@ def test_benchmark_figures(tmp_path):
     assert 0.5 < figures["est_total_bytes"] / figures["peak_mem_bytes"] < 2
     assert figures["mesh"] == {"data": 1, "fsdp": DEVICES, "tensor": 1, "stage": 1}
     assert np.isfinite(figures["loss_last"])
+
+
+def test_gpu_bench_runs_tiny_on_cpu_and_its_attentions_agree(tmp_path):
+    """tools/gpu_bench.py end to end at its CPU sizes: every part reports, and XLA's attention
+    computes what jaxlm's own kernel computes."""
+    out = tmp_path / "gpu_bench.json"
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_NUM_CPU_DEVICES": "1"}
+    subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_bench.py"), "--size=tiny", "--steps=2", f"--json={out}"],
+                   check=True, env=env, cwd=tmp_path)
+    figures = json.loads(out.read_text())
+    assert figures["size"] == "tiny" and figures["gpt"]["ms_per_step"] > 0 and 0 < figures["gpt"]["mfu"]
+    assert sorted(figures["attention"]) == ["jaxlm", "xla"]
+    assert figures["attention"]["xla"]["max_abs_diff"] < 1e-5
+    assert "tokens_per_sec" in figures["minilm"] or "skipped" in figures["minilm"]

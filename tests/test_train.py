@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -244,3 +245,17 @@ def test_init_from_loads_only_the_parameters_of_another_run(data_dir, tmp_path):
     assert config.model.emb_dim == 32
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(source.params)):
         np.testing.assert_array_equal(a, b)
+
+
+@needs_shakespeare
+def test_profile_steps_trace_the_steps_after_the_first_call_and_the_report_reads_them(data_dir, tmp_path):
+    """`train.profile_steps` leaves the losses alone and writes a trace of its steps (not the
+    first call, which compiles) that tools/profile_report.py sums by kind of op."""
+    train(tiny_config(data_dir), tmp_path / "plain")
+    train(tiny_config(data_dir, profile_steps=5), tmp_path / "traced")
+    assert read_metrics(tmp_path / "traced") == read_metrics(tmp_path / "plain")
+    traces = list((tmp_path / "traced" / "profile").rglob("perfetto_trace.json.gz"))
+    assert len(traces) == 1
+    report = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "profile_report.py"),
+                             str(tmp_path / "traced"), "--steps=5"], check=True, capture_output=True, text=True).stdout
+    assert "per step of 5" in report and "| matmul |" in report, report
