@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,6 +83,7 @@ def test_benchmark_figures(tmp_path):
     assert np.isfinite(figures["loss_last"])
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_tiny_on_cpu_and_its_attentions_agree(tmp_path):
     """tools/gpu_bench.py end to end at its CPU sizes: every part reports, and XLA's attention
     computes what jaxlm's own kernel computes."""

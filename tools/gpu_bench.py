@@ -90,7 +90,7 @@ def attention(size: dict) -> dict:
     b, length, h, d = size["attention"]
     dtype = jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
     q, k, v = (jax.random.normal(key, (b, length, h, d), dtype) for key in jax.random.split(jax.random.key(0), 3))
-    bias = layers.causal_bias(jnp.arange(length)[None], length)[:, None]
+    bias = layers.causal_bias(jnp.arange(length), length)
 
     def jaxlm(q, k, v):
         return layers.attention(q * d ** -0.5, k, v, bias)
