@@ -53,16 +53,7 @@ SIZES = {  # gpt model/train overrides, attention shape [batch, length, heads, h
 
 def bf16_peak() -> float:
     """FLOP/s of the fastest of a few bf16 matmuls on the first device."""
-    n = 8192 if jax.default_backend() != "cpu" else 512
-    x = jnp.ones((n, n), jnp.bfloat16)
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(x).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n ** 3 / best
+    return metrics_lib.measure_matmul_peak(n=8192 if jax.default_backend() != "cpu" else 512, dtype=jnp.bfloat16)
 
 
 def gpt(size: dict, peak: float, steps: int) -> dict:

@@ -34,6 +34,18 @@ def cross_entropy(logits, targets, weights=None):
     return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
 
 
+def cut_to_longest(config, batches: dict, longest: int, keys) -> dict:
+    """Dynamic padding, as every task with padded sequences does it: the `keys` of stacked train
+    batches cut to `longest` rounded up to `data.pad_multiple` (a handful of compiled lengths;
+    0: no cut). Several processes would each cut their own rows differently: they keep full
+    lengths."""
+    multiple = config.data.pad_multiple
+    if multiple <= 0 or jax.process_count() > 1:
+        return batches
+    length = -(-longest // multiple) * multiple
+    return {k: v[..., :length] if k in keys else v for k, v in batches.items()}
+
+
 def mean_metrics(sums: dict, prefix: str = "") -> dict:
     """Mean `{prefix}loss` and `{prefix}accuracy` from summed loss, correct and weight."""
     weight = jnp.maximum(sums[f"{prefix}weight"], 1.0)

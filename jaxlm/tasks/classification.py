@@ -96,12 +96,7 @@ class EncoderTask(base.Task, base.Predicts):
         """Dynamic padding: cut the stacked batches' token axis to the longest row rounded up to
         `data.pad_multiple`, so short sentences cost short steps (a handful of compiled lengths).
         Several processes would each cut their own rows differently: they keep `data.seq_len`."""
-        multiple = self.config.data.pad_multiple
-        if multiple <= 0 or jax.process_count() > 1:
-            return batches
-        longest = int(batches["input_mask"].sum(-1).max())
-        length = min(-(-longest // multiple) * multiple, self.config.data.seq_len)
-        return {k: v[..., :length] if k in LENGTH_KEYS else v for k, v in batches.items()}
+        return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()), LENGTH_KEYS)
 
     @functools.cached_property
     def _predict(self):

@@ -211,12 +211,7 @@ class Contrastive(base.Task, base.Predicts):
     def fit_length(self, batches):
         """Cuts the token axis to the longest row of either side, rounded up to
         `data.pad_multiple` (as the classification tasks do; one process only)."""
-        multiple = self.config.data.pad_multiple
-        if multiple <= 0 or jax.process_count() > 1:
-            return batches
-        longest = int(batches["input_mask"].sum(-1).max())
-        length = min(-(-longest // multiple) * multiple, self.config.data.seq_len)
-        return {k: v[..., :length] if k in ENCODER_KEYS else v for k, v in batches.items()}
+        return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()), ENCODER_KEYS)
 
     # Retrieval.
 

@@ -7,7 +7,6 @@ example_weight); pad id 0 is padding and the decoder's start token, as in T5.
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,7 +15,7 @@ from jaxlm.infer import seq2seq_decoding as decoding
 from jaxlm.tasks import base
 
 PAD = 0
-DECODER_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+LENGTH_KEYS = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 
 
 class EncoderDecoder(base.Task):
@@ -162,12 +161,8 @@ class Seq2Seq(EncoderDecoder, base.Predicts):
         rounded up to `data.pad_multiple` (one length for both: fewer compiled shapes). With
         `data.bucket_batches` the rows of a batch have similar lengths, so it is a short step.
         Several processes would each cut their own rows differently: they keep full lengths."""
-        multiple = self.config.data.pad_multiple
-        if multiple <= 0 or jax.process_count() > 1:
-            return batches
         longest = max(int((batches[key] > 0).sum(-1).max()) for key in ("encoder_input_tokens", "decoder_loss_weights"))
-        length = -(-longest // multiple) * multiple
-        return {k: v[..., :length] if k in DECODER_KEYS + ("encoder_input_tokens",) else v for k, v in batches.items()}
+        return base.cut_to_longest(self.config, batches, longest, LENGTH_KEYS)
 
     def eval_batches(self, split: str, max_batches: int, data_path: str = ""):
         return text_pairs.pairs_eval_batches(max_batches=max_batches, **self.data_kwargs(split, data_path))

@@ -87,10 +87,10 @@ def flops_per_token(model_config, params, seq_len: int) -> float:
     return 6.0 * n + 12.0 * model_config.num_layers * heads * seq_len
 
 
-def measure_matmul_peak(device=None, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` f32 n x n matmuls on `device` (the MFU denominator)."""
+def measure_matmul_peak(device=None, n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """FLOP/s of the fastest of `repeats` n x n matmuls of `dtype` on `device` (the MFU denominator)."""
     device = device or jax.local_devices()[0]
-    x = jax.device_put(jnp.ones((n, n), jnp.float32), device)
+    x = jax.device_put(jnp.ones((n, n), dtype), device)
     matmul = jax.jit(lambda a: a @ a)
     matmul(x).block_until_ready()
     best = float("inf")
