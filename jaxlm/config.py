@@ -20,6 +20,7 @@ DEFAULT_RULES = (
     ("residual", ("data", "fsdp")),  # the residual stream's tokens; + tensor with sequence_parallel
     ("vocab", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query attention's key/value heads (num_kv_heads % tensor == 0)
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("kv", None),
@@ -60,14 +61,23 @@ def default_config() -> ml_collections.ConfigDict:
         max_len=256,  # positions the model supports (>= data.seq_len)
         num_layers=4,
         num_heads=4,
+        num_kv_heads=0,  # grouped-query attention: key/value heads (0: num_heads; 1: multi-query)
         head_dim=0,  # 0: emb_dim // num_heads
         emb_dim=128,
         mlp_dim=0,  # 0: 4 * emb_dim
-        mlp="gelu",  # gelu | gelu_exact | swiglu
-        norm="layernorm",  # layernorm | rmsnorm
+        mlp="gelu",  # gelu | gelu_exact | relu | swiglu | geglu
+        norm="layernorm",  # layernorm | rmsnorm | rmsnorm_plus_one (Gemma: x / rms * (1 + scale))
         norm_eps=1e-5,
         positions="learned",  # learned | rotary
         rope_theta=10000.0,
+        # Rotary frequencies for long contexts (layers.RopeScaling): none | linear | llama3.
+        rope_scaling=ml_collections.ConfigDict(dict(
+            type="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=8192)),
+        sliding_window=0,  # Mistral: each query sees the last N keys (0: all)
+        qkv_bias=False,  # Qwen2: biases on the query, key and value projections only
+        qk_norm=False,  # Qwen3: RMSNorm of each query and key head before rotary
+        scale_embeddings=False,  # Gemma: token embeddings times sqrt(emb_dim)
+        attention="auto",  # auto | cpu | xla | cudnn: auto picks by backend (layers.attention_implementation)
         scale_queries=True,  # attention logits times 1/sqrt(head_dim); False: that factor is folded
                              # into the query kernel's initialisation instead (Mesh TF T5 checkpoints)
         dropout=0.0,
@@ -327,6 +337,9 @@ RANGES = (
     ("data.target_len", lambda v: v >= 0, "0 (derived) or more"),
     ("data.bucket_batches", lambda v: v >= 0, "0 (off) or more"),
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("model.num_kv_heads", lambda v: v >= 0, "0 (num_heads) or more"),
+    ("model.sliding_window", lambda v: v >= 0, "0 (off) or more"),
+    ("model.attention", lambda v: v in ("auto", "cpu", "xla", "cudnn"), "auto | cpu | xla | cudnn"),
     ("sample.max_new_tokens", lambda v: v >= 0, "0 (no sample) or more"),
     ("sample.temperature", lambda v: v >= 0, "0 (greedy) or more"),
 )

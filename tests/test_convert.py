@@ -92,7 +92,24 @@ HF_CHECKPOINTS = {
                         dict(tensors=add_t5_head, config=lambda c: c.update(tie_word_embeddings=False))),
     "vit": lambda: (transformers.ViTForImageClassification,
                     transformers.ViTConfig(image_size=16, patch_size=4, num_labels=5, **SMALL), None),
+    # The Llama class: grouped-query attention everywhere, and each family's own knob.
+    "llama": lambda: (transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        vocab_size=99, max_position_embeddings=64, num_key_value_heads=2, **SMALL,
+        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=16)), None),
+    "llama_linear": lambda: (transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        vocab_size=99, max_position_embeddings=64, tie_word_embeddings=True, **SMALL,
+        rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0)), None),
+    "mistral": lambda: (transformers.MistralForCausalLM, transformers.MistralConfig(
+        vocab_size=99, max_position_embeddings=64, num_key_value_heads=1, sliding_window=4, **SMALL), None),
+    "qwen2": lambda: (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+        vocab_size=99, max_position_embeddings=64, num_key_value_heads=2, **SMALL), None),
+    "qwen3": lambda: (transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
+        vocab_size=99, max_position_embeddings=64, num_key_value_heads=2, head_dim=16, **SMALL), None),
+    "gemma": lambda: (transformers.GemmaForCausalLM, transformers.GemmaConfig(
+        vocab_size=99, max_position_embeddings=64, num_key_value_heads=1, head_dim=16, **SMALL), None),
 }
+LLM_FAMILIES = ("llama", "llama_linear", "mistral", "qwen2", "qwen3", "gemma")
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +155,7 @@ def test_minilm_matches_transformers_bert_model(minilm):
     ("t5_v1_0", True, ["logits"]),
     ("t5_v1_1", False, ["logits"]),
     ("vit", True, ["hidden", "logits"]),
+    *[(name, name != "qwen3", ["logits"]) for name in LLM_FAMILIES],
 ])
 def test_import_matches_transformers(hf_dirs, name, scan_layers, outputs):
     diffs = import_diffs(hf_dirs[name], scan_layers)
@@ -189,18 +207,32 @@ JAXLM_CONFIGS = {
                      head_dim=16),
     "vit": dict(name="vit", use_bias=True, mlp="gelu_exact", image_size=16, patch_size=4,
                 num_classes=5),
+    "llama": dict(name="gpt", norm="rmsnorm", positions="rotary", mlp="swiglu", num_kv_heads=2,
+                  tie_embeddings=False, rope_theta=500000.0,
+                  rope_scaling=dict(type="llama3", factor=8.0, original_max_len=32)),
+    "mistral": dict(name="gpt", norm="rmsnorm", positions="rotary", mlp="swiglu", num_kv_heads=1,
+                    sliding_window=3),
+    "qwen2": dict(name="gpt", norm="rmsnorm", positions="rotary", mlp="swiglu", num_kv_heads=2,
+                  qkv_bias=True, tie_embeddings=False),
+    "qwen3": dict(name="gpt", norm="rmsnorm", positions="rotary", mlp="swiglu", num_kv_heads=2,
+                  qk_norm=True, head_dim=16),
+    "gemma": dict(name="gpt", norm="rmsnorm_plus_one", positions="rotary", mlp="geglu",
+                  num_kv_heads=1, scale_embeddings=True, head_dim=16),
 }
 
 
-@pytest.mark.parametrize("name, scan_layers", [("bert", False), ("gpt", True), ("t5_relu", True),
-                                               ("t5_geglu", False), ("vit", False)])
-def test_export_loads_in_transformers_and_matches(tmp_path, name, scan_layers):
+@pytest.mark.parametrize("name, scan_layers, model_type", [
+    ("bert", False, "bert"), ("gpt", True, "gpt2"), ("t5_relu", True, "t5"), ("t5_geglu", False, "t5"),
+    ("vit", False, "vit"), ("llama", True, "llama"), ("mistral", False, "mistral"),
+    ("qwen2", True, "qwen2"), ("qwen3", True, "qwen3"), ("gemma", False, "gemma")])
+def test_export_loads_in_transformers_and_matches(tmp_path, name, scan_layers, model_type):
     m = config_lib.default_config().model
     m.update(dict(vocab_size=99, num_layers=2, num_heads=4, emb_dim=32, mlp_dim=64, max_len=64,
                   scan_layers=scan_layers, **JAXLM_CONFIGS[name]))
     params = random_params(m)
     hf_dir = str(tmp_path / "hf")
     convert.export(params, m, hf_dir)
+    assert json.loads(Path(hf_dir, "config.json").read_text())["model_type"] == model_type
     diffs = compare.side_by_side(hf_dir, m, params, compare.make_batch(hf_dir))
     assert max(d.max() for d in diffs.values()) <= TOLERANCE, diffs
     reimported = convert.import_params(hf_dir, model_config(hf_dir, scan_layers))
@@ -300,7 +332,8 @@ def test_tied_copy_that_differs_is_an_error(hf_dirs, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(position_embedding_type="relative_key"), "position_embedding_type='relative_key'"),
-    (lambda c: c.update(model_type="llama"), "model_type='llama' is not supported"),
+    (lambda c: c.update(model_type="mixtral"), "model_type='mixtral' is not supported"),
+    (lambda c: c.update(model_type="llama", attention_bias=True), "attention_bias=True is not supported"),
     (lambda c: c.update(hidden_act="silu"), "hidden_act='silu'"),
 ])
 def test_unsupported_options_are_named(hf_dirs, tmp_path, edit, message):

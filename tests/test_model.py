@@ -27,6 +27,8 @@ def init(model, length=16):
 VARIANTS = [
     dict(),
     dict(positions="rotary", norm="rmsnorm", mlp="swiglu"),
+    dict(positions="rotary", num_heads=4, num_kv_heads=2, sliding_window=5, qk_norm=True,
+         attention="xla"),
     dict(tie_embeddings=False, use_bias=True, mlp="gelu_exact"),
     dict(scan_layers=False, remat="full"),
 ]
@@ -72,7 +74,9 @@ def test_remat_gives_the_same_gradients(remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(positions="rotary", scan_layers=False)])
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(positions="rotary", scan_layers=False),
+    dict(positions="rotary", num_heads=4, num_kv_heads=1, sliding_window=6, qkv_bias=True)])
 def test_cached_decoding_equals_full_recompute(overrides):
     model = models.get(model_config(**overrides))
     params = init(model)
@@ -199,3 +203,63 @@ def test_layer_norm_matches_flax_in_value_and_gradient(use_bias):
     got, want = jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(reference), (0, 1))(params, x)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_grouped_query_attention_is_multi_head_attention_with_shared_key_value_heads():
+    """num_kv_heads=2 of 4 computes what 4-head attention computes with each key/value kernel
+    repeated for its group of two query heads."""
+    gqa = models.get(model_config(num_heads=4, num_kv_heads=2, positions="rotary"))
+    mha = models.get(model_config(num_heads=4, positions="rotary"))
+    params = init(gqa)
+    attn = params["decoder"]["layers"]["attn"]
+    assert attn["key"]["kernel"].shape == (2, 32, 2, 8)  # [layers, embed, kv_heads, head_dim]
+    repeated = {**attn, **{name: {"kernel": jnp.repeat(attn[name]["kernel"], 2, axis=2)}
+                           for name in ("key", "value")}}
+    mha_params = {**params, "decoder": {"layers": {**params["decoder"]["layers"], "attn": repeated}}}
+    assert jax.tree.structure(mha_params) == jax.tree.structure(init(mha))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 50)
+    np.testing.assert_allclose(gqa.apply({"params": params}, tokens),
+                               mha.apply({"params": mha_params}, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_implementations_agree_in_value_and_gradient(kv_heads):
+    """jaxlm's custom-gradient attention ('cpu') and jax.nn.dot_product_attention ('xla'), with
+    a causal sliding window, a padding mask and grouped key/value heads."""
+    from jaxlm.models import layers
+    q = jax.random.normal(jax.random.key(0), (2, 7, 4, 8))
+    k, v = (jax.random.normal(jax.random.key(i), (2, 7, kv_heads, 8)) for i in (1, 2))
+    padding = layers.padding_bias(jnp.array([[1] * 7, [1] * 5 + [0] * 2]))
+    bias = padding + layers.causal_bias(jnp.arange(7), 7, window=3)
+    d_out = jax.random.normal(jax.random.key(3), q.shape)
+    loss = lambda impl: lambda q, k, v: jnp.sum(layers.dot_product_attention(q, k, v, bias, impl) * d_out)
+    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, bias, "cpu"),
+                               layers.dot_product_attention(q, k, v, bias, "xla"), atol=1e-5)
+    for got, want in zip(jax.grad(loss("cpu"), (0, 1, 2))(q, k, v), jax.grad(loss("xla"), (0, 1, 2))(q, k, v)):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert layers.attention_implementation("auto", jnp.float32) == "cpu"  # this machine's backend
+    with pytest.raises(ValueError, match="model.attention='flash'"):
+        layers.attention_implementation("flash", jnp.float32)
+
+
+def test_sliding_window_hides_keys_older_than_the_window():
+    model = models.get(model_config(positions="rotary", sliding_window=4))
+    params = init(model)
+    tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, 50)
+    changed = tokens.at[:, 2].set((tokens[:, 2] + 7) % 50)
+    a, b = model.apply({"params": params}, tokens), model.apply({"params": params}, changed)
+    # Two layers of a 4-key window: position 2 reaches up to position 2 + 2 * 3 = 8.
+    assert np.abs(a[:, 2:9] - b[:, 2:9]).max() > 1e-4
+    np.testing.assert_array_equal(a[:, 9:], b[:, 9:])
+
+
+def test_llama3_rope_scaling_keeps_short_wavelengths_and_stretches_long_ones():
+    from jaxlm.models import layers
+    plain = layers.rope_frequencies(64, 500000.0, None)
+    scaled = layers.rope_frequencies(64, 500000.0, layers.RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))
+    wavelength = 2 * np.pi / plain
+    np.testing.assert_allclose(scaled[wavelength < 8192 / 4], plain[wavelength < 8192 / 4])
+    np.testing.assert_allclose(scaled[wavelength > 8192], plain[wavelength > 8192] / 8)
+    between = (wavelength >= 2048) & (wavelength <= 8192)
+    assert between.any() and np.all((scaled[between] <= plain[between]) & (scaled[between] >= plain[between] / 8))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.models import attach as attach_lib
-from jaxlm.models.layers import Attention
+from jaxlm.models.layers import Attention, repeat_kv_heads
 from jaxlm.models.transformer import Block
 
 LAYER = re.compile(r"^layers_(\d+)$")
@@ -82,6 +82,7 @@ def intercept_attention_maps(next_fun, args, kwargs, context):
     module = context.module
     if attach_lib.calls(context, Attention, "attend") and module.is_mutable_collection(ATTENTION_SCORES):
         q, k, _, bias = args
+        k = repeat_kv_heads(k, q.shape[2])
         module.sow(ATTENTION_SCORES, "scores", jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias)
     return next_fun(*args, **kwargs)
 

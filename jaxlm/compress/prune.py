@@ -94,6 +94,9 @@ def _check_units(config) -> None:
     p, m = config.prune, config.model
     if m.name not in ("bert", "gpt"):
         raise ValueError(f"prune.method='heads' prunes BERT and GPT layers, not model.name={m.name!r}")
+    if m.num_kv_heads not in (0, m.num_heads):
+        raise ValueError(f"prune.method='heads' prunes multi-head attention, not grouped-query "
+                         f"(model.num_kv_heads={m.num_kv_heads} < model.num_heads={m.num_heads})")
     units = {"heads": m.num_heads, "mlp": m.mlp_dim or 4 * m.emb_dim}
     fractions = _fractions(p)
     if not any(fractions.values()):
@@ -222,7 +225,7 @@ def keep_largest(scores: jax.Array, drop) -> jax.Array:
 def input_axis(axes: tuple) -> int:
     """The last contraction axis of a Dense kernel [(layers,) *inputs, *outputs]: per-head
     projections end in (heads, kv), every other kernel in one output axis."""
-    outputs = 2 if axes[-2:] == ("heads", "kv") else 1
+    outputs = 2 if axes[-1] == "kv" else 1
     return len(axes) - outputs - 1
 
 
@@ -354,8 +357,10 @@ def _unit_of(name: str) -> tuple[str, str]:
 
 
 def _kept_axes(axes: tuple, unit: str) -> tuple[int, ...]:
-    """The axes a unit's score keeps: the layer stack's (if any) and the unit's own."""
-    return tuple(i for i, a in enumerate(axes) if a in ("layers", unit))
+    """The axes a unit's score keeps: the layer stack's (if any) and the unit's own (a head of
+    multi-head attention owns its key and value head too)."""
+    own = ("heads", "kv_heads") if unit == "heads" else (unit,)
+    return tuple(i for i, a in enumerate(axes) if a == "layers" or a in own)
 
 
 def unit_scores(axes: dict, params: dict, grads: dict) -> dict:

@@ -24,13 +24,14 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxlm import models
-from jaxlm.convert import bert, gpt2, t5, vit
+from jaxlm.convert import bert, gpt2, llama, t5, vit
 from jaxlm.convert.rules import Family, Rule
 from jaxlm.data import tokenizers
 
 log = logging.getLogger("jaxlm")
 
-FAMILIES = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY, t5.FAMILY, vit.FAMILY)}
+# In export priority: a jaxlm model goes to the first family of its name whose fixed values it has.
+FAMILIES = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY, *llama.FAMILIES, t5.FAMILY, vit.FAMILY)}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Old checkpoints (e.g. the original BERTs) name LayerNorm parameters gamma and beta.
@@ -152,17 +153,21 @@ def read_config(hf_dir: str) -> tuple[Family, dict]:
     if hf[activation_key] not in table:
         raise ValueError(f"{hf_dir}: {model_type} option {activation_key}={hf[activation_key]!r} is "
                          f"not supported by jaxlm (only {sorted(table)})")
+    try:
+        hf = family.normalize(hf)
+    except KeyError as e:
+        raise ValueError(f"{hf_dir}: config.json lacks {e.args[0]!r}") from None
     absent = [key for key in family.keys if key not in hf]
     if absent:
         raise ValueError(f"{hf_dir}: config.json lacks {absent}")
-    return family, family.normalize(hf)
+    return family, hf
 
 
 def _overrides(family: Family, hf: dict) -> dict:
     activation_key, table = family.activation
     values = {ours: hf[key] for key, ours in family.keys.items()}
     values["norm_eps"] = float(values["norm_eps"])
-    return {**values, **family.fixed, "mlp": table[hf[activation_key]]}
+    return {**values, **family.model_values(hf), **family.fixed, "mlp": table[hf[activation_key]]}
 
 
 def import_params(hf_dir: str, model_config) -> dict:
@@ -241,6 +246,7 @@ def _resolved(model_config) -> dict:
     m = model_config.to_dict()
     m["mlp_dim"] = m["mlp_dim"] or 4 * m["emb_dim"]
     m["head_dim"] = m["head_dim"] or m["emb_dim"] // m["num_heads"]
+    m["num_kv_heads"] = m["num_kv_heads"] or m["num_heads"]
     m["num_decoder_layers"] = m["num_decoder_layers"] or m["num_layers"]
     return m
 
@@ -362,7 +368,7 @@ def export(params, model_config, hf_dir: str, tokenizer: tokenizers.Tokenizer | 
     """
     if os.path.isdir(hf_dir) and os.listdir(hf_dir):
         raise FileExistsError(f"{hf_dir} is not empty; export writes into a new folder only")
-    family = _family_named(model_config.name)
+    family = _export_family(model_config)
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     flat = _unstack_layers({path: np.asarray(x, np.float32) for path, x in flat.items()})
     flat, model_config = _fold_query_scale(family, flat, model_config)
@@ -404,12 +410,15 @@ def _fold_query_scale(family: Family, flat: dict, model_config):
     return flat, model_config
 
 
-def _family_named(name: str) -> Family:
-    for family in FAMILIES.values():
-        if family.name == name:
-            return family
-    raise ValueError(f"model.name={name!r} has no Hugging Face form; jaxlm exports "
-                     f"{sorted(f.name for f in FAMILIES.values())}")
+def _export_family(model_config) -> Family:
+    """The first family (in `FAMILIES` order) of the model's name whose fixed values it has; of
+    none, the first of its name (whose `_hf_config` then names what differs)."""
+    m = _resolved(model_config)
+    named = [f for f in FAMILIES.values() if f.name == m["name"]]
+    if not named:
+        raise ValueError(f"model.name={m['name']!r} has no Hugging Face form; jaxlm exports "
+                         f"{sorted({f.name for f in FAMILIES.values()})}")
+    return next((f for f in named if all(m[k] == v for k, v in f.fixed.items())), named[0])
 
 
 def _hf_config(family: Family, model_config, flat: dict, with_heads: bool) -> dict:
@@ -423,6 +432,8 @@ def _hf_config(family: Family, model_config, flat: dict, with_heads: bool) -> di
         wrong.append(f"model.mlp={m['mlp']!r} (needs one of {sorted(set(table.values()))})")
     if "head_dim" not in family.keys.values() and m["head_dim"] * m["num_heads"] != m["emb_dim"]:
         wrong.append(f"model.head_dim={m['head_dim']} (needs emb_dim / num_heads)")
+    if "num_kv_heads" not in family.keys.values() and m["num_kv_heads"] != m["num_heads"]:
+        wrong.append(f"model.num_kv_heads={m['num_kv_heads']} (needs num_heads={m['num_heads']})")
     if wrong:
         raise ValueError(f"cannot export as Hugging Face {family.model_type}: {', '.join(wrong)}")
     return {"model_type": family.model_type,

@@ -134,7 +134,8 @@ class Family:
     values the family always has, `required` the HF options jaxlm supports only at one value,
     `activation` names the HF key of the MLP activation and its {HF: jaxlm} table. `normalize`
     derives HF values that config.json may leave implicit (run after `hf_defaults` are filled in).
-    `to_hf` adds HF keys derived from the jaxlm config and parameters on export.
+    `to_hf` adds HF keys derived from the jaxlm config and parameters on export, `model_values`
+    jaxlm values derived from the HF config on import (nested ones such as rotary scaling).
 
     Tensors: `rules(hf)` is the table; `stacks` maps each jaxlm layer stack to the HF key with
     its depth; `tied(hf)` lists HF names that repeat another tensor (tied weights); `ignored` are
@@ -158,6 +159,7 @@ class Family:
     required: dict = dataclasses.field(default_factory=dict)
     normalize: Callable[[dict], dict] = _unchanged
     to_hf: Callable[[dict, dict], dict] = lambda model, params: {}
+    model_values: Callable[[dict], dict] = lambda hf: {}  # config.model values beyond `keys`
     tied: Callable[[dict], dict] = lambda hf: {}
     ignored: tuple[str, ...] = ()
     prefix: str = ""

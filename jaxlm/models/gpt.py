@@ -13,6 +13,7 @@ class GPT(nn.Module):
     num_layers: int
     cfg: BlockConfig
     tie_embeddings: bool = True
+    scale_embeddings: bool = False  # Gemma: token embeddings times sqrt(emb_dim)
     stack: StackConfig = StackConfig()
 
     @nn.compact
@@ -23,6 +24,8 @@ class GPT(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embed = Embed(self.vocab_size, cfg, name="embed")
         x = embed(tokens)
+        if self.scale_embeddings:
+            x = x * jnp.asarray(cfg.emb_dim ** 0.5, cfg.dtype)
         if cfg.positions == "learned":
             x = x + jnp.take(learned_positions(self, self.max_len, cfg), positions, axis=0).astype(cfg.dtype)
         batch, length = tokens.shape
@@ -43,4 +46,4 @@ def from_config(m, pipeline=None) -> GPT:
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers, cfg=block_config(m),
-               tie_embeddings=m.tie_embeddings, stack=stack_config(m, pipeline))
+               tie_embeddings=m.tie_embeddings, scale_embeddings=m.scale_embeddings, stack=stack_config(m, pipeline))

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 Array = jax.Array
@@ -38,11 +39,17 @@ class BlockConfig:
     num_heads: int
     head_dim: int
     mlp_dim: int
+    num_kv_heads: int = 0  # grouped-query attention: key/value heads (0: num_heads)
     mlp: str = "gelu"
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     positions: str = "learned"
     rope_theta: float = 10000.0
+    rope_scaling: "RopeScaling" = None
+    sliding_window: int = 0  # Mistral: each query sees the last N keys (0: all)
+    qkv_bias: bool = False  # Qwen2: biases on the query, key and value projections only
+    qk_norm: bool = False  # Qwen3: RMSNorm of each query and key head before rotary
+    attention: str = "auto"  # auto | cpu | xla | cudnn (see `dot_product_attention`)
     dropout: float = 0.0
     use_bias: bool = False
     post_norm: bool = False  # BERT: normalize after each residual add instead of before the branch
@@ -52,11 +59,38 @@ class BlockConfig:
     init_std: float = 0.02
     out_init_std: float = 0.02  # residual projections (GPT-2 scales them by 1/sqrt(2 * layers))
 
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """How rotary frequencies are stretched for long contexts (`model.rope_scaling`).
+
+    none: theta^(-2i/d). linear: every frequency / factor (positions interpolated). llama3:
+    Llama 3.1's: wavelengths shorter than original_max_len / high_freq_factor keep their
+    frequency, those longer than original_max_len / low_freq_factor are divided by factor, and
+    the band between is interpolated.
+    """
+
+    type: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def __post_init__(self):
+        if self.type not in ("none", "linear", "llama3"):
+            raise ValueError(f"model.rope_scaling.type={self.type!r}: expected none | linear | llama3")
+
 
 def block_config(m, **overrides) -> BlockConfig:
     """The BlockConfig of `config.model` (`m`), with family-specific `overrides`."""
     if m.emb_dim % m.num_heads and not m.head_dim:
         raise ValueError(f"model.emb_dim={m.emb_dim} is not divisible by model.num_heads={m.num_heads}")
+    if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+        raise ValueError(f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
     values = dict(
         emb_dim=m.emb_dim,
         num_heads=m.num_heads,
@@ -67,6 +101,12 @@ def block_config(m, **overrides) -> BlockConfig:
         norm_eps=m.norm_eps,
         positions=m.positions,
         rope_theta=m.rope_theta,
+        rope_scaling=RopeScaling(**m.rope_scaling.to_dict()),
+        num_kv_heads=m.num_kv_heads,
+        sliding_window=m.sliding_window,
+        qkv_bias=m.qkv_bias,
+        qk_norm=m.qk_norm,
+        attention=m.attention,
         scale_queries=m.scale_queries,
         dropout=m.dropout,
         use_bias=m.use_bias,
@@ -190,14 +230,32 @@ class LayerNorm(nn.Module):
         return y
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale in float32 over the last axis; with `plus_one` the stored scale is
+    zero-centred, x / rms(x) * (1 + scale) (Gemma)."""
+
+    cfg: BlockConfig
+    plus_one: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)), (x.shape[-1],),
+                           self.cfg.param_dtype).astype(jnp.float32)
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.cfg.norm_eps)
+        return y * (1 + scale) if self.plus_one else y * scale
+
+
+NORMS = ("layernorm", "rmsnorm", "rmsnorm_plus_one")
+
+
 def norm(cfg: BlockConfig, name: str | None = None) -> nn.Module:
     if cfg.norm == "layernorm":
         return LayerNorm(cfg, name=name)
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype,
-                          scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                          name=name)
-    raise ValueError(f"model.norm={cfg.norm!r}: expected 'layernorm' or 'rmsnorm'")
+    if cfg.norm in ("rmsnorm", "rmsnorm_plus_one"):
+        return RMSNorm(cfg, cfg.norm == "rmsnorm_plus_one", name=name)
+    raise ValueError(f"model.norm={cfg.norm!r}: expected one of {NORMS}")
 
 
 class Embed(nn.Module):
@@ -219,10 +277,28 @@ class Embed(nn.Module):
         return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.cfg.dtype))
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """The rotary angular frequency of each of the head_dim / 2 rotated pairs."""
+    half = head_dim // 2
+    freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+    scaling = scaling or RopeScaling()
+    if scaling.type == "linear":
+        return freq / scaling.factor
+    if scaling.type == "llama3":
+        wavelength = 2 * np.pi / freq
+        long_wave = scaling.original_max_len / scaling.low_freq_factor
+        short_wave = scaling.original_max_len / scaling.high_freq_factor
+        smooth = ((scaling.original_max_len / wavelength - scaling.low_freq_factor)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor))
+        between = (1 - smooth) * freq / scaling.factor + smooth * freq
+        return np.where(wavelength > long_wave, freq / scaling.factor,
+                        np.where(wavelength < short_wave, freq, between))
+    return freq
+
+
+def rotary(x: Array, positions: Array, theta: float, scaling: RopeScaling | None = None) -> Array:
     """Rotary position embedding on [batch, length, heads, head_dim] (halves rotated)."""
-    half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq = jnp.asarray(rope_frequencies(x.shape[-1], theta, scaling), jnp.float32)
     angle = positions[..., None].astype(jnp.float32) * freq  # [batch, length, half]
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -265,11 +341,48 @@ def _attention_backward(saved, d_out):
 attention.defvjp(_attention_forward, _attention_backward)
 
 MASKED = -1e30
+ATTENTION_IMPLEMENTATIONS = ("auto", "cpu", "xla", "cudnn")
 
 
-def causal_bias(q_positions: Array, k_len: int) -> Array:
-    """[1, 1, q_len, k_len] additive mask: query at position p sees keys 0..p."""
-    visible = jnp.arange(k_len)[None, :] <= q_positions[:, None]
+def repeat_kv_heads(x: Array, num_heads: int) -> Array:
+    """Keys or values [batch, length, kv_heads, head_dim] with each head repeated for the
+    num_heads / kv_heads query heads of its group (grouped-query attention)."""
+    return x if x.shape[2] == num_heads else jnp.repeat(x, num_heads // x.shape[2], axis=2)
+
+
+def attention_implementation(name: str, dtype) -> str:
+    """The attention that `model.attention` = `name` runs on this backend: `auto` is cuDNN's
+    fused kernel on GPU for 16-bit activations, XLA's `dot_product_attention` elsewhere on
+    accelerators, and jaxlm's custom-gradient `attention` on CPU."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={name!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if name != "auto":
+        return name
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "cpu"
+    return "cudnn" if backend == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, bias: Array, implementation: str) -> Array:
+    """softmax(q k^T + bias) v for pre-scaled queries [batch, q_len, heads, head_dim] and keys and
+    values with heads or fewer (grouped) heads; `implementation` as `attention_implementation`."""
+    implementation = attention_implementation(implementation, q.dtype)
+    if implementation == "cpu":
+        return attention(q, repeat_kv_heads(k, q.shape[2]), repeat_kv_heads(v, q.shape[2]), bias)
+    bias = jnp.broadcast_to(bias, (q.shape[0], bias.shape[1], q.shape[1], k.shape[1]))
+    bias = jnp.maximum(bias, jnp.finfo(q.dtype).min)  # the mask stays finite in 16 bits
+    return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=1.0,
+                                        implementation=implementation)
+
+
+def causal_bias(q_positions: Array, k_len: int, window: int = 0) -> Array:
+    """[1, 1, q_len, k_len] additive mask: query at position p sees keys 0..p, or with a sliding
+    `window` only keys p - window + 1..p."""
+    keys, queries = jnp.arange(k_len)[None, :], q_positions[:, None]
+    visible = keys <= queries
+    if window:
+        visible &= keys > queries - window
     return jnp.where(visible, 0.0, MASKED)[None, None].astype(jnp.float32)
 
 
@@ -279,7 +392,8 @@ def padding_bias(mask: Array) -> Array:
 
 
 class Attention(nn.Module):
-    """Multi-head attention on flat activations [batch * length, embed].
+    """Multi-head attention on flat activations [batch * length, embed], grouped-query when
+    `cfg.num_kv_heads` < num_heads (each key/value head serves a group of query heads).
 
     Self-attention, or with `cross` cross-attention: keys and values then come from `memory`
     (flat [batch * memory_length, embed], e.g. the encoder output). `bias` is added to the scores
@@ -303,26 +417,31 @@ class Attention(nn.Module):
                  memory: Array | None = None, deterministic: bool = True, decode: bool = False):
         cfg = self.cfg
         batch, length = positions.shape
-        heads = lambda y: y.reshape(batch, -1, cfg.num_heads, cfg.head_dim)
-        proj = lambda name, std=None: dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg,
-                                            name, std=std)
+        heads = lambda y, n: y.reshape(batch, -1, n, cfg.head_dim)
         # Unscaled queries (T5) take 1/sqrt(head_dim) from the query kernel's initialization, or
         # the attention logits start sqrt(head_dim) times too large and the softmax saturates.
         query_std = None if cfg.scale_queries else cfg.init_std * cfg.head_dim ** -0.5
+        use_bias = cfg.use_bias or cfg.qkv_bias
         source = memory if self.cross else x
-        q = heads(proj("query", query_std)(x))
-        k, v = heads(proj("key")(source)), heads(proj("value")(source))
+        q = heads(dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), cfg, "query",
+                        std=query_std, use_bias=use_bias)(x), cfg.num_heads)
+        k, v = (heads(dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg, name,
+                            use_bias=use_bias)(source), cfg.kv_heads) for name in ("key", "value"))
+        if cfg.qk_norm:
+            q = RMSNorm(cfg, name="query_norm")(q).astype(cfg.dtype)
+            k = RMSNorm(cfg, name="key_norm")(k).astype(cfg.dtype)
         if cfg.positions == "rotary" and not self.cross:
-            q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+            q = rotary(q, positions, cfg.rope_theta, cfg.rope_scaling)
+            k = rotary(k, positions, cfg.rope_theta, cfg.rope_scaling)
         if cfg.scale_queries:
             q = q / jnp.sqrt(cfg.head_dim).astype(q.dtype)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         scores_bias = jnp.zeros((1, 1, 1, 1), jnp.float32) if bias is None else bias
         if decode and not self.cross:
             k, v, q_positions = self._update_cache(k, v)
-            scores_bias = scores_bias + causal_bias(q_positions, self.max_len)
+            scores_bias = scores_bias + causal_bias(q_positions, self.max_len, cfg.sliding_window)
         elif self.causal and not self.cross:
-            scores_bias = scores_bias + causal_bias(jnp.arange(length), length)
+            scores_bias = scores_bias + causal_bias(jnp.arange(length), length, cfg.sliding_window)
         out = self.attend(q, k, v, scores_bias).reshape(batch * length, cfg.num_heads, cfg.head_dim)
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         out = dense(cfg.emb_dim, ("heads", "kv", "embed"), cfg, "out", in_axis=(-2, -1),
@@ -330,8 +449,9 @@ class Attention(nn.Module):
         return constrain(out, RESIDUAL_AXES)
 
     def attend(self, q: Array, k: Array, v: Array, bias: Array) -> Array:
-        """softmax(q k^T + bias) v: [batch, q_len, heads, head_dim]."""
-        return attention(q, k, v, bias)
+        """softmax(q k^T + bias) v: [batch, q_len, heads, head_dim] (k, v: [batch, k_len,
+        kv_heads, head_dim])."""
+        return dot_product_attention(q, k, v, bias, self.cfg.attention)
 
     def _update_cache(self, k: Array, v: Array):
         """Writes k, v at the cache index; returns the whole cache and the new tokens' positions."""

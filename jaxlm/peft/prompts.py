@@ -69,9 +69,9 @@ def drop_prompt(x, batch: int, peft, cfg):
 def prefix_keys_values(module: nn.Module, k, v, bias, peft, cfg):
     """k, v [batch, length, heads, head_dim] with the layer's learned prefix in front, and the
     bias widened to match."""
-    shape = (peft.num_tokens, cfg.num_heads, cfg.head_dim)
+    shape = (peft.num_tokens, cfg.kv_heads, cfg.head_dim)
     init = nn.initializers.normal(cfg.init_std)
-    prefix = [module.param(name, nn.with_logical_partitioning(init, (None, "heads", "kv")), shape,
+    prefix = [module.param(name, nn.with_logical_partitioning(init, (None, "kv_heads", "kv")), shape,
                            cfg.param_dtype) for name in ("prefix_key", "prefix_value")]
     batch = k.shape[0]
     k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(t.dtype), (batch, *shape)), t], 1)

@@ -75,6 +75,7 @@ class Shape:
     emb: int
     head_dim: int
     heads: int
+    kv_heads: int
     mlp: int
     c: int  # bytes of model.dtype
     gated: bool
@@ -86,7 +87,8 @@ class Shape:
     @classmethod
     def of(cls, m, tensor: int, rows: int, length: int, cross_keys: int = 0) -> "Shape":
         return cls(emb=m.emb_dim, head_dim=m.head_dim or m.emb_dim // m.num_heads,
-                   heads=m.num_heads // tensor, mlp=(m.mlp_dim or 4 * m.emb_dim) // tensor,
+                   heads=m.num_heads // tensor, kv_heads=max((m.num_kv_heads or m.num_heads) // tensor, 1),
+                   mlp=(m.mlp_dim or 4 * m.emb_dim) // tensor,
                    c=jnp.dtype(m.dtype).itemsize, gated=layers.ACTIVATIONS[m.mlp][1],
                    rows=rows, length=length, keys=length, cross_keys=cross_keys)
 
@@ -97,6 +99,11 @@ class Shape:
     @property
     def qkv(self) -> int:
         return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        """One of the key and value projections' width (smaller with grouped-query attention)."""
+        return self.kv_heads * self.head_dim
 
 
 def activation_bytes(config, task, partitioner) -> int | None:
@@ -149,7 +156,7 @@ def saved_per_layer(m, s: Shape) -> int:
         return layer_input
     cross = s.cross_keys > 0
     if m.remat == "dots":  # the projections' outputs: q, k, v, out; the MLP up (and gate)
-        attention = 3 * s.tokens * s.qkv + s.tokens * s.emb
+        attention = s.tokens * (s.qkv + 2 * s.kv) + s.tokens * s.emb
         if cross:
             attention += 2 * s.tokens * s.qkv + 2 * s.rows * s.cross_keys * s.qkv + s.tokens * s.emb
         return layer_input + attention * s.c + (2 if s.gated else 1) * s.tokens * s.mlp * s.c
@@ -175,7 +182,7 @@ def weights_per_layer(m, s: Shape) -> int:
     scanned stack without remat keeps for the backward pass."""
     if m.remat != "none" or not m.scan_layers:
         return 0
-    attention = (8 if s.cross_keys else 4) * s.emb * s.qkv
+    attention = (2 * s.emb * (s.qkv + s.kv)) * (2 if s.cross_keys else 1)
     return (attention + (3 if s.gated else 2) * s.emb * s.mlp) * s.c
 
 
