@@ -87,6 +87,29 @@ def test_quantized_minilm_stays_close_to_float_on_real_text(quant, relative, cos
     assert (np.sum(pg * pw, -1) / np.linalg.norm(pg, axis=-1) / np.linalg.norm(pw, axis=-1)).min() > cosine
 
 
+@pytest.mark.parametrize("weights", ["int8", "nf4"])
+def test_dequantized_parameters_compute_what_the_quantized_model_computes(weights):
+    """`dequantize_params` (a QLoRA merge's first step) gives the float model the stored model's
+    own weights: the same hidden states, embeddings included."""
+    m = config_lib.default_config().model
+    m.update(dict(name="gpt", vocab_size=64, num_layers=2, emb_dim=64, num_heads=4, max_len=16,
+                  num_kv_heads=2, positions="rotary", mlp="swiglu"))
+    tokens = np.arange(16, dtype=np.int32)[None] % 64
+    float_model = models.get(m)
+    params = nn.unbox(float_model.init(jax.random.key(0), tokens)["params"])
+    m.quant.update(dict(weights=weights, group_size=32))
+    q = quantize.from_config(m)
+    quantized = quantize.attach(models.get(m), q)
+    abstract = jax.eval_shape(lambda: nn.unbox(quantized.init(jax.random.key(0), tokens)["params"]))
+    q_params = quantize.quantize_params(params, abstract, q)
+    floats = quantize.dequantize_params(q_params, q)
+    assert jax.tree.structure(floats) == jax.tree.structure(params)
+    assert not np.allclose(floats["decoder"]["layers"]["mlp"]["wi"]["kernel"],
+                           params["decoder"]["layers"]["mlp"]["wi"]["kernel"])  # rounded
+    np.testing.assert_allclose(float_model.apply({"params": floats}, tokens),
+                               quantized.apply({"params": q_params}, tokens), atol=1e-4)
+
+
 def test_bad_settings_name_the_key():
     with pytest.raises(ValueError, match="model.quant.weights='int3'"):
         settings(weights="int3")

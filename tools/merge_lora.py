@@ -1,4 +1,5 @@
 """Folds a LoRA run's adapters into its base weights: a plain jaxlm workdir for serving.
+A QLoRA run's 4-bit base is dequantized first, so its merged run is a float model.
 
     python tools/merge_lora.py --workdir=runs/sst2_lora --output=runs/sst2_merged
     python -m jaxlm.evaluate --workdir=runs/sst2_merged      # same predictions, no LoRA matmuls
@@ -14,6 +15,7 @@ import argparse
 import jax
 
 from jaxlm import config as config_lib
+from jaxlm.compress import quantize
 from jaxlm.peft import lora
 from jaxlm.train import loop
 
@@ -23,8 +25,11 @@ def merge_workdir(workdir: str, output: str) -> int:
     settings = run.task.peft
     if settings.method != "lora":
         raise ValueError(f"{workdir} is a peft.method={settings.method!r} run: only LoRA merges")
-    merged = lora.merge(jax.device_get(params), settings)
-    config = config_lib.load(workdir)
+    params, config = jax.device_get(params), config_lib.load(workdir)
+    q = quantize.from_config(config.model)
+    if q.stored:  # QLoRA: the 4-bit base becomes floats, the adapters go into them
+        params, config.model = quantize.dequantize_params(params, q), quantize.float_model(config.model)
+    merged = lora.merge(params, settings)
     config.peft.method = "full"
     config.init_from = ""
     loop.export_workdir(config, workdir, output, lambda _: merged, step)

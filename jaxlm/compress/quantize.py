@@ -238,6 +238,26 @@ def quantize_params(params, abstract, q: Quant):
     return flax.traverse_util.unflatten_dict(out)
 
 
+def dequantize_params(params, q: Quant):
+    """The float parameters that stored-quantized `params` stand for (`quantize_params` undone
+    up to its rounding): every `*_scale` and its codes become one float array."""
+    flat = flax.traverse_util.flatten_dict(params)
+    out = {}
+    for name, value in flat.items():
+        scale_name = name[:-1] + (name[-1] + "_scale",)
+        if name[-1].endswith("_scale") and name[:-1] + (name[-1][:-len("_scale")],) in flat:
+            continue
+        if scale_name not in flat:
+            out[name] = value
+            continue
+        scale = jnp.asarray(flat[scale_name])
+        codes = jnp.asarray(value)
+        if name[-1] != "embedding":  # [*stack, *inputs, *outputs] as [*stack, n_in, n_out]
+            codes = codes.reshape(*scale.shape[:-2], -1, scale.shape[-1])
+        out[name] = qwix.dequantize(_qarray(codes, scale, q)).astype(jnp.float32).reshape(value.shape)
+    return flax.traverse_util.unflatten_dict(out)
+
+
 def check_trainable(trainable_params, q: Quant) -> None:
     """Stored (integer) weights cannot train: an error naming the way that can."""
     ints = [n for n, leaf in flax.traverse_util.flatten_dict(trainable_params, sep="/").items()

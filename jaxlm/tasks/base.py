@@ -53,13 +53,19 @@ def mean_metrics(sums: dict, prefix: str = "") -> dict:
             f"{prefix}accuracy": sums[f"{prefix}correct"] / weight}
 
 
-def hf_vocab(name: str) -> str:
-    """The `vocab.txt` of a Hugging Face model folder or of an installed package shipping one."""
+# data.tokenizer kinds a Hugging Face folder ships, and the file each is read from.
+HF_TOKENIZER_FILES = {"wordpiece": "vocab.txt", "huggingface": "tokenizer.json"}
+
+
+def hf_tokenizer_file(kind: str, name: str) -> str:
+    """The tokenizer file of `kind` in a Hugging Face model folder or an installed package
+    shipping one (`name`)."""
+    file = HF_TOKENIZER_FILES[kind]
     hf_dir = convert.resolve(name) if name else None
-    if hf_dir is None or not os.path.isfile(os.path.join(hf_dir, "vocab.txt")):
-        raise FileNotFoundError(f"data.tokenizer='wordpiece' needs data.tokenizer_path: a vocab.txt, "
+    if hf_dir is None or not os.path.isfile(os.path.join(hf_dir, file)):
+        raise FileNotFoundError(f"data.tokenizer={kind!r} needs data.tokenizer_path: a {file}, "
                                 f"or a Hugging Face folder or package holding one (got {name!r})")
-    return os.path.join(hf_dir, "vocab.txt")
+    return os.path.join(hf_dir, file)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +136,9 @@ class Task(abc.ABC):
         """The run's tokenizer, saved in (or loaded from) `workdir/tokenizer`."""
         d = config.data
         model_path = d.tokenizer_path
-        if d.tokenizer == "wordpiece" and not os.path.isfile(model_path):
-            model_path = hf_vocab(model_path or config.init_from)
+        saved = tokenizers.exists(os.path.join(workdir, tokenizers.TOKENIZER_DIR))
+        if d.tokenizer in HF_TOKENIZER_FILES and not os.path.isfile(model_path) and not saved:
+            model_path = hf_tokenizer_file(d.tokenizer, model_path or config.init_from)
         return tokenizers.build_tokenizer(d.tokenizer, workdir=workdir, name=d.name, split=d.train_split,
                                           model_path=model_path, data_dir=d.data_dir,
                                           files=d.files, text_key=d.text_key)
