@@ -24,6 +24,8 @@ setup(
         "tensorboardX",
         "safetensors",  # Hugging Face checkpoints in and out (jaxlm/convert)
         "sacrebleu",  # eval/bleu of seq2seq runs
+        "tokenizers",  # Hugging Face tokenizer.json (data.tokenizer='huggingface')
+        "jinja2",  # chat templates (jaxlm/data/chat.py), rendered as transformers renders them
     ],
     extras_require={
         # Tests also check parity with Hugging Face transformers (PyTorch, CPU) and use the real

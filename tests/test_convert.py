@@ -13,6 +13,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers reads it (subprocesses inherit it)
 
+import flax
 import flax.linen as nn
 import jax
 import numpy as np
@@ -435,3 +436,34 @@ def test_tool_imports_and_checks_minilm(minilm, tmp_path):
     result = run_tool("import", f"--hf_dir={minilm}", f"--workdir={workdir}")
     assert result.returncode != 0 and "holds checkpoints" in result.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0"]
+
+
+def test_sharded_checkpoint_imports_layer_by_layer_onto_an_fsdp_tensor_mesh(tmp_path):
+    """A checkpoint in several files (model.safetensors.index.json) goes straight into the
+    layout of an fsdp=4, tensor=2 mesh: the same values as a plain import, each parameter split
+    as the logical-axis rules say."""
+    from jaxlm.parallel.partitioner import Partitioner
+
+    model_class, hf_config, _ = HF_CHECKPOINTS["llama"]()
+    hf_config.vocab_size = 100  # divides over tensor=2
+    torch.manual_seed(0)
+    model_class(hf_config).save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    hf_dir = str(tmp_path / "hf")
+    assert Path(hf_dir, "model.safetensors.index.json").is_file()
+    assert len(list(Path(hf_dir).glob("*.safetensors"))) > 3
+    m = model_config(hf_dir)
+    config = config_lib.default_config()
+    config.model = m
+    config.mesh.update(dict(fsdp=4, tensor=2))
+    partitioner = Partitioner.from_config(config)
+    boxed = jax.eval_shape(lambda: models.get(m).init(jax.random.key(0), tokens=np.zeros((1, 1), np.int32)))
+    shardings = jax.tree_util.tree_flatten_with_path(partitioner.shardings_of(boxed["params"]))[0]
+    shardings = {"/".join(k.key for k in path): s for path, s in shardings}
+    sharded = flax.traverse_util.flatten_dict(convert.import_params(hf_dir, m, shardings), sep="/")
+    plain = flax.traverse_util.flatten_dict(convert.import_params(hf_dir, m), sep="/")
+    assert sorted(sharded) == sorted(plain)
+    for path, x in sharded.items():
+        assert x.sharding == shardings[path], path
+        np.testing.assert_array_equal(np.asarray(x), plain[path])
+    wi = sharded["decoder/layers/mlp/wi/kernel"]  # [layers, embed, mlp]: embed over fsdp, mlp over tensor
+    assert wi.addressable_shards[0].data.shape == (2, 32 // 4, 64 // 2)

@@ -7,6 +7,7 @@ checked against the parameter shapes the jaxlm config builds, and layers are sta
 """
 
 import copy as copy_lib
+import functools
 import glob
 import importlib.metadata
 import json
@@ -34,6 +35,7 @@ log = logging.getLogger("jaxlm")
 FAMILIES = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY, *llama.FAMILIES, t5.FAMILY, vit.FAMILY)}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # a checkpoint sharded over several files
 # Old checkpoints (e.g. the original BERTs) name LayerNorm parameters gamma and beta.
 LEGACY_NAMES = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias"))
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -45,7 +47,10 @@ TOKENIZER_EXPORT = {
     "wordpiece": (tokenizers.WORDPIECE_FILE, "vocab.txt",
                   lambda tok: {"tokenizer_class": "BertTokenizer", "do_lower_case": tok.lower_case}),
     "sentencepiece": (tokenizers.SENTENCEPIECE_FILE, "spiece.model", None),
-    "huggingface": (tokenizers.HF_TOKENIZER_FILE, "tokenizer.json", None),
+    "huggingface": (tokenizers.HF_TOKENIZER_FILE, "tokenizer.json",
+                    lambda tok: {"tokenizer_class": "PreTrainedTokenizerFast",
+                                 **{key: tok.settings[key] for key in ("chat_template", "bos_token", "eos_token")
+                                    if tok.settings.get(key)}}),
 }
 _LAYER = re.compile(r"^(.*)/layers_(\d+)/(.*)$")
 # A distribution (pip package) name as PEP 508 spells it: no path separators, nothing to run.
@@ -170,18 +175,23 @@ def _overrides(family: Family, hf: dict) -> dict:
     return {**values, **family.model_values(hf), **family.fixed, "mlp": table[hf[activation_key]]}
 
 
-def import_params(hf_dir: str, model_config) -> dict:
+def import_params(hf_dir: str, model_config, shardings: dict | None = None) -> dict:
     """The parameters of the checkpoint in `hf_dir` as the jaxlm tree of `model_config`.
 
     Args:
-      hf_dir: a Hugging Face model folder (see `resolve`).
+      hf_dir: a Hugging Face model folder (see `resolve`); a checkpoint sharded over several
+        files (`model.safetensors.index.json`) reads each tensor from its file, memory-mapped.
       model_config: the jaxlm `config.model`, updated with `model_overrides(hf_dir)`;
         `scan_layers` may be either.
+      shardings: {'a/b/c' path: jax Sharding} of the parameters (the run's layout), or None.
+        With it every parameter is built shard by shard straight into that layout
+        (`jax.make_array_from_callback`): a host holds one converted parameter (of a scanned
+        stack, one layer) at a time, never the whole model.
 
     Returns:
-      A nested dict of float32 numpy arrays. Modules the file may lack (`Family.optional`:
-      BERT's pretraining heads and pooler, ViT's classifier) are left out when it does, so the
-      caller initializes them fresh.
+      A nested dict of float32 numpy arrays (jax Arrays with `shardings`). Modules the file may
+      lack (`Family.optional`: BERT's pretraining heads and pooler, ViT's classifier) are left
+      out when it does, so the caller initializes them fresh.
 
     Raises:
       ValueError: naming a tensor jaxlm has no place for, a jaxlm parameter the file lacks, a
@@ -197,18 +207,27 @@ def import_params(hf_dir: str, model_config) -> dict:
         raise ValueError(f"{hf_dir}: jaxlm's {family.name} has no place for tensors {unknown[:8]}"
                          f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}")
     shapes = _param_shapes(model_config, family, hf)
-    flat = {}
+    producers = {}  # unscanned jaxlm path -> () -> its float32 array
     for name, rule in rules.items():
         if name in tensors:
-            flat.update(_to_jaxlm(rule, tensors[name], shapes, hf_dir))
-    missing = [path for path in shapes if path not in flat]
+            _check_shape(rule, tensors[name], shapes, hf_dir)
+            for k, path in enumerate(rule.jaxlm):
+                producers[path] = functools.partial(_convert, rule, tensors[name], shapes, k)
+    missing = [path for path in shapes if path not in producers]
     source = {path: rule.hf for rule in rules.values() for path in rule.jaxlm}
     absent = [f"{path} (Hugging Face {source.get(path, 'nothing')})" for path in missing
               if not _optional(path, family)]
     if absent:
         raise ValueError(f"{hf_dir} lacks jaxlm {family.name} parameters: {', '.join(absent[:8])}")
     if model_config.scan_layers:
-        flat = _stack_layers(flat)
+        producers = _stack_layers(producers)
+    if shardings is None:
+        flat = {path: produce() for path, produce in producers.items()}
+    else:
+        # Parameters the run does not build (BERT's pretraining heads under a classifier) come
+        # as numpy arrays; they are small.
+        flat = {path: _sharded(produce, shardings[path]) if path in shardings else produce()
+                for path, produce in producers.items()}
     return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -216,8 +235,7 @@ def _optional(path: str, family: Family) -> bool:
     return any(path == entry or path.startswith(f"{entry}/") for entry in family.optional)
 
 
-def _to_jaxlm(rule: Rule, x: np.ndarray, shapes: dict, hf_dir: str) -> dict:
-    """{jaxlm path: float32 array} of the tensor `x` that `rule` converts."""
+def _check_shape(rule: Rule, x: np.ndarray, shapes: dict, hf_dir: str) -> None:
     outside = [path for path in rule.jaxlm if path not in shapes]
     if outside:
         raise ValueError(f"{hf_dir}: tensor {rule.hf!r} goes to jaxlm {outside[0]!r}, which this "
@@ -228,8 +246,37 @@ def _to_jaxlm(rule: Rule, x: np.ndarray, shapes: dict, hf_dir: str) -> dict:
     if tuple(x.shape) != expected:
         raise ValueError(f"{hf_dir}: tensor {rule.hf!r} has shape {tuple(x.shape)}; jaxlm "
                          f"{', '.join(rule.jaxlm)} {wanted} need {expected}")
-    arrays = rule.transform.to_jaxlm(np.asarray(x, np.float32), wanted)
-    return {path: np.ascontiguousarray(a) for path, a in zip(rule.jaxlm, arrays)}
+
+
+def _convert(rule: Rule, x: np.ndarray, shapes: dict, k: int) -> np.ndarray:
+    """The `k`-th jaxlm parameter of the tensor `x` that `rule` converts, float32."""
+    arrays = rule.transform.to_jaxlm(np.asarray(x, np.float32), [shapes[path] for path in rule.jaxlm])
+    return np.ascontiguousarray(arrays[k])
+
+
+class _Stacked:
+    """A scanned stack's parameter: the layers' producers, stacked on a leading axis; `layers`
+    produces only some of them (one sharding's slice)."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+
+    def __call__(self) -> np.ndarray:
+        return np.stack([produce() for produce in self.layers])
+
+    def rows(self, index: tuple) -> np.ndarray:
+        chosen = range(len(self.layers))[index[0]]
+        return np.stack([self.layers[i]()[index[1:]] for i in chosen])
+
+
+def _sharded(produce, sharding) -> jax.Array:
+    """The parameter `produce` makes, built shard by shard into `sharding`: converted once on
+    this host and sliced per device, a stacked one layer by layer for each device's slice."""
+    if isinstance(produce, _Stacked):
+        shape = (len(produce.layers),) + produce.layers[0]().shape
+        return jax.make_array_from_callback(shape, sharding, produce.rows)
+    value = produce()
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def _check_agrees(model_config, overrides: dict, hf_dir: str) -> None:
@@ -277,9 +324,10 @@ def _expand_names(templates: tuple[str, ...], hf: dict, family: Family) -> list[
 
 
 def read_tensors(hf_dir: str, family: Family) -> dict:
-    """Every tensor of the folder's *.safetensors files, under its name without the prefix."""
+    """Every tensor of the folder's *.safetensors files (those its index names, when it has
+    one), memory-mapped, under its name without the prefix."""
     tensors = {}
-    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+    for path in _weight_files(hf_dir):
         for name, x in _read_safetensors(path).items():
             for pattern, new in LEGACY_NAMES:
                 name = re.sub(pattern, new, name)
@@ -290,6 +338,17 @@ def read_tensors(hf_dir: str, family: Family) -> dict:
                                  f"{family.prefix!r}, or in two files)")
             tensors[name] = x
     return tensors
+
+
+def _weight_files(hf_dir: str) -> list[str]:
+    index = os.path.join(hf_dir, INDEX_FILE)
+    if not os.path.isfile(index):
+        return sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    files = sorted({os.path.join(hf_dir, f) for f in _read_json(index)["weight_map"].values()})
+    absent = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    if absent:
+        raise ValueError(f"{hf_dir}: {INDEX_FILE} names files that are not there: {absent}")
+    return files
 
 
 def _read_safetensors(path: str) -> dict:
@@ -327,7 +386,8 @@ def _untie(tensors: dict, tied: dict, rules: dict, hf_dir: str) -> dict:
 
 
 def _stack_layers(flat: dict) -> dict:
-    """`stack/layers_{i}/…` -> `stack/layers/…` with a leading layer axis (scan_layers)."""
+    """Producers of `stack/layers_{i}/…` -> one `_Stacked` producer of `stack/layers/…` with a
+    leading layer axis (scan_layers)."""
     stacked, layers = {}, {}
     for path, x in flat.items():
         match = _LAYER.match(path)
@@ -336,7 +396,7 @@ def _stack_layers(flat: dict) -> dict:
         else:
             stacked[path] = x
     for path, by_index in layers.items():
-        stacked[path] = np.stack([by_index[i] for i in range(len(by_index))])
+        stacked[path] = _Stacked([by_index[i] for i in range(len(by_index))])
     return stacked
 
 

@@ -406,15 +406,18 @@ _HF_SPECIALS = {
 
 class HuggingFaceTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json` (e.g. GPT-2's byte-level BPE), run by the `tokenizers`
-    package.
+    package, with the checkpoint's chat template and special tokens.
 
-    `encode` adds no special tokens. Special ids are the vocabulary's tokens with the usual
-    spellings (`<|endoftext|>` or `</s>` is EOS, ...); None where it has none.
+    `encode` adds no special tokens. BOS and EOS are the tokens the folder's
+    `tokenizer_config.json` names; other special ids (and BOS/EOS without one) are the
+    vocabulary's tokens with the usual spellings (`<|endoftext|>` or `</s>` is EOS, ...); None
+    where it has none. `settings` (`hf_settings`: chat template, BOS/EOS, the ids that end a
+    turn) come from the files beside a Hugging Face `tokenizer.json`, or from a saved workdir.
     """
 
     kind = "huggingface"
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], settings: dict | None = None):
         try:
             import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
         except ImportError as e:
@@ -429,9 +432,22 @@ class HuggingFaceTokenizer(Tokenizer):
         self._json_bytes = self.path.read_bytes()
         self._tokenizer = hf_tokenizers.Tokenizer.from_str(self._json_bytes.decode("utf-8"))
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.settings = hf_settings(self.path.parent) if settings is None else settings
         for attribute, spellings in _HF_SPECIALS.items():
-            ids = (self._tokenizer.token_to_id(token) for token in spellings)
+            named = self.settings.get(attribute.replace("_id", "_token"))
+            ids = (self._tokenizer.token_to_id(token) for token in ((named,) if named else spellings))
             setattr(self, attribute, next((i for i in ids if i is not None), None))
+
+    @property
+    def chat_template(self) -> str:
+        """The jinja chat template ('' when the checkpoint has none)."""
+        return self.settings.get("chat_template", "")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end an assistant turn: EOS and those generation_config.json adds."""
+        ids = [self.eos_id, *self.settings.get("stop_ids", ())]
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -441,7 +457,7 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tokenizer.decode(_as_id_array(ids, self.vocab_size).tolist())
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        config = {"kind": self.kind, "tokenizer_file": HF_TOKENIZER_FILE}
+        config = {"kind": self.kind, "tokenizer_file": HF_TOKENIZER_FILE, "settings": self.settings}
         target = _write_config(directory, config) / HF_TOKENIZER_FILE
         if not (target.exists() and target.resolve() == self.path.resolve()):
             _write_atomic(target, self._json_bytes)
@@ -449,6 +465,26 @@ class HuggingFaceTokenizer(Tokenizer):
     @property
     def fingerprint(self) -> str:
         return "hf-" + hashlib.sha256(self._json_bytes).hexdigest()[:16]
+
+
+def hf_settings(folder: str | os.PathLike[str]) -> dict:
+    """What a Hugging Face folder says about its tokenizer beyond tokenizer.json: the chat
+    template (`chat_template.jinja`, else tokenizer_config.json's, the 'default' of a named
+    list), `bos_token` and `eos_token`, and generation_config.json's EOS ids (`stop_ids`)."""
+    folder = Path(folder)
+    read = lambda name: json.loads((folder / name).read_text()) if (folder / name).is_file() else {}
+    config, generation = read("tokenizer_config.json"), read("generation_config.json")
+    template = config.get("chat_template") or ""
+    if isinstance(template, list):
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default", next(iter(named.values()), ""))
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    content = lambda token: token.get("content") if isinstance(token, dict) else token
+    stops = generation.get("eos_token_id")
+    return {"chat_template": template, "bos_token": content(config.get("bos_token")),
+            "eos_token": content(config.get("eos_token")),
+            "stop_ids": [stops] if isinstance(stops, int) else list(stops or [])}
 
 
 def train_sentencepiece(
@@ -584,7 +620,7 @@ def load(directory: str | os.PathLike[str]) -> Tokenizer:
             Path(directory) / config["vocab_file"], lower_case=config["lower_case"]
         )
     if kind == "huggingface":
-        return HuggingFaceTokenizer(Path(directory) / config["tokenizer_file"])
+        return HuggingFaceTokenizer(Path(directory) / config["tokenizer_file"], config.get("settings", {}))
     raise ValueError(
         f"{str(path)!r} names unknown tokenizer kind {kind!r}; valid kinds: {', '.join(KINDS)}."
     )

@@ -345,8 +345,10 @@ def base_params(run):
     loaded = {}
     if config.init_from:
         log.info("initializing parameters from %s", config.init_from)
-        if run.hf_dir:
-            loaded = convert.import_params(run.hf_dir, quantize.float_model(config.model))
+        if run.hf_dir:  # straight into the run's layout, parameter by parameter
+            shardings = {"/".join(str(getattr(k, "key", k)) for k in path): leaf.sharding
+                         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+            loaded = convert.import_params(run.hf_dir, quantize.float_model(config.model), shardings)
         else:
             loaded, _ = checkpoint.restore_params(config.init_from, run.abstract_state.model_params)
         if config.init_skip:
