@@ -2,7 +2,9 @@
 tokenizer.json, fine-tuned with LoRA and QLoRA by `configs/llama_lora.py`, merged, exported;
 transformers loads the export and decodes greedily exactly what jaxlm decodes."""
 
+import json
 import os
+import subprocess
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -14,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf_tokenizers = pytest.importorskip("tokenizers")
 
-from jaxlm import config as config_lib, convert, models
+from jaxlm import chat as jaxlm_chat, config as config_lib, convert, models
 from jaxlm.data import builders
 from jaxlm.infer import sampling
 from jaxlm.train import loop
@@ -25,6 +27,8 @@ import convert_hf  # noqa: E402
 import merge_lora  # noqa: E402
 
 PROMPT = "ROMEO: What light"
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def shakespeare() -> str:
@@ -47,9 +51,12 @@ def llama_dir(tmp_path_factory):
         initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([shakespeare()[:200_000]], trainer)
     tokenizer.save(str(hf_dir / "tokenizer.json"))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+         "chat_template": CHATML}))
     config = transformers.LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0,
         eos_token_id=1, rope_parameters=dict(rope_type="default", rope_theta=10000.0))
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
@@ -94,3 +101,22 @@ def test_llama_lora_finetunes_merges_and_exports_to_transformers(method, llama_d
         their_logits = model(torch.from_numpy(text.astype(np.int64))).logits.numpy()
     our_logits = models.get(merged_run.config.model).apply({"params": merged_params}, text)
     np.testing.assert_allclose(our_logits, their_logits, atol=1e-4)
+
+    # Chat: the template renders the conversation, the reply streams, the history is kept.
+    conversation = jaxlm_chat.Conversation(models.get(merged_run.config.model), merged_params,
+                                           merged_run.tokenizer, max_new_tokens=16)
+    pieces = []
+    first = conversation.reply("Who art thou?", pieces.append)
+    tokenizer = merged_run.tokenizer
+    prompt = tokenizer.encode("<|im_start|>user\nWho art thou?<|im_end|>\n<|im_start|>assistant\n")[None]
+    greedy = sampling.generate(models.get(merged_run.config.model), merged_params, prompt, 16, temperature=0.0)[0]
+    stop = [i for i, t in enumerate(greedy) if t in tokenizer.stop_ids]
+    assert first == "".join(pieces) == tokenizer.decode(greedy[:stop[0] if stop else 16].tolist())
+    conversation.reply("Speak again.")
+    assert [m["role"] for m in conversation.messages] == ["user", "assistant"] * 2
+    assert "Who art thou?" in tokenizer.decode(conversation.prompt())
+    if method == "lora":  # the REPL itself, once
+        result = subprocess.run([sys.executable, "-m", "jaxlm.chat", f"--workdir={merged}", "--max_new_tokens=16"],
+                                input="Who art thou?\n\n", capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert first in result.stdout

@@ -263,3 +263,21 @@ def test_llama3_rope_scaling_keeps_short_wavelengths_and_stretches_long_ones():
     np.testing.assert_allclose(scaled[wavelength > 8192], plain[wavelength > 8192] / 8)
     between = (wavelength >= 2048) & (wavelength <= 8192)
     assert between.any() and np.all((scaled[between] <= plain[between]) & (scaled[between] >= plain[between] / 8))
+
+
+@pytest.mark.parametrize("overrides", [dict(positions="rotary", num_heads=4, num_kv_heads=2), dict()])
+def test_batched_left_padded_prompts_decode_as_each_alone_and_stop_at_stop_ids(overrides):
+    model = models.get(model_config(max_len=32, **overrides))
+    params = init(model)
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [2, 7], [1, 8, 2, 8, 1]]
+    chunks = list(sampling.stream(model, params, prompts, 12, chunk=5))
+    assert [c.shape[1] for c in chunks] == [1, 5, 5, 1]
+    batched = np.concatenate(chunks, 1)
+    for row, prompt in enumerate(prompts):
+        alone = sampling.generate(model, params, np.array([prompt]), 12, temperature=0.0)
+        np.testing.assert_array_equal(batched[row], alone[0])
+    stop = batched[0, 6]
+    first = int(np.argmax(batched[0] == stop))
+    cut = np.concatenate(list(sampling.stream(model, params, prompts, 12, stop_ids=[stop], chunk=5)), 1)
+    np.testing.assert_array_equal(cut[0, :first], batched[0, :first])
+    assert (cut[0, first:] == -1).all()

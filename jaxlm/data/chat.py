@@ -28,11 +28,10 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 @functools.lru_cache(maxsize=8)
 def _compile(template: str):
-    import jinja2  # pylint: disable=import-outside-toplevel
-    from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+    from jinja2 import ext, sandbox  # pylint: disable=import-outside-toplevel
 
     env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
+                                                extensions=[ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)

@@ -97,3 +97,89 @@ def sample_text(model, params, tokenizer, sample_config, seed: int = 0) -> str:
                    temperature=sample_config.temperature, top_k=sample_config.top_k,
                    top_p=sample_config.top_p, vocab_size=tokenizer.vocab_size)
     return sample_config.prompt + tokenizer.decode(new[0].tolist())
+
+
+def left_pad(prompts: list, pad_id: int, limit: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [batch, length], key mask) of `prompts` padded on the left to the longest,
+    rounded up to `multiple` (fewer prefill compiles) but not past `limit`: every row's last
+    token is the last."""
+    longest = max(len(p) for p in prompts)
+    length = max(min(-(-longest // multiple) * multiple, limit), longest)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            tokens[row, -len(prompt):], mask[row, -len(prompt):] = prompt, 1
+    return tokens, mask
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampler", "vocab_size"))
+def _prefill(model, params, tokens, mask, rng, *, sampler: tuple, vocab_size: int):
+    """(cache after the left-padded prompts, each row's first new token, the cache's key mask,
+    each row's last position). Slots after the prompts count as real: the causal mask hides
+    those not written yet."""
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        lambda: model.init(jax.random.key(0), tokens[:, :1], decode=True)["cache"]))
+    key_mask = jnp.ones((tokens.shape[0], model.max_len), jnp.int32).at[:, :tokens.shape[1]].set(mask)
+    positions = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)  # each row counts from its first real token
+    logits, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, decode=True,
+                                  key_mask=key_mask, mutable=["cache"])
+    first = next_token(logits[:, -1, :vocab_size], rng, *sampler)
+    return mutated["cache"], first, key_mask, positions[:, -1]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "steps", "sampler", "vocab_size"))
+def _decode(model, params, cache, token, key_mask, position, rng, *, steps: int, sampler: tuple,
+            vocab_size: int):
+    """Feeds `token` (each row after its `position`) and the tokens it leads to: (cache, the
+    `steps` new tokens [batch, steps], the last position fed)."""
+
+    def one(carry, i):
+        cache, token, position = carry
+        position = position + 1
+        logits, mutated = model.apply({"params": params, "cache": cache}, token[:, None], position[:, None],
+                                      decode=True, key_mask=key_mask, mutable=["cache"])
+        new = next_token(logits[:, -1, :vocab_size], jax.random.fold_in(rng, i), *sampler)
+        return (mutated["cache"], new, position), new
+
+    (cache, _, position), tokens = jax.lax.scan(one, (cache, token, position), jnp.arange(steps))
+    return cache, tokens.T, position
+
+
+def stream(model, params, prompts: list, max_new_tokens: int, *, stop_ids=(), pad_id: int = 0,
+           seed: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           vocab_size: int | None = None, chunk: int = 8):
+    """Yields the new tokens of a batch of prompts (lists of ids, any lengths) as they come:
+    [batch, n] arrays of at most `chunk` columns, -1 from a row's first stop id on. Ends when
+    every row has stopped, after `max_new_tokens`, or when the KV cache (`model.max_len`) is
+    full.
+
+    Prompts are left-padded into one batch; padding is masked out of attention and each row's
+    positions count from its own first token, so a row decodes as it would alone.
+    """
+    tokens, mask = left_pad(prompts, pad_id, limit=model.max_len - 1)
+    room = model.max_len - tokens.shape[1]
+    if room < 1:
+        raise ValueError(f"the prompts ({tokens.shape[1]} tokens padded) leave no room in the "
+                         f"model's {model.max_len}-token cache")
+    sampler = (float(temperature), int(top_k), float(top_p))
+    vocab_size, rng = vocab_size or model.vocab_size, jax.random.key(seed)
+    cache, token, key_mask, position = _prefill(model, params, jnp.asarray(tokens), jnp.asarray(mask),
+                                                jax.random.fold_in(rng, 0), sampler=sampler,
+                                                vocab_size=vocab_size)
+    stopped, stops = np.zeros(len(prompts), bool), np.asarray(list(stop_ids), np.int64)
+    new, produced, limit = np.asarray(token)[:, None], 1, min(max_new_tokens, room)
+    while True:
+        out = np.where(stopped[:, None], -1, new)
+        hit = np.isin(new, stops) & ~stopped[:, None]
+        for row in np.nonzero(hit.any(1))[0]:
+            out[row, np.argmax(hit[row]):] = -1
+        stopped |= hit.any(1)
+        yield out
+        if stopped.all() or produced >= limit:
+            return
+        steps = min(chunk, limit - produced)
+        cache, new, position = _decode(model, params, cache, jnp.asarray(new[:, -1]), key_mask, position,
+                                       jax.random.fold_in(rng, produced), steps=steps, sampler=sampler,
+                                       vocab_size=vocab_size)
+        new, produced = np.asarray(new), produced + steps

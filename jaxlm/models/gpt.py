@@ -3,7 +3,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.models.layers import BlockConfig, Embed, block_config, constrain, dense, learned_positions, norm
+from jaxlm.models.layers import (BlockConfig, Embed, block_config, constrain, dense, learned_positions, norm,
+                                 padding_bias)
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
@@ -17,8 +18,12 @@ class GPT(nn.Module):
     stack: StackConfig = StackConfig()
 
     @nn.compact
-    def __call__(self, tokens, positions=None, deterministic: bool = True, decode: bool = False):
-        """Returns logits [batch, length, vocab] (float32) for int tokens [batch, length]."""
+    def __call__(self, tokens, positions=None, deterministic: bool = True, decode: bool = False,
+                 key_mask=None):
+        """Returns logits [batch, length, vocab] (float32) for int tokens [batch, length].
+
+        `key_mask` [batch, keys] (1: a real token) hides padding from attention: the keys of the
+        call, or with `decode` those of the whole cache (left-padded prompts of a batch)."""
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -32,7 +37,8 @@ class GPT(nn.Module):
         x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),
-                  name="decoder")(x, Context(positions), deterministic, decode)
+                  name="decoder")(x, Context(positions, None if key_mask is None else padding_bias(key_mask)),
+                                  deterministic, decode)
         x = norm(cfg, "final_norm")(x).astype(cfg.dtype)
         if self.tie_embeddings:
             logits = embed.attend(x)
