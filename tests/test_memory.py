@@ -67,11 +67,13 @@ def compiled_temp_bytes(run) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_activations_follow_xla_across_remat_policies(dtype, tmp_path):
+@pytest.mark.parametrize("dtype, model", [
+    ("float32", {}), ("bfloat16", {}),
+    ("float32", dict(num_kv_heads=2, positions="rotary", mlp="swiglu", norm="rmsnorm"))])  # Llama-class
+def test_activations_follow_xla_across_remat_policies(dtype, model, tmp_path):
     estimated, measured = {}, {}
     for remat in ("none", "dots", "full"):
-        run = loop.setup(tiny_config(remat=remat, dtype=dtype), str(tmp_path / remat))
+        run = loop.setup(tiny_config(remat=remat, dtype=dtype, **model), str(tmp_path / remat))
         figures = memory.estimate(run)
         estimated[remat] = figures["activations"] + figures["gradients"]  # XLA's temp holds both
         measured[remat] = compiled_temp_bytes(run)
@@ -86,3 +88,19 @@ def test_describe_is_one_line_in_mib():
                                 "activations": None, "total": 2 ** 22})
     assert line == ("memory per device (estimate): params 1.0 MiB, optimizer 2.0 MiB, "
                     "gradients 1.0 MiB, activations n/a, total 4.0 MiB")
+
+
+def test_memory_estimate_tool_splits_a_llama_over_fsdp_and_tensor():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import memory_estimate
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config_lib.from_file(os.path.join(repo, "configs", "llama3.py"), "tiny")
+    single = memory_estimate.estimate(config, memory_estimate.parse_mesh(""), "full", 1)
+    split = memory_estimate.estimate(config, memory_estimate.parse_mesh("fsdp=4,tensor=2"), "full", 1)
+    assert single["params"] / 8 <= split["params"] < single["params"] / 7  # all but norm scales split 8 ways
+    assert split["activations"] < single["activations"] * 4  # 4 rows (one per fsdp shard), tensor-split
+    none = memory_estimate.estimate(config, memory_estimate.parse_mesh("fsdp=4,tensor=2"), "none", 1)
+    assert none["activations"] > 3 * split["activations"]
