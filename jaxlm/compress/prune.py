@@ -469,7 +469,7 @@ def smaller_params(axes: dict, params: dict, masks: dict) -> tuple[dict, dict]:
 
 def _take_units(w: np.ndarray, kept: np.ndarray, axes: tuple, unit: str) -> np.ndarray:
     """`w` keeping the units `kept` [layers or 1, k] along its `unit` axis (per layer if stacked)."""
-    axis = axes.index(unit)
+    axis = next(i for i in _kept_axes(axes, unit) if axes[i] != "layers")
     if axes[0] != "layers":
         return np.take(w, kept[0], axis=axis)
     shape = [1] * w.ndim
