@@ -220,7 +220,7 @@ def import_params(hf_dir: str, model_config, shardings: dict | None = None) -> d
     if absent:
         raise ValueError(f"{hf_dir} lacks jaxlm {family.name} parameters: {', '.join(absent[:8])}")
     if model_config.scan_layers:
-        producers = _stack_layers(producers)
+        producers = _stack_layers(producers, shapes)
     if shardings is None:
         flat = {path: produce() for path, produce in producers.items()}
     else:
@@ -258,8 +258,9 @@ class _Stacked:
     """A scanned stack's parameter: the layers' producers, stacked on a leading axis; `layers`
     produces only some of them (one sharding's slice)."""
 
-    def __init__(self, layers: list):
+    def __init__(self, layers: list, layer_shape: tuple):
         self.layers = layers
+        self.shape = (len(layers),) + tuple(layer_shape)
 
     def __call__(self) -> np.ndarray:
         return np.stack([produce() for produce in self.layers])
@@ -273,8 +274,7 @@ def _sharded(produce, sharding) -> jax.Array:
     """The parameter `produce` makes, built shard by shard into `sharding`: converted once on
     this host and sliced per device, a stacked one layer by layer for each device's slice."""
     if isinstance(produce, _Stacked):
-        shape = (len(produce.layers),) + produce.layers[0]().shape
-        return jax.make_array_from_callback(shape, sharding, produce.rows)
+        return jax.make_array_from_callback(produce.shape, sharding, produce.rows)
     value = produce()
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
@@ -385,18 +385,19 @@ def _untie(tensors: dict, tied: dict, rules: dict, hf_dir: str) -> dict:
     return tensors
 
 
-def _stack_layers(flat: dict) -> dict:
+def _stack_layers(flat: dict, shapes: dict) -> dict:
     """Producers of `stack/layers_{i}/…` -> one `_Stacked` producer of `stack/layers/…` with a
-    leading layer axis (scan_layers)."""
+    leading layer axis (scan_layers); `shapes` are the unscanned parameters' shapes."""
     stacked, layers = {}, {}
     for path, x in flat.items():
         match = _LAYER.match(path)
         if match:
-            layers.setdefault(f"{match[1]}/layers/{match[3]}", {})[int(match[2])] = x
+            layers.setdefault(f"{match[1]}/layers/{match[3]}", {})[int(match[2])] = (x, shapes[path])
         else:
             stacked[path] = x
     for path, by_index in layers.items():
-        stacked[path] = _Stacked([by_index[i] for i in range(len(by_index))])
+        ordered = [by_index[i] for i in range(len(by_index))]
+        stacked[path] = _Stacked([produce for produce, _ in ordered], ordered[0][1])
     return stacked
 
 

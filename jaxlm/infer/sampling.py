@@ -31,6 +31,12 @@ def next_token(logits, rng, temperature: float, top_k: int, top_p: float):
     return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
+def empty_cache(model, tokens):
+    """A zero KV cache of `model.max_len` positions for the batch of `tokens` (inside jit)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+        lambda: model.init(jax.random.key(0), tokens[:, :1], decode=True)["cache"]))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "steps", "temperature", "top_k", "top_p",
                                              "vocab_size"))
 def _segment(model, params, context, rng, *, steps: int, temperature: float, top_k: int, top_p: float,
@@ -41,8 +47,7 @@ def _segment(model, params, context, rng, *, steps: int, temperature: float, top
     (`model.vocab_multiple`) has ids no tokenizer can decode.
     """
     batch, length = context.shape
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        lambda: model.init(jax.random.key(0), context[:, :1], decode=True)["cache"]))
+    cache = empty_cache(model, context)
     positions = jnp.broadcast_to(jnp.arange(length), context.shape)
     logits, mutated = model.apply({"params": params, "cache": cache}, context, positions,
                                   decode=True, mutable=["cache"])
@@ -118,8 +123,7 @@ def _prefill(model, params, tokens, mask, rng, *, sampler: tuple, vocab_size: in
     """(cache after the left-padded prompts, each row's first new token, the cache's key mask,
     each row's last position). Slots after the prompts count as real: the causal mask hides
     those not written yet."""
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        lambda: model.init(jax.random.key(0), tokens[:, :1], decode=True)["cache"]))
+    cache = empty_cache(model, tokens)
     key_mask = jnp.ones((tokens.shape[0], model.max_len), jnp.int32).at[:, :tokens.shape[1]].set(mask)
     positions = jnp.maximum(jnp.cumsum(mask, 1) - 1, 0)  # each row counts from its first real token
     logits, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, decode=True,
