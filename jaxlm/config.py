@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_skip = ""  # regex of parameter names not taken from init_from (e.g. "^head/": a new head)
 
     c.task = ml_collections.ConfigDict(dict(
-        name="causal_lm",  # causal_lm | mlm_nsp | span_corruption | seq2seq | image_classification
+        name="causal_lm",  # causal_lm | sft | mlm_nsp | span_corruption | seq2seq | image_classification
         mlm_probability=0.15,  # mlm_nsp: share of tokens to predict (80% [MASK], 10% random, 10% kept)
         whole_word_masking=False,  # mlm_nsp: mask whole words (wordpiece '##' pieces go together)
         nsp=True,  # mlm_nsp: sentence pairs with a next-sentence label (False: MLM on one segment)
@@ -51,6 +51,11 @@ def default_config() -> ml_collections.ConfigDict:
         contrastive="pairs",  # contrastive: pairs (data.source_key, target_key) | simcse (data.text_key texts)
         temperature=0.05,  # contrastive: initial temperature (its inverse, the scale, is learned; <= 100)
         retrieval_pairs=0,  # contrastive: eval/retrieval_top1 over the first N eval pairs (0: all; -1: none)
+        pack=True,  # sft: several conversations per row (segment ids keep them apart); False: one per row
+        task_metrics="",  # sft: "TASK=METRIC,..." generation metric per JSONL "task" (exact_match, accuracy,
+                          # bleu, entity_f1); tasks not named: exact_match
+        eval_generate=0,  # sft: eval conversations answered by greedy generation (0: all; -1: none)
+        generate_tokens=64,  # sft: most new tokens of a generated answer
         mixture="",  # multitask: "NAME=TASK:DATASET:WEIGHT,..." parts on one BERT (configs/multitask.py)
     ))
 
@@ -111,6 +116,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="jaxlm_tiny_shakespeare",  # a jaxlm TFDS builder or any TFDS catalog name
         files="",  # glob(s) for the jaxlm_text_files builder, comma-separated
+        prepared="",  # causal_lm: a corpus directory of tools/prepare_data.py (ArrayRecord windows), read
+                      # with random access instead of tokenizing `name` in memory; its tokenizer is the run's
         data_dir="",  # where TFDS keeps prepared data ('' = TFDS default)
         text_key="text",
         train_split="train",
@@ -336,6 +343,8 @@ RANGES = (
     ("data.seq_len", lambda v: v >= 1, "at least 1"),
     ("data.target_len", lambda v: v >= 0, "0 (derived) or more"),
     ("data.bucket_batches", lambda v: v >= 0, "0 (off) or more"),
+    ("task.eval_generate", lambda v: v >= -1, "-1 (none), 0 (all) or more"),
+    ("task.generate_tokens", lambda v: v >= 1, "at least 1"),
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.num_kv_heads", lambda v: v >= 0, "0 (num_heads) or more"),
     ("model.sliding_window", lambda v: v >= 0, "0 (off) or more"),

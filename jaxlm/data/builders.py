@@ -544,13 +544,9 @@ class LabeledFilesConfig(tfds.core.BuilderConfig):
     names: tuple[str, ...] = ()
 
 
-def labeled_files_config(name: str, files: str) -> LabeledFilesConfig:
-    """The builder config of `jaxlm_tsv` or `jaxlm_conll` for `files='train=PATH,SPLIT=PATH'`.
-
-    A `train` file is required: its labels (tags) name the classes. The config's name, and so
-    its directory under the data dir, is a hash of the splits and the files' paths, sizes and
-    modification times.
-    """
+def files_per_split(name: str, files: str) -> dict[str, str]:
+    """{split: absolute path} of `files='train=PATH,validation=PATH'` (one file per split, a train
+    file required); errors name `name`, the setting and the missing file."""
     splits: dict[str, str] = {}
     for item in filter(None, (item.strip() for item in files.split(","))):
         split, _, path = (part.strip() for part in item.partition("="))
@@ -564,6 +560,17 @@ def labeled_files_config(name: str, files: str) -> LabeledFilesConfig:
             raise FileNotFoundError(f"{name} file not found: {splits[split]!r} (files={files!r}).")
     if "train" not in splits:
         raise ValueError(f'{name} needs a train file, files="train=PATH,..."; got {files!r}.')
+    return splits
+
+
+def labeled_files_config(name: str, files: str) -> LabeledFilesConfig:
+    """The builder config of `jaxlm_tsv` or `jaxlm_conll` for `files='train=PATH,SPLIT=PATH'`.
+
+    A `train` file is required: its labels (tags) name the classes. The config's name, and so
+    its directory under the data dir, is a hash of the splits and the files' paths, sizes and
+    modification times.
+    """
+    splits = files_per_split(name, files)
     check_not_empty(name, "train", [splits["train"]])
     if name == TSV:
         labels = readers.read_tsv(splits["train"])[1]

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models.layers import (BlockConfig, Embed, block_config, constrain, dense, learned_positions, norm,
-                                 padding_bias)
+                                 padding_bias, segment_bias)
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
@@ -19,11 +19,13 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, deterministic: bool = True, decode: bool = False,
-                 key_mask=None):
+                 key_mask=None, segment_ids=None):
         """Returns logits [batch, length, vocab] (float32) for int tokens [batch, length].
 
         `key_mask` [batch, keys] (1: a real token) hides padding from attention: the keys of the
-        call, or with `decode` those of the whole cache (left-padded prompts of a batch)."""
+        call, or with `decode` those of the whole cache (left-padded prompts of a batch).
+        `segment_ids` [batch, length] packs several examples in a row: attention stays inside
+        each (pass `positions` counting from 0 in every example)."""
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -36,9 +38,11 @@ class GPT(nn.Module):
         batch, length = tokens.shape
         x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
+        bias = None if key_mask is None else padding_bias(key_mask)
+        if segment_ids is not None:
+            bias = segment_bias(segment_ids) if bias is None else bias + segment_bias(segment_ids)
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),
-                  name="decoder")(x, Context(positions, None if key_mask is None else padding_bias(key_mask)),
-                                  deterministic, decode)
+                  name="decoder")(x, Context(positions, bias), deterministic, decode)
         x = norm(cfg, "final_norm")(x).astype(cfg.dtype)
         if self.tie_embeddings:
             logits = embed.attend(x)

@@ -391,6 +391,14 @@ def padding_bias(mask: Array) -> Array:
     return jnp.where(mask.astype(bool), 0.0, MASKED)[:, None, None, :].astype(jnp.float32)
 
 
+def segment_bias(segment_ids: Array) -> Array:
+    """[batch, 1, length, length] additive bias that keeps attention inside each packed example:
+    a query sees only keys of its own segment (`segment_ids` [batch, length], one id per example
+    of a row; padding's id 0 is a segment of its own)."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return jnp.where(same, 0.0, MASKED)[:, None].astype(jnp.float32)
+
+
 class Attention(nn.Module):
     """Multi-head attention on flat activations [batch * length, embed], grouped-query when
     `cfg.num_kv_heads` < num_heads (each key/value head serves a group of query heads).

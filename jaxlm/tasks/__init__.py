@@ -10,6 +10,7 @@ import importlib
 # task name -> "module:class", imported on use so a text run never imports the image stack.
 TASKS = {
     "causal_lm": "causal_lm:CausalLM",
+    "sft": "sft:SFT",
     "classification": "classification:SequenceClassification",
     "token_classification": "classification:TokenClassification",
     "image_classification": "image_classification:ImageClassification",

@@ -286,7 +286,7 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
 
 # Keys that fix what a saved data position means (batches of this many rows of these examples in
 # this order): a run cannot resume with other values.
-DATA_POSITION_KEYS = ("task.name", "seed", "train.batch_size", "data.name", "data.files", "data.train_split",
+DATA_POSITION_KEYS = ("task.name", "seed", "train.batch_size", "data.name", "data.files", "data.prepared", "data.train_split",
                       "data.seq_len", "data.target_len", "data.tokenizer", "data.tokenizer_path",
                       "data.tokenizer_vocab_size", "data.text_key", "data.source_key", "data.target_key",
                       "data.bucket_batches")
