@@ -18,6 +18,7 @@ hf_tokenizers = pytest.importorskip("tokenizers")
 
 from jaxlm import chat as jaxlm_chat, config as config_lib, convert, models
 from jaxlm.data import builders
+from jaxlm.data import sft as sft_data
 from jaxlm.infer import sampling
 from jaxlm.train import loop
 
@@ -121,3 +122,39 @@ def test_llama_lora_finetunes_merges_and_exports_to_transformers(method, llama_d
                                 input="Who art thou?\n\n", capture_output=True, text=True, cwd=REPO, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
         assert first in result.stdout
+
+
+@pytest.mark.slow  # about 60 s per method
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_instruction_tuning_an_imported_llama_with_its_chat_template(method, llama_dir, data_dir, tmp_path):
+    """task sft on a Hugging Face Llama: the ChatML template of its tokenizer renders the
+    conversations, the loss covers the assistant's reply and its <|im_end|>, LoRA/QLoRA learn the
+    replies well enough for greedy generation to give them back."""
+    records = [{"task": "answer", "prompt": f"{verb} number {i}.", "response": reply}
+               for i in range(8) for verb, reply in (("Accept", "yes"), ("Refuse", "no"))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records * 4))
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:6]))
+    config = config_lib.from_file(os.path.join(REPO, "configs", "sft_mixture.py"), "lora")
+    config.init_from = llama_dir
+    config.data.update(dict(files=f"train={tmp_path / 'train.jsonl'},validation={tmp_path / 'validation.jsonl'}",
+                            tokenizer="huggingface", tokenizer_path="", seq_len=96, data_dir=data_dir))
+    if method == "qlora":
+        config.model.quant.update(dict(weights="nf4", group_size=32, embeddings=False))
+    config.task.update(dict(task_metrics="answer=exact_match", generate_tokens=12))
+    config.train.update(dict(steps=120, batch_size=8, log_every=40, eval_every=120, peak_flops=1e9))
+    config.optim.update(dict(lr=1e-2, warmup_steps=10))
+    config.checkpoint.update(dict(every=120, async_save=False))
+    config.sample.max_new_tokens = 0
+    config.mesh.num_devices = 1
+    run = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    del run
+    restored, params, step = loop.restore_latest(str(tmp_path / "run"))
+    tokens, mask = sft_data.encode(sft_data.read_jsonl(str(tmp_path / "validation.jsonl"))[1], restored.tokenizer)
+    assert restored.tokenizer.decode(tokens[mask].tolist()) == "no<|im_end|>\n"
+    assert restored.tokenizer.decode(tokens.tolist()).startswith("<|im_start|>user\nRefuse number 0.<|im_end|>")
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    final = [m for m in metrics if "eval/answer/exact_match" in m][-1]
+    assert final["eval/answer/exact_match"] == 1.0, final  # replies "yes<|im_end|>": the end is text here
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+    assert losses[-1] < losses[0] and final["eval/accuracy"] > 0.8 and step == 120

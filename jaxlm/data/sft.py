@@ -150,6 +150,19 @@ def prompt(conversation: Conversation, tokenizer) -> tuple[np.ndarray, str]:
     return np.asarray(ids, np.int32), messages[last]["content"]
 
 
+def turn_end(tokenizer) -> str:
+    """The text a checkpoint's template writes after an assistant reply (e.g. '<|im_end|>'), where
+    generation ends when the tokenizer's stop ids do not cover it; '' for the plain template
+    (its EOS id stops generation)."""
+    if not getattr(tokenizer, "chat_template", ""):
+        return ""
+    marker = "\x00reply\x00"
+    messages = ({"role": "user", "content": "question"}, {"role": "assistant", "content": marker})
+    start = len(_render(tokenizer, messages[:1], generation=True))
+    turn = _render(tokenizer, messages)[start:]
+    return turn[turn.index(marker) + len(marker):].strip() if marker in turn else ""
+
+
 def _segment(tokens: np.ndarray, mask: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
     n = min(len(tokens), seq_len + 1) - 1
     return {"inputs": tokens[:n], "targets": tokens[1 : n + 1], "weights": mask[1 : n + 1].astype(np.float32),

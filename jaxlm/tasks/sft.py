@@ -150,8 +150,9 @@ class SFT(CausalLM, base.Predicts):
                                           self.config.task.generate_tokens, stop_ids=stop_ids, pad_id=pad_id,
                                           vocab_size=self.tokenizer.vocab_size))
             tokens = np.concatenate(chunks, axis=1)
-            out += [self.tokenizer.decode([t for t in row if t >= 0]).strip() for row in tokens]
-        return out
+            out += [self.tokenizer.decode([t for t in row if t >= 0]) for row in tokens]
+        end = sft.turn_end(self.tokenizer)
+        return [(text.split(end)[0] if end else text).strip() for text in out]
 
     def predictions(self, params, split: str, data_path: str = "", limit: int = 0):
         """({metric per task}, a row per conversation: task, prompt, reference, prediction)."""
