@@ -37,9 +37,9 @@ def byte_tokenizer(directory) -> str:
     return path
 
 
-def prepare(tmp_path, files: str, split="train", seq_len=16, **kwargs):
+def prepare(tmp_path, files: str, split="train", seq_len=16, unit_bytes=5000, **kwargs):
     out = tmp_path / "corpus"
-    units = prepared.source_units(name="jaxlm_text_files", split=split, files=files)
+    units = prepared.source_units(name="jaxlm_text_files", split=split, files=files, unit_bytes=unit_bytes)
     prepared.prepare(out, split, units, tokenizer_dir=byte_tokenizer(out), seq_len=seq_len, **kwargs)
     return prepared.Corpus(out, split)
 
@@ -47,6 +47,7 @@ def prepare(tmp_path, files: str, split="train", seq_len=16, **kwargs):
 def test_shards_hold_exactly_the_windows_of_the_in_memory_path(tmp_path, data_dir):
     files = write_corpus(tmp_path / "text", files=23, words_per_file=300)
     corpus = prepare(tmp_path, files, seq_len=16, workers=2, shard_bytes=3000)  # 88 windows per shard
+    assert 1 < corpus.manifest["units"] < 20  # several files per unit, several units
     stream = lm.token_stream(name="jaxlm_text_files", split="train", tokenizer=tokenizers.create("byte"),
                              files=files, data_dir=data_dir)
     expected = lm.pack(stream, 16)
@@ -117,7 +118,7 @@ def metrics(workdir, key: str) -> dict:
 def _writer_peak(tmp_path, name: str, files: int) -> int:
     glob = write_corpus(tmp_path / name, files=files, words_per_file=20_000, seed=files)
     out = tmp_path / f"{name}_corpus"
-    units = prepared.source_units(name="jaxlm_text_files", split="train", files=glob)
+    units = prepared.source_units(name="jaxlm_text_files", split="train", files=glob, unit_bytes=300_000)
     tokenizer_dir = byte_tokenizer(out)
     tracemalloc.start()
     prepared.prepare(out, "train", units, tokenizer_dir=tokenizer_dir, seq_len=128, workers=1)
@@ -132,14 +133,7 @@ def test_preparing_a_corpus_ten_times_larger_takes_less_than_twice_the_memory(tm
     assert large < 2 * small, (small, large)
 
 
-def test_a_run_trains_on_a_prepared_corpus_and_refuses_another_tokenizer(tmp_path, data_dir):
-    files = write_corpus(tmp_path / "text", files=12, words_per_file=400)
-    # Train: the files but 0 and 10, joined by EOS. Lengthen the last so that no token is left over
-    # from whole windows at any epoch offset: the in-memory path then shuffles as many windows.
-    train_files = [p for i, p in enumerate(sorted(glob.glob(files))) if i % 10]
-    length = sum(os.path.getsize(p) for p in train_files) + len(train_files) - 1
-    with open(train_files[-1], "a") as f:
-        f.write("x" * ((16 - length) % 17))
+def tiny_run_config(files: str, data_dir: str):
     config = config_lib.default_config()
     config.data.update(dict(name="jaxlm_text_files", files=files, tokenizer="byte", seq_len=16, data_dir=data_dir))
     config.model.update(dict(num_layers=1, num_heads=2, emb_dim=16, max_len=16))
@@ -147,11 +141,23 @@ def test_a_run_trains_on_a_prepared_corpus_and_refuses_another_tokenizer(tmp_pat
     config.checkpoint.update(dict(every=4, async_save=False))
     config.sample.max_new_tokens = 0
     config.mesh.num_devices = 1
+    return config
+
+
+@pytest.mark.slow  # about 60 s: the tool in a process of its own, two runs
+def test_a_run_on_the_shards_of_the_tool_logs_the_losses_of_the_in_memory_run(tmp_path, data_dir):
+    files = write_corpus(tmp_path / "text", files=12, words_per_file=400)
+    # Train: the files but 0 and 10, joined by EOS. Lengthen the last so that no token is left over
+    # from whole windows at any epoch offset: the in-memory path then shuffles as many windows.
+    train_files = [p for i, p in enumerate(sorted(glob.glob(files))) if i % 10]
+    length = sum(os.path.getsize(p) for p in train_files) + len(train_files) - 1
+    with open(train_files[-1], "a") as f:
+        f.write("x" * ((16 - length) % 17))
+    config = tiny_run_config(files, data_dir)
     out = tmp_path / "corpus"
     result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "prepare_data.py"),
-                             f"--config={os.path.join(REPO, 'configs', 'gpt_shakespeare_char.py')}",
-                             f"--output={out}", "--config.data.name=jaxlm_text_files", f"--config.data.files={files}",
-                             "--config.data.tokenizer=byte", "--config.data.seq_len=16",
+                             f"--config={os.path.join(REPO, 'configs', 'gpt_corpus.py')}",
+                             f"--output={out}", f"--config.data.files={files}", "--config.data.seq_len=16",
                              f"--config.data.data_dir={data_dir}", "--workers=1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -169,18 +175,26 @@ def test_a_run_trains_on_a_prepared_corpus_and_refuses_another_tokenizer(tmp_pat
         assert sorted(shards) == sorted(memory) and shards
         np.testing.assert_allclose([shards[s] for s in sorted(shards)], [memory[s] for s in sorted(memory)], rtol=1e-5)
 
-    other = tmp_path / "other"
-    tokenizers.create("char", texts=["the of and"]).save(other / "tokenizer")
-    config.data.tokenizer = "char"
+
+def test_a_run_refuses_a_corpus_of_another_tokenizer_or_seq_len(tmp_path, data_dir):
+    files = write_corpus(tmp_path / "text", files=12, words_per_file=200)
+    out = tmp_path / "corpus"
+    for split in ("train", "validation"):
+        prepared.prepare(out, split, prepared.source_units(name="jaxlm_text_files", split=split, files=files),
+                         tokenizer_dir=byte_tokenizer(out), seq_len=16, workers=1)
+    config = tiny_run_config(files, data_dir)
+    config.data.update(dict(prepared=str(out), tokenizer="char"))
     with pytest.raises(ValueError, match=r"tokenized with a 'byte' tokenizer but data.tokenizer='char'"):
         loop.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "run_char"))
-    config.data.tokenizer = "byte"
-    workdir = tmp_path / "run_other"
-    tokenizers.create("byte").save(workdir / "tokenizer")
+    assert not (tmp_path / "run_char" / "tokenizer").exists()
+    config.data.update(dict(tokenizer="byte", seq_len=8))
+    with pytest.raises(ValueError, match=r"holds windows of seq_len=16 but data.seq_len=8"):
+        loop.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "run_short"))
+    config.data.seq_len = 16
     manifest_path = out / "train" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["tokenizer"]["fingerprint"] = "sentencepiece-0123"
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"prepared with the 'byte' tokenizer 'sentencepiece-0123'.*"
                                          r"this run's tokenizer is the 'byte' tokenizer 'byte'"):
-        loop.train_and_evaluate(config.copy_and_resolve_references(), str(workdir))
+        loop.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "run_other"))

@@ -52,6 +52,7 @@ from jaxlm.data import batching, tokenizers
 FORMAT = "jaxlm-token-windows/1"
 MANIFEST = "manifest.json"
 SHARD_BYTES = 64 << 20
+UNIT_BYTES = 4 << 20  # text files per worker task
 
 
 # --- Units: what one worker tokenizes --------------------------------------------------------
@@ -59,13 +60,13 @@ SHARD_BYTES = 64 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """Documents a worker reads and tokenizes on its own: `kind` is 'text' (the file at `path` is
-    one document), 'jsonl' (every line of `path` is a JSON object whose `text_key` is a
-    document), 'source' (documents start..stop of `get_source(**source)`) or 'joined' (every
+    """Documents a worker reads and tokenizes on its own: `kind` is 'text' (each file of `paths`
+    is one document), 'jsonl' (every line of each file of `paths` is a JSON object whose
+    `text_key` is a document), 'source' (documents start..stop of `get_source(**source)`) or 'joined' (every
     document of `get_source(**source)` joined as one text: Tiny Shakespeare's chunks)."""
 
     kind: str
-    path: str = ""
+    paths: tuple[str, ...] = ()
     text_key: str = "text"
     source: tuple = ()  # sorted (key, value) pairs of `builders.get_source` arguments
     start: int = 0
@@ -92,9 +93,11 @@ def documents(unit: Unit) -> Iterator[str]:
     if unit.kind == "text":
         from jaxlm.data import readers  # pylint: disable=import-outside-toplevel
 
-        yield readers.read_text(unit.path)
+        for path in unit.paths:
+            yield readers.read_text(path)
     elif unit.kind == "jsonl":
-        yield from _jsonl_documents(unit.path, unit.text_key)
+        for path in unit.paths:
+            yield from _jsonl_documents(path, unit.text_key)
     else:
         from jaxlm.data import builders  # pylint: disable=import-outside-toplevel  (imports TFDS)
 
@@ -106,13 +109,28 @@ def documents(unit: Unit) -> Iterator[str]:
                 yield from source.__getitems__(range(start, min(start + 256, unit.stop)))
 
 
+def _file_groups(paths: Sequence[str], unit_bytes: int) -> list[tuple[str, ...]]:
+    """Consecutive files in groups of about `unit_bytes` (a larger file alone): few units for many
+    small files, so that handing units to workers costs little next to tokenizing them."""
+    groups: list[list[str]] = []
+    size = unit_bytes
+    for path in paths:
+        if size >= unit_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += os.path.getsize(path)
+    return [tuple(g) for g in groups]
+
+
 def source_units(*, name: str, split: str, data_dir: str = "", files: str = "", text_key: str = "text",
-                 documents_per_unit: int = 2048) -> list[Unit]:
+                 documents_per_unit: int = 2048, unit_bytes: int = UNIT_BYTES) -> list[Unit]:
     """The units of `split` of a data set named as a run names it (`data.name`, `data.files`,
     `data.text_key`; see `builders.get_source`): the same documents, in the same order.
 
-    `jaxlm_text_files` with several files is read file by file (one unit per file, no TFDS copy of
-    the corpus); other data sets by ranges of `documents_per_unit` documents."""
+    `jaxlm_text_files` with several files is read straight from the files (units of about
+    `unit_bytes`, no TFDS copy of the corpus); other data sets by ranges of `documents_per_unit`
+    documents."""
     from jaxlm.data import builders  # pylint: disable=import-outside-toplevel  (imports TFDS)
 
     if name == builders.TEXT_FILES:
@@ -122,7 +140,7 @@ def source_units(*, name: str, split: str, data_dir: str = "", files: str = "", 
             chosen = {"train": train, "validation": validation}.get(split)
             if chosen is None:
                 raise ValueError(f"{builders.TEXT_FILES} has splits 'train' and 'validation', not {split!r}.")
-            return [Unit("text", path=p) for p in chosen]
+            return [Unit("text", paths=group) for group in _file_groups(chosen, unit_bytes)]
     arguments = tuple(sorted(dict(name=name, split=split, data_dir=data_dir, files=files, text_key=text_key).items()))
     source = builders.get_source(name, split, data_dir=data_dir, files=files, text_key=text_key)
     if source.one_document:
@@ -131,11 +149,13 @@ def source_units(*, name: str, split: str, data_dir: str = "", files: str = "", 
             for s in range(0, len(source), documents_per_unit)]
 
 
-def jsonl_units(files: str, text_key: str = "text") -> list[Unit]:
-    """One unit per JSONL file that the comma-separated globs `files` match (sorted)."""
+def jsonl_units(files: str, text_key: str = "text", unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+    """The JSONL files that the comma-separated globs `files` match (sorted), in units of about
+    `unit_bytes`."""
     from jaxlm.data import builders  # pylint: disable=import-outside-toplevel
 
-    return [Unit("jsonl", path=p, text_key=text_key) for p in builders.match_files(files)]
+    return [Unit("jsonl", paths=group, text_key=text_key)
+            for group in _file_groups(builders.match_files(files), unit_bytes)]
 
 
 # --- Preparing ---------------------------------------------------------------------------------
@@ -282,6 +302,7 @@ def prepare(
         "window": window,
         "dtype": dtype.str,
         "documents": documents_count,
+        "units": len(units),
         "tokens": writer.tokens,
         "windows": windows,
         "dropped_tail_tokens": writer.tokens - windows * window,

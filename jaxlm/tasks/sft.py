@@ -16,11 +16,11 @@ ignored), bleu (sacrebleu), entity_f1 (answers written `TYPE: span; TYPE: span`,
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from jaxlm.data import batching, builders, chat, sft, tokenizers
 from jaxlm.infer import sampling
@@ -28,6 +28,7 @@ from jaxlm.tasks import base
 from jaxlm.tasks.causal_lm import CausalLM
 
 METRICS = ("exact_match", "accuracy", "bleu", "entity_f1")
+log = logging.getLogger("jaxlm")
 
 
 def entities(text: str) -> set[tuple[str, str]]:
@@ -122,7 +123,7 @@ class SFT(CausalLM, base.Predicts):
             conversations = [conversations[i] for i in order]
         rows, stats = sft.pack([sft.encode(c, self.tokenizer) for c in conversations], self.config.data.seq_len,
                                packed=self.config.task.pack)
-        logging.info("sft %s: %d examples in %d rows, packing efficiency %.1f%% of tokens are not padding "
+        log.info("sft %s: %d examples in %d rows, packing efficiency %.1f%% of tokens are not padding "
                      "(%d cut to seq_len, %d without a learned token dropped)", split, stats["examples"],
                      stats["rows"], 100 * stats["efficiency"], stats["truncated"], stats["dropped"])
         return rows
