@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm.data import batching, lm, prepared, tokenizers
+from jaxlm.data import batching, builders, lm, prepared, tokenizers
 from jaxlm.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,3 +198,21 @@ def test_a_run_refuses_a_corpus_of_another_tokenizer_or_seq_len(tmp_path, data_d
     with pytest.raises(ValueError, match=r"prepared with the 'byte' tokenizer 'sentencepiece-0123'.*"
                                          r"this run's tokenizer is the 'byte' tokenizer 'byte'"):
         loop.train_and_evaluate(config.copy_and_resolve_references(), str(tmp_path / "run_other"))
+
+
+@pytest.mark.parametrize("name, text_key", [("jaxlm_tiny_shakespeare", "text"), ("jaxlm_multi30k", "en")])
+def test_a_data_set_by_name_prepares_to_the_in_memory_windows(tmp_path, data_dir, name, text_key):
+    """Documents of a TFDS data set in ranges (Multi30k: 4 ranges of 300), or one document stored
+    in chunks (Tiny Shakespeare) tokenized as one text, as the in-memory path does."""
+    if not (builders.jaxlm_data_dir() / {"jaxlm_tiny_shakespeare": "tinyshakespeare",
+                                         "jaxlm_multi30k": "multi30k"}[name]).is_dir():
+        pytest.skip(f"{name} is not under JAXLM_DATA_DIR")
+    units = prepared.source_units(name=name, split="validation", data_dir=data_dir, text_key=text_key,
+                                  documents_per_unit=300)
+    assert len(units) == (1 if name == "jaxlm_tiny_shakespeare" else 4)
+    out = tmp_path / "corpus"
+    prepared.prepare(out, "validation", units, tokenizer_dir=byte_tokenizer(out), seq_len=32, workers=2)
+    corpus = prepared.Corpus(out, "validation")
+    stream = lm.token_stream(name=name, split="validation", tokenizer=tokenizers.create("byte"), data_dir=data_dir,
+                             text_key=text_key)
+    np.testing.assert_array_equal(corpus.windows(range(len(corpus))), lm.pack(stream, 32))
