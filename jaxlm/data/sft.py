@@ -3,6 +3,7 @@
   read_jsonl(path) -> [Conversation]          # {"messages": [...]} or {"prompt", "response"} lines
   encode(conversation, tokenizer) -> (tokens, loss_mask)
   prompt(conversation, tokenizer) -> (prompt tokens, reference text)   # evaluation by generation
+  last_question(conversation) -> str
   pack(examples, seq_len, packed=True) -> (rows, stats)
   train_dataset(rows, ...) / eval_batches(rows, ...)
 
@@ -142,12 +143,21 @@ def encode(conversation: Conversation, tokenizer) -> tuple[np.ndarray, np.ndarra
     return np.asarray(tokens + rest, np.int32), np.asarray(mask + [False] * len(rest), bool)
 
 
+def _last_answer(conversation: Conversation) -> int:
+    return max(i for i, m in enumerate(conversation.messages) if m["role"] == "assistant")
+
+
 def prompt(conversation: Conversation, tokenizer) -> tuple[np.ndarray, str]:
     """(the tokens that ask for the last assistant turn, that turn's text: the reference)."""
-    messages = conversation.messages
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    messages, last = conversation.messages, _last_answer(conversation)
     ids = tokenizer.encode(_render(tokenizer, messages[:last], generation=True))
     return np.asarray(ids, np.int32), messages[last]["content"]
+
+
+def last_question(conversation: Conversation) -> str:
+    """The user message the last assistant turn answers ('' when none precedes it)."""
+    earlier = [m for m in conversation.messages[: _last_answer(conversation)] if m["role"] == "user"]
+    return earlier[-1]["content"] if earlier else ""
 
 
 def turn_end(tokenizer) -> str:

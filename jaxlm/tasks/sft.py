@@ -162,8 +162,7 @@ class SFT(CausalLM, base.Predicts):
             conversations = conversations[:limit]
         asked = [sft.prompt(c, self.tokenizer) for c in conversations]
         predictions = self.answers(params, [p for p, _ in asked])
-        rows = [{"index": i, "task": c.task, "prompt": c.messages[-2]["content"] if len(c.messages) > 1 else "",
-                 "reference": ref, "prediction": pred}
+        rows = [{"index": i, "task": c.task, "prompt": sft.last_question(c), "reference": ref, "prediction": pred}
                 for i, (c, (_, ref), pred) in enumerate(zip(conversations, asked, predictions))]
         metrics = {}
         for name in sorted({r["task"] for r in rows}):

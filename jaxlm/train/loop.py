@@ -289,7 +289,7 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
 DATA_POSITION_KEYS = ("task.name", "seed", "train.batch_size", "data.name", "data.files", "data.prepared", "data.train_split",
                       "data.seq_len", "data.target_len", "data.tokenizer", "data.tokenizer_path",
                       "data.tokenizer_vocab_size", "data.text_key", "data.source_key", "data.target_key",
-                      "data.bucket_batches")
+                      "data.bucket_batches", "task.pack")
 
 
 def check_resumable(config, workdir: str, ckpt) -> None:
