@@ -3,7 +3,6 @@ attention implementations respecting segment ids, evaluation by generation, malf
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,6 @@ from jaxlm.tasks import sft as sft_task
 from jaxlm.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import make_instructions  # noqa: E402
 
 CONVERSATIONS = [
     {"task": "sentiment", "messages": [{"role": "user", "content": "great film?"},
@@ -169,9 +166,9 @@ def test_generation_metrics_score_as_named():
     assert sft_task.task_metrics("a=bleu, b=entity_f1") == {"a": "bleu", "b": "entity_f1"}
     with pytest.raises(ValueError, match="TASK=METRIC"):
         sft_task.task_metrics("a=rouge")
-    assert make_instructions.entity_answer(["John", "Smith", "visited", "Paris", "."],
+    assert sft_task.entity_answer(["John", "Smith", "visited", "Paris", "."],
                                            ["B-PER", "I-PER", "O", "B-LOC", "O"]) == "PER: John Smith; LOC: Paris"
-    assert make_instructions.entity_answer(["a"], ["O"]) == "none"
+    assert sft_task.entity_answer(["a"], ["O"]) == "none"
 
 
 def test_sft_needs_its_files_and_a_usable_tokenizer(tmp_path, data_dir):

@@ -26,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jaxlm.data import builders, readers  # noqa: E402
+from jaxlm.tasks.sft import entity_answer  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Directory for train.jsonl and validation.jsonl.")
@@ -35,20 +36,6 @@ flags.DEFINE_integer("seed", 0, "Which examples are taken.")
 flags.mark_flag_as_required("output")
 
 SENTIMENT = {"0": "negative", "1": "positive"}
-
-
-def entity_answer(tokens: list[str], tags: list[str]) -> str:
-    """`TYPE: span; ...` of IOB2 tags, in order; 'none' without entities."""
-    spans, current = [], None
-    for token, tag in zip(tokens, tags):
-        if tag.startswith("B-") or (tag.startswith("I-") and (current is None or current[0] != tag[2:])):
-            current = [tag[2:], [token]]
-            spans.append(current)
-        elif tag.startswith("I-"):
-            current[1].append(token)
-        else:
-            current = None
-    return "; ".join(f"{kind}: {' '.join(words)}" for kind, words in spans) or "none"
 
 
 def conversation(task: str, question: str, answer: str) -> dict:

@@ -41,6 +41,20 @@ def entities(text: str) -> set[tuple[str, str]]:
     return found
 
 
+def entity_answer(tokens: list[str], tags: list[str]) -> str:
+    """The answer `entities` reads, written from IOB2 tags: `TYPE: span; ...` in order, or 'none'."""
+    spans, current = [], None
+    for token, tag in zip(tokens, tags):
+        if tag.startswith("B-") or (tag.startswith("I-") and (current is None or current[0] != tag[2:])):
+            current = [tag[2:], [token]]
+            spans.append(current)
+        elif tag.startswith("I-"):
+            current[1].append(token)
+        else:
+            current = None
+    return "; ".join(f"{kind}: {' '.join(words)}" for kind, words in spans) or "none"
+
+
 def score(metric: str, predictions: list[str], references: list[str]) -> float:
     """`metric` of the predictions against the references (a share, or BLEU points)."""
     if metric == "exact_match":
