@@ -29,7 +29,7 @@ class Conversation:
     """The messages so far and the model that answers them."""
 
     def __init__(self, model, params, tokenizer, system: str = "", **sampling_settings):
-        if not getattr(tokenizer, "chat_template", ""):
+        if not tokenizer.chat_template:
             raise ValueError("this run's tokenizer has no chat template: chat needs a Hugging Face "
                              "checkpoint's tokenizer (tokenizer_config.json or chat_template.jinja)")
         self.model, self.params, self.tokenizer = model, params, tokenizer

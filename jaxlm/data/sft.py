@@ -98,7 +98,7 @@ def read_jsonl(path: str) -> list[Conversation]:
 
 
 def _template(tokenizer) -> str:
-    return getattr(tokenizer, "chat_template", "") or chat.PLAIN_TEMPLATE
+    return tokenizer.chat_template or chat.PLAIN_TEMPLATE
 
 
 def _render(tokenizer, messages, generation: bool = False) -> str:
@@ -107,7 +107,7 @@ def _render(tokenizer, messages, generation: bool = False) -> str:
 
 def _plain_eos(tokenizer) -> list[int]:
     """EOS after assistant turns of the plain template (a checkpoint's template writes its own)."""
-    plain = not getattr(tokenizer, "chat_template", "")
+    plain = not tokenizer.chat_template
     return [tokenizer.eos_id] if plain and tokenizer.eos_id is not None else []
 
 
@@ -164,7 +164,7 @@ def turn_end(tokenizer) -> str:
     """The text a checkpoint's template writes after an assistant reply (e.g. '<|im_end|>'), where
     generation ends when the tokenizer's stop ids do not cover it; '' for the plain template
     (its EOS id stops generation)."""
-    if not getattr(tokenizer, "chat_template", ""):
+    if not tokenizer.chat_template:
         return ""
     marker = "\x00reply\x00"
     messages = ({"role": "user", "content": "question"}, {"role": "assistant", "content": marker})

@@ -50,6 +50,12 @@ class Tokenizer(abc.ABC):
     sep_id: int | None = None
     mask_id: int | None = None
     unk_id: int | None = None
+    chat_template: str = ""  # a checkpoint's jinja chat template (Hugging Face tokenizers)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end generation: EOS, when the tokenizer has one."""
+        return () if self.eos_id is None else (self.eos_id,)
 
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:

@@ -138,8 +138,8 @@ class SFT(CausalLM, base.Predicts):
         rows, stats = sft.pack([sft.encode(c, self.tokenizer) for c in conversations], self.config.data.seq_len,
                                packed=self.config.task.pack)
         log.info("sft %s: %d examples in %d rows, packing efficiency %.1f%% of tokens are not padding "
-                     "(%d cut to seq_len, %d without a learned token dropped)", split, stats["examples"],
-                     stats["rows"], 100 * stats["efficiency"], stats["truncated"], stats["dropped"])
+                 "(%d cut to seq_len, %d without a learned token dropped)", split, stats["examples"],
+                 stats["rows"], 100 * stats["efficiency"], stats["truncated"], stats["dropped"])
         return rows
 
     def train_iterator(self):
@@ -156,13 +156,12 @@ class SFT(CausalLM, base.Predicts):
 
     def answers(self, params, prompts: list[np.ndarray]) -> list[str]:
         """Greedy answers (the tokenizer's stop ids end them) to a list of prompt token arrays."""
-        stop_ids = tuple(getattr(self.tokenizer, "stop_ids", ())) or (
-            () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,))
         pad_id = self.tokenizer.pad_id or 0
         out, batch = [], self.config.train.batch_size
         for start in range(0, len(prompts), batch):
             chunks = list(sampling.stream(self.model, params, prompts[start : start + batch],
-                                          self.config.task.generate_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                                          self.config.task.generate_tokens, stop_ids=self.tokenizer.stop_ids,
+                                          pad_id=pad_id,
                                           vocab_size=self.tokenizer.vocab_size))
             tokens = np.concatenate(chunks, axis=1)
             out += [self.tokenizer.decode([t for t in row if t >= 0]) for row in tokens]
