@@ -48,6 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
         source_prefix="",  # seq2seq: text put before every source, e.g. "translate English to German: "
         beam_size=4,  # seq2seq: beam search width for eval/bleu and samples (1: greedy)
         eval_bleu_batches=0,  # seq2seq: eval batches decoded for BLEU (0: the whole eval split)
+        label_smoothing=0.0,  # seq2seq: share of the target spread over the vocabulary in training
+                              # (eval/loss stays the plain cross-entropy)
         contrastive="pairs",  # contrastive: pairs (data.source_key, target_key) | simcse (data.text_key texts)
         temperature=0.05,  # contrastive: initial temperature (its inverse, the scale, is learned; <= 100)
         retrieval_pairs=0,  # contrastive: eval/retrieval_top1 over the first N eval pairs (0: all; -1: none)
@@ -82,7 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
         qkv_bias=False,  # Qwen2: biases on the query, key and value projections only
         qk_norm=False,  # Qwen3: RMSNorm of each query and key head before rotary
         scale_embeddings=False,  # Gemma: token embeddings times sqrt(emb_dim)
-        attention="auto",  # auto | cpu | xla | cudnn: auto picks by backend (layers.attention_implementation)
+        attention="auto",  # auto | cpu | xla | cudnn | splash: auto picks by backend (layers.attention_implementation)
         scale_queries=True,  # attention logits times 1/sqrt(head_dim); False: that factor is folded
                              # into the query kernel's initialisation instead (Mesh TF T5 checkpoints)
         dropout=0.0,
@@ -345,10 +347,11 @@ RANGES = (
     ("data.bucket_batches", lambda v: v >= 0, "0 (off) or more"),
     ("task.eval_generate", lambda v: v >= -1, "-1 (none), 0 (all) or more"),
     ("task.generate_tokens", lambda v: v >= 1, "at least 1"),
+    ("task.label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.num_kv_heads", lambda v: v >= 0, "0 (num_heads) or more"),
     ("model.sliding_window", lambda v: v >= 0, "0 (off) or more"),
-    ("model.attention", lambda v: v in ("auto", "cpu", "xla", "cudnn"), "auto | cpu | xla | cudnn"),
+    ("model.attention", lambda v: v in ("auto", "cpu", "xla", "cudnn", "splash"), "auto | cpu | xla | cudnn | splash"),
     ("sample.max_new_tokens", lambda v: v >= 0, "0 (no sample) or more"),
     ("sample.temperature", lambda v: v >= 0, "0 (greedy) or more"),
 )

@@ -82,6 +82,8 @@ def intercept_attention_maps(next_fun, args, kwargs, context):
     module = context.module
     if attach_lib.calls(context, Attention, "attend") and module.is_mutable_collection(ATTENTION_SCORES):
         q, k, _, bias = args
+        if bias is None:  # splash's structured mask
+            bias = module.mask_bias(kwargs.get("segment_ids"), q.shape[1])
         k = repeat_kv_heads(k, q.shape[2])
         module.sow(ATTENTION_SCORES, "scores", jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias)
     return next_fun(*args, **kwargs)

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models.layers import (BlockConfig, Embed, block_config, constrain, dense, learned_positions, norm,
-                                 padding_bias, segment_bias)
+                                 padding_bias)
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
@@ -39,10 +39,8 @@ class GPT(nn.Module):
         x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
         bias = None if key_mask is None else padding_bias(key_mask)
-        if segment_ids is not None:
-            bias = segment_bias(segment_ids) if bias is None else bias + segment_bias(segment_ids)
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),
-                  name="decoder")(x, Context(positions, bias), deterministic, decode)
+                  name="decoder")(x, Context(positions, bias, segment_ids=segment_ids), deterministic, decode)
         x = norm(cfg, "final_norm")(x).astype(cfg.dtype)
         if self.tie_embeddings:
             logits = embed.attend(x)

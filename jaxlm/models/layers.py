@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.models import splash
+
 
 Array = jax.Array
 DType = Any
@@ -341,7 +343,7 @@ def _attention_backward(saved, d_out):
 attention.defvjp(_attention_forward, _attention_backward)
 
 MASKED = -1e30
-ATTENTION_IMPLEMENTATIONS = ("auto", "cpu", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "cpu", "xla", "cudnn", "splash")
 
 
 def repeat_kv_heads(x: Array, num_heads: int) -> Array:
@@ -351,23 +353,27 @@ def repeat_kv_heads(x: Array, num_heads: int) -> Array:
 
 
 def attention_implementation(name: str, dtype) -> str:
-    """The attention that `model.attention` = `name` runs on this backend: `auto` is cuDNN's
-    fused kernel on GPU for 16-bit activations, XLA's `dot_product_attention` elsewhere on
-    accelerators, and jaxlm's custom-gradient `attention` on CPU."""
+    """The attention that `model.attention` = `name` runs on this backend: `auto` is the Pallas
+    splash kernel on TPU (where it applies: `Attention` falls back to XLA's), cuDNN's fused kernel
+    on GPU for 16-bit activations, XLA's `dot_product_attention` elsewhere on accelerators, and
+    jaxlm's custom-gradient `attention` on CPU."""
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"model.attention={name!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
     if name != "auto":
         return name
     backend = jax.default_backend()
-    if backend == "cpu":
-        return "cpu"
+    if backend in ("cpu", "tpu"):
+        return {"cpu": "cpu", "tpu": "splash"}[backend]
     return "cudnn" if backend == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, bias: Array, implementation: str) -> Array:
     """softmax(q k^T + bias) v for pre-scaled queries [batch, q_len, heads, head_dim] and keys and
-    values with heads or fewer (grouped) heads; `implementation` as `attention_implementation`."""
+    values with heads or fewer (grouped) heads; `implementation` as `attention_implementation`
+    (splash takes masks as structure, not a bias: `Attention` calls it; a bias goes to XLA's)."""
     implementation = attention_implementation(implementation, q.dtype)
+    if implementation == "splash":
+        implementation = "xla"
     if implementation == "cpu":
         return attention(q, repeat_kv_heads(k, q.shape[2]), repeat_kv_heads(v, q.shape[2]), bias)
     bias = jnp.broadcast_to(bias, (q.shape[0], bias.shape[1], q.shape[1], k.shape[1]))
@@ -422,7 +428,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, bias: Array | None = None,
-                 memory: Array | None = None, deterministic: bool = True, decode: bool = False):
+                 memory: Array | None = None, deterministic: bool = True, decode: bool = False,
+                 segment_ids: Array | None = None):
         cfg = self.cfg
         batch, length = positions.shape
         heads = lambda y, n: y.reshape(batch, -1, n, cfg.head_dim)
@@ -444,22 +451,52 @@ class Attention(nn.Module):
         if cfg.scale_queries:
             q = q / jnp.sqrt(cfg.head_dim).astype(q.dtype)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-        scores_bias = jnp.zeros((1, 1, 1, 1), jnp.float32) if bias is None else bias
         if decode and not self.cross:
             k, v, q_positions = self._update_cache(k, v)
-            scores_bias = scores_bias + causal_bias(q_positions, self.max_len, cfg.sliding_window)
-        elif self.causal and not self.cross:
-            scores_bias = scores_bias + causal_bias(jnp.arange(length), length, cfg.sliding_window)
-        out = self.attend(q, k, v, scores_bias).reshape(batch * length, cfg.num_heads, cfg.head_dim)
+            scores_bias = causal_bias(q_positions, self.max_len, cfg.sliding_window)
+            out = self.attend(q, k, v, scores_bias if bias is None else bias + scores_bias)
+        elif self.cross:
+            out = self.attend(q, k, v, jnp.zeros((1, 1, 1, 1), jnp.float32) if bias is None else bias)
+        elif self.splash_applies(q, k, bias):
+            out = self.attend(q, k, v, None, segment_ids=segment_ids)
+        else:
+            mask = self.mask_bias(segment_ids, length)
+            out = self.attend(q, k, v, mask if bias is None else bias + mask)
+        out = out.reshape(batch * length, cfg.num_heads, cfg.head_dim)
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         out = dense(cfg.emb_dim, ("heads", "kv", "embed"), cfg, "out", in_axis=(-2, -1),
                     std=cfg.out_init_std)(out)
         return constrain(out, RESIDUAL_AXES)
 
-    def attend(self, q: Array, k: Array, v: Array, bias: Array) -> Array:
+    def attend(self, q: Array, k: Array, v: Array, bias: Array | None, segment_ids: Array | None = None) -> Array:
         """softmax(q k^T + bias) v: [batch, q_len, heads, head_dim] (k, v: [batch, k_len,
-        kv_heads, head_dim])."""
+        kv_heads, head_dim]). `bias` None: this layer's mask as structure (causal, sliding
+        window, `segment_ids`) in the splash kernel; an interceptor that needs the additive form
+        takes `mask_bias(segment_ids, q_len)`."""
+        if bias is None:
+            return splash.attention(q, k, v, causal=self.causal, window=self.cfg.sliding_window,
+                                    segment_ids=segment_ids)
         return dot_product_attention(q, k, v, bias, self.cfg.attention)
+
+    def mask_bias(self, segment_ids: Array | None, length: int) -> Array:
+        """The additive form of the self-attention mask that splash takes as structure:
+        [1 or batch, 1, length or 1, length or 1] of the causal/window mask and segment ids."""
+        bias = jnp.zeros((1, 1, 1, 1), jnp.float32)
+        if self.causal:
+            bias = bias + causal_bias(jnp.arange(length), length, self.cfg.sliding_window)
+        return bias if segment_ids is None else bias + segment_bias(segment_ids)
+
+    def splash_applies(self, q: Array, k: Array, bias: Array | None) -> bool:
+        """Whether this self-attention call runs the splash kernel: `model.attention` is splash
+        (or auto on TPU) and the call's shape and mask suit it. Asked for by name where it does
+        not apply, it is an error naming why; auto then runs XLA's."""
+        if attention_implementation(self.cfg.attention, q.dtype) != "splash":
+            return False
+        why = splash.unsupported(q.shape[1], k.shape[1], bias is not None)
+        if why and self.cfg.attention == "splash":
+            raise ValueError(f"model.attention='splash' does not apply to this attention: {why} "
+                             "(model.attention=auto falls back to XLA's where it does not)")
+        return not why
 
     def _update_cache(self, k: Array, v: Array):
         """Writes k, v at the cache index; returns the whole cache and the new tokens' positions."""

@@ -45,12 +45,14 @@ class Context:
     bias: additive self-attention bias (padding mask, relative positions) or None.
     memory: flat [batch * memory_length, embed] for cross-attention (the encoder output) or None.
     memory_bias: additive cross-attention bias (the memory's padding mask) or None.
+    segment_ids: int [batch, length] of packed examples (self-attention stays inside each) or None.
     """
 
     positions: Array
     bias: Array | None = None
     memory: Array | None = None
     memory_bias: Array | None = None
+    segment_ids: Array | None = None
 
 
 class Block(nn.Module):
@@ -69,7 +71,7 @@ class Block(nn.Module):
     def __call__(self, x, ctx: Context, deterministic: bool = True, decode: bool = False):
         cfg = self.cfg
         branches = [("attn", lambda h: Attention(cfg, self.causal, self.max_len, name="attn")(
-            h, ctx.positions, ctx.bias, None, deterministic, decode))]
+            h, ctx.positions, ctx.bias, None, deterministic, decode, ctx.segment_ids))]
         if self.cross:
             branches.append(("cross", lambda h: Attention(cfg, False, cross=True, name="cross_attn")(
                 h, ctx.positions, ctx.memory_bias, ctx.memory, deterministic)))

@@ -32,8 +32,10 @@ def intercept_attention(peft, next_fun, args, kwargs, context):
     if not attach.calls(context, Attention, "attend") or module.cross:
         return next_fun(*args, **kwargs)
     q, k, v, bias = args
+    if bias is None:  # splash's structured mask: prefix keys need its additive form
+        bias = module.mask_bias(kwargs.get("segment_ids"), q.shape[1])
     k, v, bias = prefix_keys_values(module, k, v, bias, peft, module.cfg)
-    return next_fun(q, k, v, bias, **kwargs)
+    return next_fun(q, k, v, bias)
 
 
 def _pad_keys(bias, count: int, pad_queries_of: int = 0):

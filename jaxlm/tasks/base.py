@@ -25,11 +25,18 @@ from jaxlm.data import tokenizers
 from jaxlm.models import pipeline_parallel
 
 
-def cross_entropy(logits, targets, weights=None):
-    """Summed softmax cross-entropy (float32), correct predictions and weight over positions."""
+def cross_entropy(logits, targets, weights=None, label_smoothing: float = 0.0):
+    """Summed softmax cross-entropy (float32), correct predictions and weight over positions.
+
+    With `label_smoothing` e the target distribution is (1 - e) on the label and e spread evenly
+    over the vocabulary (Szegedy et al. 2016): the loss is (1 - e) * nll + e * mean(-log p)."""
     if weights is None:
         weights = jnp.ones(targets.shape, jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    if label_smoothing:
+        uniform = -jnp.mean(jax.nn.log_softmax(logits), axis=-1)
+        losses = (1.0 - label_smoothing) * losses + label_smoothing * uniform
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
 

@@ -55,8 +55,9 @@ class EncoderDecoder(base.Task):
     def loss(self, params, batch, rng=None, train: bool = False):
         logits = self.model.apply({"params": params}, **self.model_inputs(batch),
                                   deterministic=not train, rngs=self.rngs(rng, train))
-        loss, correct, weight = base.cross_entropy(logits, batch["decoder_target_tokens"],
-                                                   batch["decoder_loss_weights"])
+        loss, correct, weight = base.cross_entropy(
+            logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+            label_smoothing=self.config.task.label_smoothing if train else 0.0)
         return loss, {"loss": loss, "correct": correct, "weight": weight}
 
     @staticmethod
