@@ -281,3 +281,18 @@ def test_batched_left_padded_prompts_decode_as_each_alone_and_stop_at_stop_ids(o
     cut = np.concatenate(list(sampling.stream(model, params, prompts, 12, stop_ids=[stop], chunk=5)), 1)
     np.testing.assert_array_equal(cut[0, :first], batched[0, :first])
     assert (cut[0, first:] == -1).all()
+
+
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+    """cross_entropy(label_smoothing=e) equals optax's cross-entropy with (1 - e) on the label and
+    e spread over the vocabulary; e = 0 is the plain loss."""
+    import optax
+    logits = jax.random.normal(jax.random.key(0), (3, 5, 11)) * 3
+    targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 11)
+    weights = (jnp.arange(5) < 4).astype(jnp.float32)[None].repeat(3, 0)
+    smoothed = optax.smooth_labels(jax.nn.one_hot(targets, 11), 0.1)
+    want = jnp.sum(optax.softmax_cross_entropy(logits, smoothed) * weights)
+    got, _, weight = base_task.cross_entropy(logits, targets, weights, label_smoothing=0.1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    plain = base_task.cross_entropy(logits, targets, weights)[0]
+    assert weight == 12 and abs(float(plain - got)) > 1e-2
