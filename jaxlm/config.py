@@ -83,6 +83,13 @@ def default_config() -> ml_collections.ConfigDict:
         sliding_window=0,  # Mistral: each query sees the last N keys (0: all)
         qkv_bias=False,  # Qwen2: biases on the query, key and value projections only
         qk_norm=False,  # Qwen3: RMSNorm of each query and key head before rotary
+        attn_softcap=0.0,  # Gemma 2: attention logits cap * tanh(logits / cap) (0: off)
+        logit_softcap=0.0,  # Gemma 2: output logits cap * tanh(logits / cap) (0: off)
+        query_pre_attn_scalar=0.0,  # Gemma 2/3: queries times its -1/2 power (0: head_dim's)
+        post_branch_norm=False,  # Gemma 2/3: also normalize each branch's output before the residual add
+        sliding_window_pattern=0,  # Gemma 2 (2), Gemma 3 (6): every Nth layer global, the others in
+                                   # the sliding window (needs scan_layers=False; 0: all layers alike)
+        local_rope_theta=0.0,  # Gemma 3: rotary base of the local layers, unscaled (0: rope_theta)
         scale_embeddings=False,  # Gemma: token embeddings times sqrt(emb_dim)
         attention="auto",  # auto | cpu | xla | cudnn | splash: auto picks by backend (layers.attention_implementation)
         scale_queries=True,  # attention logits times 1/sqrt(head_dim); False: that factor is folded
@@ -351,6 +358,9 @@ RANGES = (
     ("model.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("model.num_kv_heads", lambda v: v >= 0, "0 (num_heads) or more"),
     ("model.sliding_window", lambda v: v >= 0, "0 (off) or more"),
+    ("model.sliding_window_pattern", lambda v: v >= 0, "0 (off) or more"),
+    ("model.attn_softcap", lambda v: v >= 0, "0 (off) or more"),
+    ("model.logit_softcap", lambda v: v >= 0, "0 (off) or more"),
     ("model.attention", lambda v: v in ("auto", "cpu", "xla", "cudnn", "splash"), "auto | cpu | xla | cudnn | splash"),
     ("sample.max_new_tokens", lambda v: v >= 0, "0 (no sample) or more"),
     ("sample.temperature", lambda v: v >= 0, "0 (greedy) or more"),

@@ -96,3 +96,7 @@ def test_gpu_bench_runs_tiny_on_cpu_and_its_attentions_agree(tmp_path):
     assert sorted(figures["attention"]) == ["jaxlm", "xla"]
     assert figures["attention"]["xla"]["max_abs_diff"] < 1e-5
     assert "tokens_per_sec" in figures["minilm"] or "skipped" in figures["minilm"]
+    # The Llama part with the backend's own attention (jaxlm's on CPU) and XLA's, same model.
+    assert sorted(figures["llama"]) == ["cpu", "xla"]
+    assert figures["llama"]["cpu"]["params"] == figures["llama"]["xla"]["params"] > 0
+    assert all(r["mfu"] > 0 for r in figures["llama"].values())

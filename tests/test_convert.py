@@ -109,8 +109,20 @@ HF_CHECKPOINTS = {
         vocab_size=99, max_position_embeddings=64, num_key_value_heads=2, head_dim=16, **SMALL), None),
     "gemma": lambda: (transformers.GemmaForCausalLM, transformers.GemmaConfig(
         vocab_size=99, max_position_embeddings=64, num_key_value_heads=1, head_dim=16, **SMALL), None),
+    # Gemma 2: sandwich norms, soft caps, query scalar, alternating local (window 3) and global layers.
+    "gemma2": lambda: (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+        vocab_size=99, max_position_embeddings=64, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=3, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+        **{**SMALL, "num_hidden_layers": 4}), None),
+    # Gemma 3: q/k norms, local layers with their own rotary base, linear scaling on the global ones.
+    "gemma3": lambda: (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+        vocab_size=99, max_position_embeddings=64, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=3, layer_types=["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", rope_theta=1e6, factor=4.0),
+                         "sliding_attention": dict(rope_type="default", rope_theta=100.0)},
+        **{**SMALL, "num_hidden_layers": 4}), None),
 }
-LLM_FAMILIES = ("llama", "llama_linear", "mistral", "qwen2", "qwen3", "gemma")
+LLM_FAMILIES = ("llama", "llama_linear", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +168,7 @@ def test_minilm_matches_transformers_bert_model(minilm):
     ("t5_v1_0", True, ["logits"]),
     ("t5_v1_1", False, ["logits"]),
     ("vit", True, ["hidden", "logits"]),
-    *[(name, name != "qwen3", ["logits"]) for name in LLM_FAMILIES],
+    *[(name, name not in ("qwen3", "gemma2", "gemma3"), ["logits"]) for name in LLM_FAMILIES],
 ])
 def test_import_matches_transformers(hf_dirs, name, scan_layers, outputs):
     diffs = import_diffs(hf_dirs[name], scan_layers)
@@ -219,13 +231,21 @@ JAXLM_CONFIGS = {
                   qk_norm=True, head_dim=16),
     "gemma": dict(name="gpt", norm="rmsnorm_plus_one", positions="rotary", mlp="geglu",
                   num_kv_heads=1, scale_embeddings=True, head_dim=16),
+    "gemma2": dict(name="gpt", norm="rmsnorm_plus_one", positions="rotary", mlp="geglu", num_kv_heads=2,
+                   scale_embeddings=True, head_dim=16, post_branch_norm=True, attn_softcap=5.0, logit_softcap=10.0,
+                   query_pre_attn_scalar=32.0, sliding_window=3, sliding_window_pattern=2),
+    "gemma3": dict(name="gpt", norm="rmsnorm_plus_one", positions="rotary", mlp="geglu", num_kv_heads=1,
+                   scale_embeddings=True, head_dim=16, post_branch_norm=True, qk_norm=True,
+                   query_pre_attn_scalar=16.0, sliding_window=3, sliding_window_pattern=2,
+                   local_rope_theta=100.0, rope_theta=1e6),
 }
 
 
 @pytest.mark.parametrize("name, scan_layers, model_type", [
     ("bert", False, "bert"), ("gpt", True, "gpt2"), ("t5_relu", True, "t5"), ("t5_geglu", False, "t5"),
     ("vit", False, "vit"), ("llama", True, "llama"), ("mistral", False, "mistral"),
-    ("qwen2", True, "qwen2"), ("qwen3", True, "qwen3"), ("gemma", False, "gemma")])
+    ("qwen2", True, "qwen2"), ("qwen3", True, "qwen3"), ("gemma", False, "gemma"), ("gemma2", False, "gemma2"),
+    ("gemma3", False, "gemma3_text")])
 def test_export_loads_in_transformers_and_matches(tmp_path, name, scan_layers, model_type):
     m = config_lib.default_config().model
     m.update(dict(vocab_size=99, num_layers=2, num_heads=4, emb_dim=32, mlp_dim=64, max_len=64,
@@ -476,7 +496,7 @@ def test_cached_greedy_decoding_equals_transformers_generate(hf_dirs, name):
     from jaxlm.infer import sampling
 
     hf_dir = hf_dirs[name]
-    m = model_config(hf_dir)
+    m = model_config(hf_dir, scan_layers=name not in ("gemma2", "gemma3"))  # their layers differ
     params = convert.import_params(hf_dir, m)
     prompts = [[5, 17, 3, 42, 8, 11, 60, 2], [9, 4, 77]]
     ours = np.concatenate(list(sampling.stream(models.get(m), params, prompts, 12, chunk=6)), 1)

@@ -16,7 +16,7 @@ LENGTH = 128  # splash's smallest tile
 
 
 def qkv(kv_heads, heads=4, batch=2, head_dim=16):
-    q = jax.random.normal(jax.random.key(0), (batch, LENGTH, heads, head_dim)) / 4
+    q = jax.random.normal(jax.random.key(0), (batch, LENGTH, heads, head_dim)) / 2
     k, v = (jax.random.normal(jax.random.key(i), (batch, LENGTH, kv_heads, head_dim)) for i in (1, 2))
     return q, k, v
 
@@ -32,17 +32,20 @@ def packed_segments(batch=2):
     return jnp.asarray(ids)
 
 
-@pytest.mark.parametrize("kv_heads,window,segments", [(4, 0, False), (2, 0, True), (1, 24, False), (2, 24, True)])
-def test_splash_equals_the_additive_mask_in_value_and_gradient(kv_heads, window, segments):
-    """Multi-head, grouped and multi-query heads; causal, sliding window, packed segment ids."""
+@pytest.mark.parametrize("kv_heads,window,segments,softcap", [
+    (4, 0, False, 0.0), (2, 0, True, 0.0), (1, 24, False, 0.0), (2, 24, True, 0.0), (2, 24, True, 1.5)])
+def test_splash_equals_the_additive_mask_in_value_and_gradient(kv_heads, window, segments, softcap):
+    """Multi-head, grouped and multi-query heads; causal, sliding window, packed segment ids;
+    Gemma 2's capped logits."""
     q, k, v = qkv(kv_heads)
     segment_ids = packed_segments() if segments else None
     bias = layers.causal_bias(jnp.arange(LENGTH), LENGTH, window)
     if segments:
         bias = bias + layers.segment_bias(segment_ids)
     d_out = jax.random.normal(jax.random.key(3), q.shape)
-    fused = lambda q, k, v: splash.attention(q, k, v, causal=True, window=window, segment_ids=segment_ids)
-    dense = lambda q, k, v: layers.dot_product_attention(q, k, v, bias, "cpu")
+    fused = lambda q, k, v: splash.attention(q, k, v, causal=True, window=window, segment_ids=segment_ids,
+                                             softcap=softcap)
+    dense = lambda q, k, v: layers.dot_product_attention(q, k, v, bias, "cpu", softcap)
     np.testing.assert_allclose(fused(q, k, v), dense(q, k, v), atol=2e-5)
     grads = [jax.grad(lambda *a: jnp.sum(f(*a) * d_out), (0, 1, 2))(q, k, v) for f in (fused, dense)]
     for got, want in zip(*grads):
@@ -94,3 +97,9 @@ def test_splash_by_name_refuses_what_it_cannot_take_and_auto_does_not_pick_it_on
     padded = models.get(splash_model())
     with pytest.raises(ValueError, match="splash.*no additive bias"):
         padded.init(jax.random.key(0), jnp.zeros((1, LENGTH), jnp.int32), key_mask=jnp.ones((1, LENGTH)))
+
+
+def test_alternating_local_and_global_layers_need_an_unrolled_stack():
+    model = models.get(splash_model(attention="cpu", sliding_window=8, sliding_window_pattern=2))
+    with pytest.raises(ValueError, match="sliding_window_pattern.*scan_layers=False"):
+        model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))

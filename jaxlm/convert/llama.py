@@ -1,10 +1,13 @@
-"""The Llama-class decoders (Llama, Mistral, Qwen2, Qwen3, Gemma) <-> jaxlm `gpt`.
+"""The Llama-class decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 1, 2, 3) <-> jaxlm `gpt`.
 
 All five share one tensor layout (`model.layers.{i}.self_attn.{q,k,v,o}_proj`, a gated MLP of
 `gate_proj`/`up_proj`/`down_proj`, RMSNorms before each branch) and rotary positions whose
 halves layout is jaxlm's, so the weights copy without permutation. What differs is one jaxlm
 knob each: Mistral's `sliding_window`, Qwen2's `qkv_bias`, Qwen3's `qk_norm`, Gemma's
-`scale_embeddings` and zero-centred `rmsnorm_plus_one` with a tied output layer.
+`scale_embeddings` and zero-centred `rmsnorm_plus_one` with a tied output layer; Gemma 2 adds
+`post_branch_norm`, soft-capped logits (`attn_softcap`, `logit_softcap`), `query_pre_attn_scalar`
+and local/global layers (`sliding_window_pattern`, from `layer_types`); Gemma 3 has no caps but
+q/k norms and a rotary base of its own for the local layers (`local_rope_theta`).
 
 Rotary settings are read from `rope_parameters` (transformers 5) or from the older `rope_theta`
 and `rope_scaling` keys that most published config.json files still carry.
@@ -20,14 +23,22 @@ from jaxlm.convert.rules import Family, attention, copy, dense, norm
 ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3"}
 
 
+GEMMA_2_3 = ("gemma2", "gemma3_text")
+# Gemma 2/3's four norms per layer -> jaxlm's (Llama's post_attention_layernorm is the MLP's input norm).
+SANDWICH_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "attn_post_norm",
+                  "pre_feedforward_layernorm": "mlp_norm", "post_feedforward_layernorm": "mlp_post_norm"}
+
+
 def rules(hf: dict):
     hf_layer, ours = "layers.{i}", "decoder/layers_{i}"
+    norms = (SANDWICH_NORMS if hf["model_type"] in GEMMA_2_3
+             else {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"})
     table = [
         *copy("embed_tokens.weight", "embed/embedding"),
-        *norm(f"{hf_layer}.input_layernorm", f"{ours}/attn_norm", bias=False),
+        *[rule for theirs, mine in norms.items()
+          for rule in norm(f"{hf_layer}.{theirs}", f"{ours}/{mine}", bias=False)],
         *attention(f"{hf_layer}.self_attn", f"{hf_layer}.self_attn.o_proj", f"{ours}/attn",
                    names=("q_proj", "k_proj", "v_proj"), bias=False),
-        *norm(f"{hf_layer}.post_attention_layernorm", f"{ours}/mlp_norm", bias=False),
         *dense(f"{hf_layer}.mlp.gate_proj", f"{ours}/mlp/wg", bias=False),
         *dense(f"{hf_layer}.mlp.up_proj", f"{ours}/mlp/wi", bias=False),
         *dense(f"{hf_layer}.mlp.down_proj", f"{ours}/mlp/wo", bias=False),
@@ -36,16 +47,18 @@ def rules(hf: dict):
     if hf["model_type"] == "qwen2":
         table += [rule for name, mine in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"))
                   for rule in dense(f"{hf_layer}.self_attn.{name}", f"{ours}/attn/{mine}")[1:]]
-    if hf["model_type"] == "qwen3":
+    if hf["model_type"] in ("qwen3", "gemma3_text"):
         table += norm(f"{hf_layer}.self_attn.q_norm", f"{ours}/attn/query_norm", bias=False)
         table += norm(f"{hf_layer}.self_attn.k_norm", f"{ours}/attn/key_norm", bias=False)
     return table if hf["tie_word_embeddings"] else table + dense("lm_head", "lm_head", bias=False)
 
 
 def rope_scaling(hf: dict) -> tuple[float, dict]:
-    """(rope_theta, jaxlm model.rope_scaling) from either form of the HF rotary settings."""
+    """(rope_theta, jaxlm model.rope_scaling) from either form of the HF rotary settings (of the
+    global layers, where Gemma 3's differ by layer type)."""
     rope = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
                                          "rope_theta": hf.get("rope_theta", 10000.0)}
+    rope = rope.get("full_attention", rope)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope_type={kind!r} is not supported by jaxlm (only {sorted(ROPE_TYPES)})")
@@ -65,7 +78,7 @@ def normalize(hf: dict) -> dict:
             "rope_theta": theta, "rope_scaling": scaling}
 
 
-def to_hf(model: dict, params: dict) -> dict:
+def rope_parameters(model: dict) -> dict:
     scaling = model["rope_scaling"]
     rope = {"rope_type": next(hf for hf, ours in ROPE_TYPES.items() if ours == scaling["type"]),
             "rope_theta": model["rope_theta"]}
@@ -74,11 +87,60 @@ def to_hf(model: dict, params: dict) -> dict:
     if scaling["type"] == "llama3":
         rope.update(low_freq_factor=scaling["low_freq_factor"], high_freq_factor=scaling["high_freq_factor"],
                     original_max_position_embeddings=scaling["original_max_len"])
-    return {"rope_parameters": rope}
+    return rope
+
+
+def to_hf(model: dict, params: dict) -> dict:
+    return {"rope_parameters": rope_parameters(model)}
 
 
 def _model_values(hf: dict) -> dict:
     return {"rope_scaling": hf["rope_scaling"]}
+
+
+def sliding_window_pattern(hf: dict) -> int:
+    """N where every Nth layer of `layer_types` is 'full_attention' and the others
+    'sliding_attention' (N > depth: no global layer); older files give N itself."""
+    types = hf.get("layer_types")
+    if not types:
+        return int(hf["sliding_window_pattern"])
+    n = types.index("full_attention") + 1 if "full_attention" in types else len(types) + 1
+    if types != layer_types(n, len(types)):
+        raise ValueError(f"layer_types={types} is not every Nth layer global: jaxlm's local/global "
+                         "layers follow one period (model.sliding_window_pattern)")
+    return n
+
+
+def layer_types(pattern: int, depth: int) -> list[str]:
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(depth)]
+
+
+def normalize_gemma_2_3(hf: dict) -> dict:
+    """Off soft caps are None in HF, 0 in jaxlm; Gemma 3's local layers have a rotary base of their own."""
+    hf = normalize(hf)
+    rope = hf.get("rope_parameters") or {}
+    local = rope.get("sliding_attention", {}).get("rope_theta", hf.get("rope_local_base_freq", 0.0))
+    return {**hf, "attn_logit_softcapping": hf.get("attn_logit_softcapping") or 0.0,
+            "final_logit_softcapping": hf.get("final_logit_softcapping") or 0.0,
+            "sliding_window_pattern": sliding_window_pattern(hf), "local_rope_theta": float(local)}
+
+
+def gemma_2_3_to_hf(model: dict, params: dict) -> dict:
+    rope = rope_parameters(model)
+    if model["local_rope_theta"]:
+        rope = {"full_attention": rope, "sliding_attention": {"rope_type": "default",
+                                                              "rope_theta": model["local_rope_theta"]}}
+    scalar = float(model["query_pre_attn_scalar"] or model["head_dim"])
+    pattern = model["sliding_window_pattern"] or (model["num_layers"] + 1 if model["sliding_window"] else 1)
+    return {"rope_parameters": rope, "layer_types": layer_types(pattern, model["num_layers"]),
+            "query_pre_attn_scalar": int(scalar) if scalar.is_integer() else scalar,  # transformers wants an int
+            "attn_logit_softcapping": model["attn_softcap"] or None,
+            "final_logit_softcapping": model["logit_softcap"] or None}
+
+
+def _gemma_2_3_values(hf: dict) -> dict:
+    return {**_model_values(hf), "sliding_window_pattern": hf["sliding_window_pattern"],
+            "local_rope_theta": hf["local_rope_theta"], "scan_layers": False}  # local and global layers differ
 
 
 LLAMA = Family(
@@ -92,7 +154,8 @@ LLAMA = Family(
           "tie_word_embeddings": "tie_embeddings"},
     fixed={"name": "gpt", "norm": "rmsnorm", "use_bias": False, "positions": "rotary",
            "scale_queries": True, "qkv_bias": False, "qk_norm": False, "scale_embeddings": False,
-           "sliding_window": 0},
+           "sliding_window": 0, "post_branch_norm": False, "attn_softcap": 0.0, "logit_softcap": 0.0,
+           "query_pre_attn_scalar": 0.0, "sliding_window_pattern": 0, "local_rope_theta": 0.0},
     activation=("hidden_act", {"silu": "swiglu"}),
     stacks={"decoder": "num_hidden_layers"},
     rules=rules,
@@ -136,5 +199,20 @@ GEMMA = _variant(
     activation=("hidden_act", {"gelu_pytorch_tanh": "geglu", "gelu": "geglu"}),
     hf_defaults={**LLAMA.hf_defaults, "hidden_act": "gelu_pytorch_tanh", "max_position_embeddings": 8192,
                  "head_dim": 256, "tie_word_embeddings": True})
+GEMMA2 = dataclasses.replace(
+    GEMMA, model_type="gemma2", architectures=("Gemma2ForCausalLM", "Gemma2Model"),
+    keys={**LLAMA.keys, "sliding_window": "sliding_window", "query_pre_attn_scalar": "query_pre_attn_scalar",
+          "attn_logit_softcapping": "attn_softcap", "final_logit_softcapping": "logit_softcap"},
+    fixed={**{k: v for k, v in GEMMA.fixed.items() if k not in (
+        "sliding_window", "query_pre_attn_scalar", "attn_softcap", "logit_softcap", "sliding_window_pattern")},
+        "post_branch_norm": True},
+    activation=("hidden_activation", GEMMA.activation[1]),
+    hf_defaults={**GEMMA.hf_defaults, "hidden_activation": "gelu_pytorch_tanh", "sliding_window": 4096,
+                 "query_pre_attn_scalar": 256, "sliding_window_pattern": 2},
+    normalize=normalize_gemma_2_3, to_hf=gemma_2_3_to_hf, model_values=_gemma_2_3_values)
+GEMMA3 = dataclasses.replace(
+    GEMMA2, model_type="gemma3_text", architectures=("Gemma3ForCausalLM", "Gemma3TextModel"),
+    fixed={**{k: v for k, v in GEMMA2.fixed.items() if k != "local_rope_theta"}, "qk_norm": True},
+    hf_defaults={**GEMMA2.hf_defaults, "sliding_window_pattern": 6, "max_position_embeddings": 131072})
 
-FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA)
+FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3)

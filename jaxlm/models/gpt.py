@@ -15,6 +15,7 @@ class GPT(nn.Module):
     cfg: BlockConfig
     tie_embeddings: bool = True
     scale_embeddings: bool = False  # Gemma: token embeddings times sqrt(emb_dim)
+    logit_softcap: float = 0.0  # Gemma 2: logits cap * tanh(logits / cap) (0: off)
     stack: StackConfig = StackConfig()
 
     @nn.compact
@@ -46,7 +47,10 @@ class GPT(nn.Module):
             logits = embed.attend(x)
         else:
             logits = dense(self.vocab_size, ("embed", "vocab"), cfg, "lm_head", use_bias=False)(x)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "vocab"))
+        logits = logits.astype(jnp.float32)
+        if self.logit_softcap:
+            logits = self.logit_softcap * jnp.tanh(logits / self.logit_softcap)
+        logits = nn.with_logical_constraint(logits, ("batch", "vocab"))
         return logits.reshape(batch, length, self.vocab_size)
 
 
@@ -54,4 +58,5 @@ def from_config(m, pipeline=None) -> GPT:
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers, cfg=block_config(m),
-               tie_embeddings=m.tie_embeddings, scale_embeddings=m.scale_embeddings, stack=stack_config(m, pipeline))
+               tie_embeddings=m.tie_embeddings, scale_embeddings=m.scale_embeddings, logit_softcap=m.logit_softcap,
+               stack=stack_config(m, pipeline))

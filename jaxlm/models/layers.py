@@ -51,7 +51,12 @@ class BlockConfig:
     sliding_window: int = 0  # Mistral: each query sees the last N keys (0: all)
     qkv_bias: bool = False  # Qwen2: biases on the query, key and value projections only
     qk_norm: bool = False  # Qwen3: RMSNorm of each query and key head before rotary
-    attention: str = "auto"  # auto | cpu | xla | cudnn (see `dot_product_attention`)
+    attn_softcap: float = 0.0  # Gemma 2: attention logits cap * tanh(logits / cap) (0: off)
+    query_pre_attn_scalar: float = 0.0  # Gemma 2/3: queries times its -1/2 power (0: head_dim's)
+    post_branch_norm: bool = False  # Gemma 2/3: normalize each branch's output before the residual add
+    sliding_window_pattern: int = 0  # Gemma 2 (2), 3 (6): every Nth layer global, the rest local
+    local_rope_theta: float = 0.0  # Gemma 3: rotary base of the local layers, unscaled (0: rope_theta)
+    attention: str = "auto"  # auto | cpu | xla | cudnn | splash (see `attention_implementation`)
     dropout: float = 0.0
     use_bias: bool = False
     post_norm: bool = False  # BERT: normalize after each residual add instead of before the branch
@@ -108,6 +113,11 @@ def block_config(m, **overrides) -> BlockConfig:
         sliding_window=m.sliding_window,
         qkv_bias=m.qkv_bias,
         qk_norm=m.qk_norm,
+        attn_softcap=m.attn_softcap,
+        query_pre_attn_scalar=m.query_pre_attn_scalar,
+        post_branch_norm=m.post_branch_norm,
+        sliding_window_pattern=m.sliding_window_pattern,
+        local_rope_theta=m.local_rope_theta,
         attention=m.attention,
         scale_queries=m.scale_queries,
         dropout=m.dropout,
@@ -118,6 +128,21 @@ def block_config(m, **overrides) -> BlockConfig:
         out_init_std=m.init_std / math.sqrt(2 * m.num_layers),
     )
     return BlockConfig(**{**values, **overrides})
+
+
+def layer_config(cfg: BlockConfig, index: int) -> BlockConfig:
+    """Layer `index`'s config where local and global layers alternate (`sliding_window_pattern`
+    N, Gemma 2 and 3): layers N-1, 2N-1, ... attend to every key with `rope_theta` and
+    `rope_scaling`; the others see the last `sliding_window` keys, with `local_rope_theta` and
+    no scaling when it is set."""
+    if not cfg.sliding_window_pattern:
+        return cfg
+    if (index + 1) % cfg.sliding_window_pattern == 0:
+        return dataclasses.replace(cfg, sliding_window=0, sliding_window_pattern=0)
+    if cfg.local_rope_theta:
+        return dataclasses.replace(cfg, sliding_window_pattern=0, rope_theta=cfg.local_rope_theta,
+                                   rope_scaling=RopeScaling())
+    return dataclasses.replace(cfg, sliding_window_pattern=0)
 
 
 def learned_positions(module: nn.Module, length: int, cfg: BlockConfig, name="pos_embedding"):
@@ -367,11 +392,23 @@ def attention_implementation(name: str, dtype) -> str:
     return "cudnn" if backend == "gpu" and jnp.dtype(dtype).itemsize == 2 else "xla"
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, bias: Array, implementation: str) -> Array:
+def softcapped_attention(q: Array, k: Array, v: Array, bias: Array, cap: float) -> Array:
+    """softmax(cap * tanh(q k^T / cap) + bias) v (Gemma 2's capped logits), by autodiff: no fused
+    kernel but splash takes a cap."""
+    heads = q.shape[2]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, repeat_kv_heads(k, heads)).astype(jnp.float32)
+    probs = jax.nn.softmax(cap * jnp.tanh(scores / cap) + bias, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, repeat_kv_heads(v, heads))
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, bias: Array, implementation: str,
+                          softcap: float = 0.0) -> Array:
     """softmax(q k^T + bias) v for pre-scaled queries [batch, q_len, heads, head_dim] and keys and
     values with heads or fewer (grouped) heads; `implementation` as `attention_implementation`
     (splash takes masks as structure, not a bias: `Attention` calls it; a bias goes to XLA's)."""
     implementation = attention_implementation(implementation, q.dtype)
+    if softcap:
+        return softcapped_attention(q, k, v, bias, softcap)
     if implementation == "splash":
         implementation = "xla"
     if implementation == "cpu":
@@ -443,13 +480,14 @@ class Attention(nn.Module):
         k, v = (heads(dense((cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"), cfg, name,
                             use_bias=use_bias)(source), cfg.kv_heads) for name in ("key", "value"))
         if cfg.qk_norm:
-            q = RMSNorm(cfg, name="query_norm")(q).astype(cfg.dtype)
-            k = RMSNorm(cfg, name="key_norm")(k).astype(cfg.dtype)
+            plus_one = cfg.norm == "rmsnorm_plus_one"  # Gemma 3's zero-centred scales
+            q = RMSNorm(cfg, plus_one, name="query_norm")(q).astype(cfg.dtype)
+            k = RMSNorm(cfg, plus_one, name="key_norm")(k).astype(cfg.dtype)
         if cfg.positions == "rotary" and not self.cross:
             q = rotary(q, positions, cfg.rope_theta, cfg.rope_scaling)
             k = rotary(k, positions, cfg.rope_theta, cfg.rope_scaling)
         if cfg.scale_queries:
-            q = q / jnp.sqrt(cfg.head_dim).astype(q.dtype)
+            q = q / jnp.sqrt(cfg.query_pre_attn_scalar or cfg.head_dim).astype(q.dtype)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         if decode and not self.cross:
             k, v, q_positions = self._update_cache(k, v)
@@ -475,8 +513,8 @@ class Attention(nn.Module):
         takes `mask_bias(segment_ids, q_len)`."""
         if bias is None:
             return splash.attention(q, k, v, causal=self.causal, window=self.cfg.sliding_window,
-                                    segment_ids=segment_ids)
-        return dot_product_attention(q, k, v, bias, self.cfg.attention)
+                                    segment_ids=segment_ids, softcap=self.cfg.attn_softcap)
+        return dot_product_attention(q, k, v, bias, self.cfg.attention, self.cfg.attn_softcap)
 
     def mask_bias(self, segment_ids: Array | None, length: int) -> Array:
         """The additive form of the self-attention mask that splash takes as structure:

@@ -38,7 +38,7 @@ def _mask(length: int, causal: bool, window: int):
     return mask_lib.CausalMask(shape)
 
 
-def _kernel(length: int, group: int, causal: bool, window: int):
+def _kernel(length: int, group: int, causal: bool, window: int, softcap: float):
     """The multi-query kernel for one key/value head and its `group` query heads."""
     block = next(b for b in BLOCKS if length % b == 0)
     sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
@@ -46,15 +46,16 @@ def _kernel(length: int, group: int, causal: bool, window: int):
                                   block_q_dq=block, block_kv_dq=block)
     heads = mask_lib.MultiHeadMask([_mask(length, causal, window)] * group)
     return kernel_lib.make_splash_mqa(heads, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                      attn_logits_soft_cap=softcap or None,
                                       interpret=jax.default_backend() != "tpu")
 
 
-def _local_attention(q, k, v, segment_ids, causal: bool, window: int):
+def _local_attention(q, k, v, segment_ids, causal: bool, window: int, softcap: float):
     """q [batch, length, heads, head_dim] (pre-scaled), k, v [batch, length, kv_heads, head_dim]
     of one shard; segment_ids [batch, length] or None."""
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    kernel = _kernel(length, heads // kv_heads, causal, window)
+    kernel = _kernel(length, heads // kv_heads, causal, window, softcap)
     # Query head i belongs to key/value head i // group (as layers.repeat_kv_heads repeats them).
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
     k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))
@@ -68,14 +69,15 @@ def _local_attention(q, k, v, segment_ids, causal: bool, window: int):
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
-def attention(q, k, v, *, causal: bool, window: int = 0, segment_ids=None):
-    """softmax(q k^T) v under the causal / sliding-`window` / `segment_ids` mask, by splash.
+def attention(q, k, v, *, causal: bool, window: int = 0, segment_ids=None, softcap: float = 0.0):
+    """softmax(q k^T) v under the causal / sliding-`window` / `segment_ids` mask, by splash
+    (with `softcap`, the logits are capped first: cap * tanh(logits / cap)).
 
     q [batch, length, heads, head_dim] comes pre-scaled; k, v [batch, length, kv_heads, head_dim]
     (grouped-query when kv_heads < heads); segment_ids [batch, length]: a query sees only keys of
     its own segment."""
     def local(q, k, v, ids):
-        return _local_attention(q, k, v, ids, causal, window)
+        return _local_attention(q, k, v, ids, causal, window, softcap)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

@@ -8,7 +8,7 @@ import flax.struct
 import jax
 
 from jaxlm.models import pipeline_parallel
-from jaxlm.models.layers import RESIDUAL_AXES, Array, Attention, BlockConfig, Mlp, constrain, norm
+from jaxlm.models.layers import RESIDUAL_AXES, Array, Attention, BlockConfig, Mlp, constrain, layer_config, norm
 
 REMAT_POLICIES = {
     "none": None,
@@ -58,8 +58,9 @@ class Context:
 class Block(nn.Module):
     """Self-attention (+ cross-attention when `cross`) + MLP, each a residual branch.
 
-    Pre-norm (GPT-2, T5, ViT: normalize the branch input) or, with `cfg.post_norm`, post-norm
-    (BERT: normalize after each residual add).
+    Pre-norm (GPT-2, T5, ViT: normalize the branch input; with `cfg.post_branch_norm` its output
+    too, Gemma 2 and 3) or, with `cfg.post_norm`, post-norm (BERT: normalize after each residual
+    add).
     """
 
     cfg: BlockConfig
@@ -80,7 +81,10 @@ class Block(nn.Module):
             if cfg.post_norm:
                 x = norm(cfg, f"{name}_norm")(x + self.branch_output(name, branch(x), deterministic))
             else:
-                x = x + self.branch_output(name, branch(norm(cfg, f"{name}_norm")(x)), deterministic)
+                h = branch(norm(cfg, f"{name}_norm")(x))
+                if cfg.post_branch_norm:
+                    h = norm(cfg, f"{name}_post_norm")(h).astype(cfg.dtype)
+                x = x + self.branch_output(name, h, deterministic)
             x = constrain(x, RESIDUAL_AXES)
         return x.astype(cfg.dtype), None  # (carry, output) so the block can be scanned
 
@@ -120,6 +124,10 @@ class Stack(nn.Module):
             block = nn.remat(block, policy=REMAT_POLICIES[stack.remat], prevent_cse=not stack.scan,
                              static_argnums=(3, 4))
         kwargs = self.block_kwargs or {}
+        alternating = kwargs.get("cfg") is not None and kwargs["cfg"].sliding_window_pattern
+        if alternating and stack.scan:
+            raise ValueError("model.sliding_window_pattern (alternating local and global layers) needs "
+                             "model.scan_layers=False")
         if stack.scan:
             scanned = nn.scan(
                 block,
@@ -132,7 +140,8 @@ class Stack(nn.Module):
             x, _ = scanned(name="layers", **kwargs)(x, ctx, deterministic, decode)
             return x
         for i in range(self.num_layers):
-            x, _ = block(name=f"layers_{i}", **kwargs)(x, ctx, deterministic, decode)
+            layer_kwargs = {**kwargs, "cfg": layer_config(kwargs["cfg"], i)} if alternating else kwargs
+            x, _ = block(name=f"layers_{i}", **layer_kwargs)(x, ctx, deterministic, decode)
         return x
 
     def _pipelined(self, x, ctx: Context, deterministic: bool):
