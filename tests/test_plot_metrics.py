@@ -10,6 +10,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 import plot_metrics  # noqa: E402
+from jaxlm.train import metrics as metrics_lib  # noqa: E402
 
 
 def fake_run(path, scale: float):
@@ -22,7 +23,7 @@ def fake_run(path, scale: float):
 
 def test_runs_are_overlaid_one_panel_per_key(tmp_path):
     runs = [fake_run(tmp_path / "full", 1.0), fake_run(tmp_path / "lora", 2.0)]
-    curves = [plot_metrics.read_metrics(r) for r in runs]
+    curves = [metrics_lib.read_curves(r) for r in runs]
     assert curves[1]["train/loss"][20] == 0.1 and curves[0]["eval/loss"] == {50: 1 / 40, 100: 1 / 90}
     assert plot_metrics.default_keys(curves) == ["train/loss", "eval/loss", "eval/bleu"]
     output = tmp_path / "out" / "curves.png"
@@ -36,6 +37,6 @@ def test_runs_are_overlaid_one_panel_per_key(tmp_path):
 def test_a_missing_key_or_run_is_named(tmp_path):
     run = fake_run(tmp_path / "full", 1.0)
     with pytest.raises(ValueError, match=r"no run logs \['eval/rouge'\]; the runs log \['eval/bleu', 'eval/loss'"):
-        plot_metrics.plot([plot_metrics.read_metrics(run)], ["full"], ["eval/rouge"], str(tmp_path / "x.png"))
+        plot_metrics.plot([metrics_lib.read_curves(run)], ["full"], ["eval/rouge"], str(tmp_path / "x.png"))
     with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
-        plot_metrics.read_metrics(str(tmp_path))
+        metrics_lib.read_curves(str(tmp_path))

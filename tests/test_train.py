@@ -16,6 +16,7 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm.data import builders
 from jaxlm.train import checkpoint, loop
+from jaxlm.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_shakespeare = pytest.mark.skipif(
@@ -44,9 +45,7 @@ def tiny_config(data_dir, **train):
 
 
 def read_metrics(workdir, key="train/loss"):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
-    return {m["step"]: m[key] for m in lines if key in m}
+    return metrics_lib.read_curves(str(workdir)).get(key, {})
 
 
 def train(config, workdir):

@@ -32,6 +32,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from jaxlm.train import metrics as metrics_lib  # noqa: E402
+
 HOST_DEVICES = "--xla_force_host_platform_device_count=8"
 WORKROOT = "$WORKROOT"  # how the workroot is spelled in the commands that `compare` matches
 
@@ -88,20 +91,12 @@ def command(name: str) -> tuple[dict, list]:
     return env, argv + list(case.overrides)
 
 
-def read_metrics(path: str) -> tuple[list, dict]:
-    """[(step, train/loss)] of every logged step and the last eval's metrics in `metrics.jsonl`."""
-    losses, final_eval = [], {}
-    if not os.path.exists(path):
-        return losses, final_eval
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if "train/loss" in record:
-                losses.append([record["step"], record["train/loss"]])
-            evals = {k: v for k, v in record.items() if k.startswith("eval/")}
-            if evals:
-                final_eval = {"step": record["step"], **evals}
-    return losses, final_eval
+def read_metrics(workdir: str) -> tuple[list, dict]:
+    """[(step, train/loss)] of every logged step and the last eval's metrics of a run."""
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        return [], {}
+    curves = metrics_lib.read_curves(workdir)
+    return [[step, loss] for step, loss in sorted(curves.get("train/loss", {}).items())], metrics_lib.last_eval(curves)
 
 
 def run_case(name: str, workroot: str) -> dict:
@@ -120,7 +115,7 @@ def run_case(name: str, workroot: str) -> dict:
         returncode = subprocess.run([sys.executable] + argv[1:], check=False, cwd=REPO, env=env, stdout=log,
                                     stderr=subprocess.STDOUT).returncode
     wall_s = time.perf_counter() - start
-    losses, final_eval = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    losses, final_eval = read_metrics(workdir)
     return {"command": shown, "returncode": returncode, "wall_s": round(wall_s, 1), "steps": len(losses),
             "losses": losses, "final_eval": final_eval, "log": log_path}
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm.data import labeled
+from jaxlm.train import metrics as metrics_lib
 
 
 def run(cmd: list[str]) -> str:
@@ -57,9 +58,8 @@ def main():
         run([sys.executable, "-m", "jaxlm.main", *flags])
         metrics = json.loads(run([sys.executable, "-m", "jaxlm.evaluate", f"--workdir={workdir}"]).strip().splitlines()[-1])
         params = json.load(open(os.path.join(workdir, "params.json")))
-        logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
         config = config_lib.load(workdir)
-        speeds = [m["train/examples_per_sec"] for m in logged if "train/examples_per_sec" in m][1:]
+        speeds = [v for _, v in sorted(metrics_lib.read_curves(workdir)["train/examples_per_sec"].items())][1:]
         ms = 1e3 * config.train.batch_size / float(np.median(speeds))
         epoch_min = train_examples(config) / config.train.batch_size * ms / 6e4
         rows.append((method, params["trainable"], 100 * params["trainable"] / params["total"],

@@ -10,31 +10,18 @@ run logs, or a folder without metrics.jsonl, is an error naming it. Prints the P
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxlm.train import metrics as metrics_lib  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", "metrics.png", "The PNG to write.")
 flags.DEFINE_list("keys", [], "Metric keys, one panel each (default: train/loss and the eval/* keys).")
 flags.DEFINE_list("labels", [], "A label per run (default: the folder names).")
-
-
-def read_metrics(workdir: str) -> dict[str, dict[int, float]]:
-    """{key: {step: value}} of a run's metrics.jsonl (the last value of a step wins)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir!r} has no metrics.jsonl: is it a jaxlm workdir?")
-    curves: dict[str, dict[int, float]] = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    curves.setdefault(key, {})[record["step"]] = float(value)
-    return curves
 
 
 def default_keys(runs: list[dict]) -> list[str]:
@@ -82,7 +69,7 @@ def main(argv):
     labels = FLAGS.labels or [os.path.basename(os.path.normpath(w)) for w in workdirs]
     if len(labels) != len(workdirs):
         raise app.UsageError(f"--labels has {len(labels)} names for {len(workdirs)} runs")
-    runs = [read_metrics(w) for w in workdirs]
+    runs = [metrics_lib.read_curves(w) for w in workdirs]
     print(plot(runs, labels, FLAGS.keys or default_keys(runs), FLAGS.output))
 
 

@@ -60,6 +60,31 @@ def set_aside_after(path: str, step: int, aside: str) -> None:
     os.replace(tmp, path)
 
 
+def read_curves(workdir: str) -> dict[str, dict[int, float]]:
+    """{key: {step: value}} of a run's metrics.jsonl, the one reader of it (tools, tests,
+    notebooks); the last value of a step wins."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir!r} has no metrics.jsonl: is it a jaxlm workdir?")
+    curves: dict[str, dict[int, float]] = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    curves.setdefault(key, {})[record["step"]] = float(value)
+    return curves
+
+
+def last_eval(curves: dict[str, dict[int, float]]) -> dict:
+    """{'step': s, 'eval/...': value} of the last step with eval metrics ({} when none)."""
+    steps = [step for key, values in curves.items() if key.startswith("eval/") for step in values]
+    if not steps:
+        return {}
+    step = max(steps)
+    return {"step": step, **{k: v[step] for k, v in curves.items() if k.startswith("eval/") and step in v}}
+
+
 def _line_step(line: str) -> float:
     """The step of a metrics line; a line cut short by a crash counts as after every step."""
     try:
