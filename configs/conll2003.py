@@ -24,7 +24,7 @@ def get_config(method: str = "full"):
     config.model.update(dict(dropout=0.1, scan_layers=False))
     config.peft.method = method
     config.train.update(dict(steps=1300, batch_size=32, log_every=50, eval_every=650, eval_batches=0))
-    config.optim.update(dict(lr=peft.learning_rate(method), end_lr=0.0, schedule="linear", warmup_steps=100,
+    config.optim.update(dict(lr=peft.AUTO_LR, end_lr=0.0, schedule="linear", warmup_steps=100,
                              b2=0.999, weight_decay=0.01))
     config.checkpoint.every = 650
     config.sample.max_new_tokens = 0

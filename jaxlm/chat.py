@@ -86,6 +86,11 @@ def main(argv):
         sys.stdout.write("\n")
 
 
-if __name__ == "__main__":
+def run():
+    """The `jaxlm-chat` command."""
     flags.mark_flags_as_required(["workdir"])
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

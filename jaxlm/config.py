@@ -207,7 +207,7 @@ def default_config() -> ml_collections.ConfigDict:
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3,
+        lr=1e-3,  # -1: auto, the usual rate of peft.method (jaxlm.peft.LEARNING_RATES), after overrides
         end_lr=1e-4,  # the cosine decays from lr to end_lr at `decay_steps`
         warmup_steps=100,
         decay_steps=0,  # 0: train.steps
@@ -342,7 +342,8 @@ RANGES = (
     ("train.nan_policy", lambda v: v in ("stop", "skip"), "'stop' or 'skip'"),
     ("checkpoint.every", lambda v: v >= 1, "at least 1"),
     ("checkpoint.keep", lambda v: v >= 0, "0 (keep all) or more"),
-    ("optim.lr", lambda v: 0 <= v < float("inf"), "finite and not negative"),
+    ("optim.lr", lambda v: v == -1 or 0 <= v < float("inf"),
+     "-1 (auto: the usual rate of peft.method) or finite and not negative"),
     ("optim.end_lr", lambda v: 0 <= v < float("inf"), "finite and not negative"),
     ("optim.warmup_steps", lambda v: v >= 0, "0 or more"),
     ("optim.decay_steps", lambda v: v >= 0, "0 (train.steps) or more"),

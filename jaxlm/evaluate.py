@@ -66,10 +66,16 @@ def main(argv):
         print(json.dumps(metrics))
 
 
-if __name__ == "__main__":  # flags only when run: the functions above are imported by tests and tools
+def run():
+    """The `jaxlm-eval` command; its flags are defined only when run (tests and tools import
+    the functions above)."""
     flags.DEFINE_string("workdir", None, "A jaxlm run directory.")
     flags.DEFINE_string("split", None, "The split to evaluate (default: the run's data.eval_split).")
     flags.DEFINE_string("data_path", "", "A file in the task's format to evaluate instead of a split.")
     flags.DEFINE_integer("eval_batches", 0, "Batches to evaluate (0: the whole split).")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

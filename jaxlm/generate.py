@@ -4,6 +4,7 @@ The text goes to stdout, logs to stderr.
 """
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from jaxlm.infer import sampling
 from jaxlm.train import loop
@@ -22,6 +23,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # no Orbax INFO lines around the text
     run, params, _ = loop.restore_latest(FLAGS.workdir)
     sample = run.config.sample
     sample.update(dict(prompt=FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
@@ -31,5 +33,10 @@ def main(argv):
               flush=True)
 
 
-if __name__ == "__main__":
+def run():
+    """The `jaxlm-generate` command."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -24,5 +24,10 @@ def main(argv):
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def run():
+    """The `jaxlm-train` command."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -54,8 +54,14 @@ def main(argv):
         print(json.dumps(row, ensure_ascii=False))
 
 
-if __name__ == "__main__":  # flags only when run: the functions above are imported by tests and tools
+def run():
+    """The `jaxlm-predict` command; its flags are defined only when run (tests and tools import
+    the functions above)."""
     flags.DEFINE_string("workdir", None, "A jaxlm run directory (a fine-tuning or translation task).")
     flags.DEFINE_multi_string("text", None, "Raw text to predict for (repeat the flag for several).")
     flags.mark_flags_as_required(["workdir", "text"])
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -24,7 +24,7 @@ from jaxlm.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
-import convert_hf  # noqa: E402
+from jaxlm import convert_hf  # noqa: E402
 import merge_lora  # noqa: E402
 
 PROMPT = "ROMEO: What light"

@@ -238,3 +238,22 @@ def test_a_merged_lora_run_predicts_like_the_lora_run(base_run, tiny_finetune, t
     want, _ = lora_run.task.predictions(lora_params, "validation")
     got, _ = run.task.predictions(params, "validation")
     assert got == want
+
+
+def test_the_auto_learning_rate_follows_a_method_set_on_the_command_line():
+    """configs/sst2.py leaves optim.lr auto (-1): the method's usual rate, resolved after the
+    overrides; an explicit rate wins; an invalid one is named."""
+    import os
+    from jaxlm import config as config_lib, peft
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sst2.py")
+    config = config_lib.from_file(path)
+    config.peft.method = "lora"  # as --config.peft.method=lora does, after get_config()
+    peft.resolve_learning_rate(config)
+    assert config.optim.lr == peft.LEARNING_RATES["lora"] != peft.LEARNING_RATES["full"]
+    config = config_lib.from_file(path, "lora")
+    config.optim.lr = 5e-4
+    peft.resolve_learning_rate(config)
+    assert config.optim.lr == 5e-4
+    config.optim.lr = -2.0
+    with pytest.raises(ValueError, match=r"optim.lr=-2.0 must be -1 \(auto"):
+        config_lib.validate(config)

@@ -12,6 +12,7 @@ the run).
 
 import dataclasses
 import functools
+import logging
 import re
 
 from jaxlm.models import attach as attach_lib
@@ -36,10 +37,25 @@ LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "adapter": 1e-3, "prompt": 3e-2, "
                   "bitfit": 2e-3, "head": 3e-3}
 
 
+AUTO_LR = -1.0  # optim.lr: the usual rate of peft.method, resolved when the run is set up
+
+log = logging.getLogger(__name__)
+
+
 def learning_rate(method: str) -> float:
     if method not in LEARNING_RATES:
         raise ValueError(f"unknown fine-tuning method {method!r}: expected one of {list(METHODS)}")
     return LEARNING_RATES[method]
+
+
+def resolve_learning_rate(config) -> None:
+    """`optim.lr = -1` (auto) becomes the usual rate of `peft.method`, after the command line
+    had its say: `--config.peft.method=lora` on a config with auto takes LoRA's rate, an
+    explicit `--config.optim.lr` wins. The run logs which rate it took and why."""
+    if config.optim.lr == AUTO_LR:
+        config.optim.lr = learning_rate(config.peft.method)
+        log.info("optim.lr=%g: the usual rate of peft.method=%r (optim.lr=-1 asks for it)",
+                 config.optim.lr, config.peft.method)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import convert, tasks, tree
+from jaxlm import convert, peft, tasks, tree
 from jaxlm.compress import prune, quantize
 from jaxlm.models import pipeline_parallel
 from jaxlm.parallel.partitioner import Partitioner
@@ -39,7 +39,9 @@ class NonFiniteLoss(RuntimeError):
 
 def setup(config, workdir: str):
     """Everything a run or a tool needs before training: tokenizer, task (with its model),
-    optimizer, partitioner and the state's shardings. Fills `config.model.vocab_size`."""
+    optimizer, partitioner and the state's shardings. Fills `config.model.vocab_size`, and
+    `optim.lr` when it is auto (-1)."""
+    peft.resolve_learning_rate(config)
     hf_dir = hf_source(config.init_from)
     if hf_dir:  # the architecture comes from the Hugging Face config
         config.model.update(convert.model_overrides(hf_dir))
