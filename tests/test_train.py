@@ -48,6 +48,22 @@ def read_metrics(workdir, key="train/loss"):
     return metrics_lib.read_curves(str(workdir)).get(key, {})
 
 
+def tensorboard_events(folder) -> list:
+    """The Event protos of every event file under `folder` (TFRecord framing: length, its CRC,
+    the record, its CRC)."""
+    from tensorboardX.proto import event_pb2
+    events = []
+    for path in Path(folder).rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        while data:
+            length = int.from_bytes(data[:8], "little")
+            event = event_pb2.Event()
+            event.ParseFromString(data[12:12 + length])
+            events.append(event)
+            data = data[16 + length:]
+    return events
+
+
 def train(config, workdir):
     return loop.train_and_evaluate(config, str(workdir))
 
@@ -64,7 +80,11 @@ def test_loss_falls_and_everything_lands_in_the_workdir(data_dir, tmp_path):
     assert sorted(evals) == [75, 150] and evals[150] < evals[75] < np.log(65) - 0.5
     saved = config_lib.load(str(tmp_path))
     assert saved.model.vocab_size == 72 and saved.train.steps == 150
-    assert os.listdir(tmp_path / "tensorboard")
+    events = tensorboard_events(tmp_path / "tensorboard")
+    tags = {v.tag for e in events for v in e.summary.value}
+    assert {"train/loss", "eval/loss", "eval/accuracy"} <= tags
+    hparams = [v for e in events for v in e.summary.value if v.metadata.plugin_data.plugin_name == "hparams"]
+    assert hparams and b"optim.lr" in hparams[0].metadata.plugin_data.content  # the config, in the HParams tab
     assert checkpoint.Checkpointer(str(tmp_path), read_only=True).latest_step() == 150
     with open(tmp_path / "metrics.jsonl") as f:
         first = json.loads(f.readline())

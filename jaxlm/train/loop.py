@@ -213,8 +213,8 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
         if shapes not in compiled:
             start = time.perf_counter()
             compiled[shapes] = steps_fn.lower(state, batches).compile()
-            log.info("compiled a call for batches %s in %.1fs; memory: %s", dict(shapes),
-                     time.perf_counter() - start, compiled[shapes].memory_analysis())
+            log.info("compiled a call for batches %s in %.1fs", dict(shapes), time.perf_counter() - start)
+            log.debug("its memory: %s", compiled[shapes].memory_analysis())
         return compiled[shapes](state, batches)
 
     writer = metrics_lib.MetricWriter(workdir, start_step)
@@ -268,6 +268,8 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
                 break
             if step % t.eval_every == 0 or step == t.steps:
                 figures = evaluator(state.model_params)
+                if not writer.has_hparams:  # linked to the eval metrics this task logs
+                    writer.hparams(config, ["train/loss", *figures])
                 writer.write(step, figures)
                 if jax.process_index() == 0:
                     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items()),
@@ -393,9 +395,10 @@ def write_params_report(workdir: str, state, report: dict) -> None:
                "trainable": sum(sizes.values()) - sum(sizes[n] for n in frozen),
                "loaded": sum(sizes[n] for n in report["loaded"]),
                "new": report["new"], "frozen": frozen}
-    log.info("parameters: %s total, %s trainable (%.2f%%), %s loaded; new: %s", f"{figures['total']:,}",
-             f"{figures['trainable']:,}", 100 * figures["trainable"] / figures["total"],
-             f"{figures['loaded']:,}", ", ".join(report["new"]) or "none")
+    log.info("parameters: %s total, %s trainable (%.2f%%), %s loaded, %d new (params.json names them)",
+             f"{figures['total']:,}", f"{figures['trainable']:,}", 100 * figures["trainable"] / figures["total"],
+             f"{figures['loaded']:,}", len(report["new"]))
+    log.debug("new parameters: %s", ", ".join(report["new"]) or "none")
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, "params.json.tmp")
         with open(tmp, "w") as f:

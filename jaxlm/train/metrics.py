@@ -27,6 +27,22 @@ class MetricWriter:
                             os.path.join(workdir, "metrics.replayed.jsonl"))
             self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.has_hparams = False
+
+    def hparams(self, config, metric_keys) -> None:
+        """The run's config as TensorBoard hyperparameters (HParams tab), linked to its
+        `metric_keys` (e.g. eval/loss) that the scalars of this run log."""
+        self.has_hparams = True
+        if not self.enabled:
+            return
+        from tensorboardX.summary import hparams  # pylint: disable=import-outside-toplevel
+
+        flat = {}
+        for key, value in _flatten(config.to_dict()).items():
+            flat[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+        writer = self.tensorboard._get_file_writer()  # pylint: disable=protected-access
+        for summary in hparams(flat, {key: 0.0 for key in metric_keys}):
+            writer.add_summary(summary)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -41,6 +57,17 @@ class MetricWriter:
         if self.enabled:
             self.jsonl.close()
             self.tensorboard.close()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a.b.c': value} of a nested dict."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def set_aside_after(path: str, step: int, aside: str) -> None:
