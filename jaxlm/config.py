@@ -59,6 +59,10 @@ def default_config() -> ml_collections.ConfigDict:
         eval_generate=0,  # sft: eval conversations answered by greedy generation (0: all; -1: none)
         generate_tokens=64,  # sft: most new tokens of a generated answer
         mixture="",  # multitask: "NAME=TASK:DATASET:WEIGHT,..." parts on one BERT (configs/multitask.py)
+        contrastive_loss="clip",  # image_text: clip (softmax InfoNCE) | siglip (pairwise sigmoid)
+        projection_dim=128,  # image_text: the shared embedding width
+        text_init_from="",  # image_text: the text tower's start (a jaxlm run or Hugging Face BERT folder)
+        image_init_from="",  # image_text: the image tower's start (a jaxlm ViT run; its head is dropped)
     ))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -145,7 +149,14 @@ def default_config() -> ml_collections.ConfigDict:
         bucket_batches=0,  # seq2seq train: pairs of similar lengths share a batch, sorted in windows
                            # of this many batches (0: off); with pad_multiple a short batch is a short
                            # step (best with train.steps_per_call=1: a call is cut to its longest row)
+        holdout_classes="",  # image_text: classes (e.g. "5,9") left out of training, for zero-shot
+        image_channels=3,  # image_text caption folders: images converted to 1 (gray) or 3 (RGB) channels
     ))
+
+    # image_text: the dual encoder's image tower (a ViT; `model` is its text tower).
+    c.image_model = ml_collections.ConfigDict({**c.model.to_dict(), **dict(
+        name="vit", num_layers=4, emb_dim=128, num_heads=4, mlp="gelu_exact", use_bias=True, patch_size=4,
+        max_len=0, norm_eps=1e-6)})
 
     c.train = ml_collections.ConfigDict(dict(
         steps=1000,

@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jaxlm import tasks  # noqa: E402
-from jaxlm.data import prepared, tokenizers  # noqa: E402
+from jaxlm.data import prepared, progress, tokenizers  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config (data source, tokenizer, seq_len).",
@@ -75,12 +75,13 @@ def main(argv):
     tokenizer_dir = os.path.join(FLAGS.output, tokenizers.TOKENIZER_DIR)
     for split, split_units_ in units.items():
         start = time.time()
+        bar = progress.progress(desc=f"{split}: tokenizing", total=len(split_units_), unit="unit")
         manifest = prepared.prepare(
             FLAGS.output, split, split_units_, tokenizer_dir=tokenizer_dir, seq_len=config.data.seq_len,
             workers=FLAGS.workers, shard_bytes=int(FLAGS.shard_mb * 2**20),
             description=f"{config.data.name} files={config.data.files!r}" if not FLAGS.jsonl else str(FLAGS.jsonl),
-            progress=lambda done, total: print(f"\r{split}: {done}/{total} units", end="", file=sys.stderr))
-        print(file=sys.stderr)
+            progress=lambda done, total: bar.update(done - bar.n))
+        bar.close()
         print(f"{split}: documents={manifest['documents']} tokens={manifest['tokens']} "
               f"windows={manifest['windows']} shards={len(manifest['shards'])} "
               f"tokenizer={tokenizer.kind}:{tokenizer.fingerprint} seconds={time.time() - start:.1f} "

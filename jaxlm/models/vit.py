@@ -9,7 +9,7 @@ from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
 class ViT(nn.Module):
-    num_classes: int
+    num_classes: int  # 0: no head, the pooled features [batch, embed] (a dual encoder's image tower)
     image_size: int
     patch_size: int
     num_layers: int
@@ -19,7 +19,8 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images, deterministic: bool = True):
-        """Logits [batch, num_classes] (float32) for images [batch, height, width, channels]."""
+        """Logits [batch, num_classes] (float32) for images [batch, height, width, channels], or
+        with num_classes=0 the pooled features [batch, embed]."""
         cfg, p = self.cfg, self.patch_size
         batch, height, width, channels = images.shape
         if height % p or width % p:
@@ -41,11 +42,14 @@ class ViT(nn.Module):
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=False), name="encoder")(x, Context(positions), deterministic)
         x = norm(cfg, "final_norm")(x).reshape(batch, length, cfg.emb_dim).astype(cfg.dtype)
         pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+        if not self.num_classes:
+            return pooled
         return heads.head(self.num_classes, cfg, "head")(pooled).astype(jnp.float32)
 
 
-def from_config(m, pipeline=None) -> ViT:
-    if m.num_classes <= 0 or m.image_size <= 0:
+def from_config(m, pipeline=None, features: bool = False) -> ViT:
+    """The ViT of `config.model` (`m`); with `features`, without a head (an image tower)."""
+    if (m.num_classes <= 0 and not features) or m.image_size <= 0:
         raise ValueError("model.num_classes and model.image_size must be set (the task takes them from the data)")
-    return ViT(num_classes=m.num_classes, image_size=m.image_size, patch_size=m.patch_size,
+    return ViT(num_classes=0 if features else m.num_classes, image_size=m.image_size, patch_size=m.patch_size,
                num_layers=m.num_layers, cfg=block_config(m), pool=m.pool, stack=stack_config(m, pipeline))

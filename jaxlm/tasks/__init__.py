@@ -19,6 +19,7 @@ TASKS = {
     "span_corruption": "seq2seq:SpanCorruption",
     "seq2seq": "seq2seq:Seq2Seq",
     "contrastive": "contrastive:Contrastive",
+    "image_text": "image_text:ImageText",
     "distillation": "distillation:Distillation",
 }
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import labeled, mlm
+from jaxlm.data import labeled, mlm, progress
 from jaxlm.tasks import base, entity_f1
 
 ENCODER_KEYS = ("input_ids", "segment_ids", "input_mask")
@@ -106,7 +106,8 @@ class EncoderTask(base.Task, base.Predicts):
         """(metrics, one row per example) over a whole split or file."""
         examples, _ = self.examples(split, data_path)
         rows = []
-        for batch in self.eval_batches(split, 0, data_path):
+        batches = self.eval_batches(split, 0, data_path)
+        for batch in progress.progress(batches, desc=f"predicting ({split or data_path})", total=len(batches)):
             out = jax.device_get(self._predict(params, {k: batch[k] for k in ENCODER_KEYS}))
             for i in np.flatnonzero(batch["index"] >= 0):
                 index = int(batch["index"][i])

@@ -10,7 +10,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import builders, lm, readers, span_corruption, text_pairs, tokenizers
+from jaxlm.data import builders, lm, progress, readers, span_corruption, text_pairs, tokenizers
 from jaxlm.infer import seq2seq_decoding as decoding
 from jaxlm.tasks import base
 
@@ -181,7 +181,8 @@ class Seq2Seq(EncoderDecoder, base.Predicts):
 
         pairs = self.split_pairs(split, data_path)
         rows = []
-        for batch in self.eval_batches(split, max_batches, data_path):
+        batches = self.eval_batches(split, max_batches, data_path)
+        for batch in progress.progress(batches, desc=f"beam search ({split or data_path})", total=len(batches)):
             real = batch["example_weight"] > 0
             for hypothesis in self.translate(params, batch["encoder_input_tokens"][real]):
                 source, reference = pairs[len(rows)]

@@ -22,7 +22,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import batching, builders, chat, sft, tokenizers
+from jaxlm.data import batching, builders, chat, progress, sft, tokenizers
 from jaxlm.infer import sampling
 from jaxlm.tasks import base
 from jaxlm.tasks.causal_lm import CausalLM
@@ -158,7 +158,7 @@ class SFT(CausalLM, base.Predicts):
         """Greedy answers (the tokenizer's stop ids end them) to a list of prompt token arrays."""
         pad_id = self.tokenizer.pad_id or 0
         out, batch = [], self.config.train.batch_size
-        for start in range(0, len(prompts), batch):
+        for start in progress.progress(range(0, len(prompts), batch), desc="generating answers"):
             chunks = list(sampling.stream(self.model, params, prompts[start : start + batch],
                                           self.config.task.generate_tokens, stop_ids=self.tokenizer.stop_ids,
                                           pad_id=pad_id,

