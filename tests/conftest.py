@@ -85,6 +85,10 @@ HEAVY = {
     "test_contrastive.py": ["test_a_tiny_run_writes_retrieval_top1_and_restores_for_prediction"],
     "test_memory.py": ["test_activations_follow_xla_across_remat_policies[bfloat16-model1]"],
     "test_seq2seq_decode.py": ["test_cached_greedy_equals_recompute[False]"],
+    "test_image_text.py": ["test_a_dual_encoder_learns_class_descriptions_and_classifies_by_prompts[siglip]",
+                           "test_the_image_tower_starts_from_a_vit_run_without_its_head"],
+    "test_splash.py": ["test_a_decoder_with_splash_attention_computes_the_cpu_decoders_logits_and_gradients",
+                       "test_splash_sharded_over_data_and_tensor_equals_one_device"],
 }
 
 

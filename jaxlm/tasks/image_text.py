@@ -6,7 +6,8 @@
   siglip  SigLIP's pairwise sigmoid loss: every (image, text) pair of the batch is a binary
           problem, -log sigmoid(z * (scale * sim + bias)) with z = +1 for a matching pair and -1
           otherwise, summed over the texts and averaged over the images; scale starts at 10 and
-          the learned bias at -10 (the SigLIP paper's initialisation).
+          the learned bias at -log(batch size): the prior of one match per row, as the paper's
+          -10 is for its batches of 32k.
 Pairs match when they are the same example, or when both carry the same class label (the class-
 description data: two t-shirt images are no negatives of each other's captions); caption folders
 have no labels (-1): only the diagonal matches.
@@ -24,7 +25,8 @@ Evaluation adds (`generation_metrics`), on the eval split:
   zero_shot_seen       ... and on the other classes;
   i2t_r1, i2t_r5, t2i_r1, t2i_r5   retrieval recall@k between the first `task.retrieval_pairs`
                        eval images (0: all) and their captions; a retrieved caption (image) is
-                       right when its text equals the query's own caption (of the query caption).
+                       right when it is of the query's class (class-description data) or, in a
+                       caption folder, when its text is the query's own caption (image's).
 """
 
 import copy
@@ -156,7 +158,7 @@ class ImageText(base.Task):
         siglip = self.config.task.contrastive_loss == "siglip"
         extra = {SCALE: jnp.asarray(math.log(10.0 if siglip else 1.0 / self.config.task.temperature), jnp.float32)}
         if siglip:
-            extra[BIAS] = jnp.asarray(-10.0, jnp.float32)
+            extra[BIAS] = jnp.asarray(-math.log(self.config.train.batch_size), jnp.float32)
         return {**variables, "params": {**variables["params"], **extra}}
 
     def parameter_sources(self) -> tuple:
@@ -286,8 +288,12 @@ class ImageText(base.Task):
             n = len(pairs) if limit == 0 else min(limit, len(pairs))
             captions = [image_text.eval_caption(pairs, i) for i in range(n)]
             texts = self.embed_texts(params, captions)
-            ids = np.unique(np.asarray(captions), return_inverse=True)[1]
-            same = ids[:, None] == ids[None, :]
+            labels = pairs.labels[:n]
+            if (labels >= 0).all():  # class descriptions: a caption of the image's class is right
+                same = labels[:, None] == labels[None, :]
+            else:
+                ids = np.unique(np.asarray(captions), return_inverse=True)[1]
+                same = ids[:, None] == ids[None, :]
             similarity = images[:n] @ texts.T
             for k in (1, 5):
                 metrics[f"i2t_r{k}"] = recall_at(similarity, same, k)
