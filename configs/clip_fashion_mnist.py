@@ -12,7 +12,8 @@ ankle boots (9) are never seen. The text tower is locked (`peft.frozen='^text/'`
 a pretrained tower): the image tower and both projections learn to meet it, and the prompts of the
 unseen classes stay where the pretrained text tower puts them. Evaluation on the 10,000 test images: `eval/zero_shot` (all 10
 classes by their prompts; chance 10%), `eval/zero_shot_holdout` (the two unseen classes, still
-against all 10 prompts), `eval/zero_shot_seen`, and recall@1/5 of image->text and text->image
+against all 10 prompts), `eval/zero_shot_seen`, `eval/zero_shot_unseen_only` (the unseen images
+between the two unseen prompts: classic zero-shot, chance 50%), and recall@1/5 of image->text and text->image
 retrieval over the first 1,000 test pairs. Start the image tower from a ViT run with
 `--config.task.image_init_from=DIR` (e.g. configs/vit_finetune.py's); your own captioned images:
 `--config.data.name=jaxlm_image_captions --config.data.files=train=DIR,validation=DIR`.

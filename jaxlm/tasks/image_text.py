@@ -23,6 +23,8 @@ Evaluation adds (`generation_metrics`), on the eval split:
                        classes, held out ones included (chance: 1 / classes);
   zero_shot_holdout    the same accuracy on the images of `data.holdout_classes` only;
   zero_shot_seen       ... and on the other classes;
+  zero_shot_unseen_only  the held-out images among the held-out prompts only (classic zero-shot,
+                       chance 1 / held-out classes; the three above are the generalized setting);
   i2t_r1, i2t_r5, t2i_r1, t2i_r5   retrieval recall@k between the first `task.retrieval_pairs`
                        eval images (0: all) and their captions; a retrieved caption (image) is
                        right when it is of the query's class (class-description data) or, in a
@@ -277,12 +279,14 @@ class ImageText(base.Task):
         images = self.embed_images(params, pairs.images)
         metrics = {}
         if self.config.data.name in image_text.DESCRIPTIONS:
-            predicted = np.argmax(images @ self.class_embeddings(params).T, axis=-1)
-            right = predicted == pairs.labels
+            similarity = images @ self.class_embeddings(params).T
+            right = np.argmax(similarity, axis=-1) == pairs.labels
             held = np.isin(pairs.labels, self.holdout)
             metrics["zero_shot"] = float(right.mean())
             if held.any():
                 metrics["zero_shot_holdout"], metrics["zero_shot_seen"] = float(right[held].mean()), float(right[~held].mean())
+                unseen = np.asarray(self.holdout)[np.argmax(similarity[held][:, self.holdout], axis=-1)]
+                metrics["zero_shot_unseen_only"] = float(np.mean(unseen == pairs.labels[held]))
         limit = self.config.task.retrieval_pairs
         if limit >= 0:
             n = len(pairs) if limit == 0 else min(limit, len(pairs))
