@@ -11,6 +11,7 @@ parameters it needs, e.g. a distillation teacher, which the trainer loads and ha
 """
 
 import abc
+import copy
 import dataclasses
 import os
 from typing import Any
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm import config as config_lib
 from jaxlm import convert, models, peft
 from jaxlm.compress import quantize
 from jaxlm.data import tokenizers
@@ -73,6 +75,28 @@ def hf_tokenizer_file(kind: str, name: str) -> str:
         raise FileNotFoundError(f"data.tokenizer={kind!r} needs data.tokenizer_path: a {file}, "
                                 f"or a Hugging Face folder or package holding one (got {name!r})")
     return os.path.join(hf_dir, file)
+
+
+def is_workdir(source: str) -> bool:
+    return os.path.isfile(os.path.join(source, "config.json")) and os.path.isdir(os.path.join(source, "checkpoints"))
+
+
+def source_config(config, source: str, what: str):
+    """The config of a `ParameterSource` at `source`: a jaxlm workdir's own, or `config` with the
+    Hugging Face checkpoint's architecture (and `init_from` it, all parameters); on `config`'s
+    mesh either way. `what` is the setting that named `source` (for errors)."""
+    if is_workdir(source):
+        loaded = config_lib.load(source)
+    else:
+        hf_dir = convert.resolve(source)
+        if hf_dir is None:
+            raise ValueError(f"{what}={source!r} is neither a jaxlm workdir (config.json and checkpoints/) "
+                             "nor a Hugging Face folder or package")
+        loaded = copy.deepcopy(config)
+        loaded.model.update(convert.model_overrides(hf_dir))
+        loaded.init_from, loaded.peft.method = hf_dir, "full"
+    loaded.mesh.update(config.mesh.to_dict())
+    return loaded
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,6 @@ Metrics: the student task's (`loss` is the cross-entropy on the labels), `distil
 objective) and each term that runs (`kl`, `hidden`, `attention`).
 """
 
-import copy
 import os
 
 import flax
@@ -25,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import config as config_lib
-from jaxlm import convert, tasks, tree
+from jaxlm import tasks, tree
 from jaxlm.compress import distill
 from jaxlm.data import labeled, tokenizers
 from jaxlm.tasks import base, classification
@@ -44,31 +42,18 @@ def student_class(config):
     return tasks.get(name)
 
 
-def is_workdir(source: str) -> bool:
-    return os.path.isfile(os.path.join(source, "config.json")) and os.path.isdir(
-        os.path.join(source, "checkpoints"))
-
-
 def teacher_config(config, source: str):
     """The teacher's config: its run's own (a jaxlm workdir: its data gives its labels) or the
     student's with the Hugging Face architecture; either way on the student's mesh."""
-    if is_workdir(source):
-        t = config_lib.load(source)
-    else:
-        hf_dir = convert.resolve(source)
-        if hf_dir is None:
-            raise ValueError(f"distill.teacher={source!r} is neither a jaxlm workdir (config.json and "
-                             "checkpoints/) nor a Hugging Face folder or package")
-        t = copy.deepcopy(config)
-        t.model.update(convert.model_overrides(hf_dir))
-        t.task.name, t.init_from, t.peft.method = config.distill.student_task, hf_dir, "full"
+    t = base.source_config(config, source, "distill.teacher")
+    if not base.is_workdir(source):  # a Hugging Face teacher: the student's task
+        t.task.name = config.distill.student_task
     if t.task.name != config.distill.student_task:
         raise ValueError(f"distill.teacher={source!r} was trained on task {t.task.name!r}, but "
                          f"distill.student_task={config.distill.student_task!r}")
     if config.data.seq_len > t.model.max_len:
         raise ValueError(f"distill.teacher={source!r} reads {t.model.max_len} positions, fewer than "
                          f"data.seq_len={config.data.seq_len}")
-    t.mesh.update(config.mesh.to_dict())
     return t
 
 

@@ -31,10 +31,8 @@ Evaluation adds (`generation_metrics`), on the eval split:
                        caption folder, when its text is the query's own caption (image's).
 """
 
-import copy
 import functools
 import math
-import os
 
 import flax
 import jax
@@ -42,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm import config as config_lib, convert, peft
+from jaxlm import peft
 from jaxlm.compress import quantize
 from jaxlm.data import image_text, labeled, mlm, progress
 from jaxlm.models import dual_encoder, pipeline_parallel
@@ -85,22 +83,11 @@ def recall_at(similarity: np.ndarray, same: np.ndarray, k: int) -> float:
     return float(np.mean(np.take_along_axis(same, top, axis=1).any(1)))
 
 
-def source_config(config, path: str, family: str):
-    """The config of a tower's start: a jaxlm run's own, or this run's with the Hugging Face
-    checkpoint's architecture."""
-    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
-        source = config_lib.load(path)
-    else:
-        hf_dir = convert.resolve(path)
-        if hf_dir is None:
-            raise ValueError(f"{path!r} is neither a jaxlm workdir (config.json and checkpoints/) nor a "
-                             "Hugging Face folder or package")
-        source = copy.deepcopy(config)
-        source.model.update(convert.model_overrides(hf_dir))
-        source.init_from, source.peft.method = hf_dir, "full"
+def tower_config(config, path: str, family: str, what: str):
+    """The config of a tower's start (`base.source_config`), checked to hold a `family` model."""
+    source = base.source_config(config, path, what)
     if source.model.name != family:
-        raise ValueError(f"{path!r} holds a {source.model.name!r} model; this tower is a {family!r}")
-    source.mesh.update(config.mesh.to_dict())
+        raise ValueError(f"{what}={path!r} holds a {source.model.name!r} model; this tower is a {family!r}")
     return source
 
 
@@ -121,7 +108,7 @@ class ImageText(base.Task):
         for tower, path, family, model in ((TEXT, c.text_init_from, "bert", config.model),
                                            (IMAGE, c.image_init_from, "vit", config.image_model)):
             if path:
-                self.sources[tower] = source_config(config, path, family)
+                self.sources[tower] = tower_config(config, path, family, f"task.{tower}_init_from")
                 model.update({k: v for k, v in self.sources[tower].model.to_dict().items() if k not in RUN_KEYS})
         super().__init__(config, tokenizer)
         if c.contrastive_loss not in LOSSES:
