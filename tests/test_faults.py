@@ -221,7 +221,7 @@ def snapshot(workdir) -> dict:
     ("train.steps", -5, "train.steps=-5 must be 0 (initialize only, nothing saved) or more"),
     ("checkpoint.every", 0, "checkpoint.every=0 must be at least 1"),
     ("train.eval_every", 0, "train.eval_every=0 must be at least 1"),
-    ("optim.lr", float("inf"), "optim.lr=inf must be finite"),
+    ("optim.lr", float("inf"), "optim.lr=inf must be -1 (auto: the usual rate of peft.method) or finite"),
     ("train.nan_policy", "ignore", "train.nan_policy='ignore' must be 'stop' or 'skip'"),
 ])
 def test_a_bad_config_value_fails_before_anything_is_written(data_dir, tmp_path, key, value, message):
