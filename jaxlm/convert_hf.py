@@ -22,7 +22,6 @@ differences and, last, `max_abs_diff=<x>`; exits 1 above `--tolerance`.
 Nothing is ever written into a non-empty directory.
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -30,6 +29,7 @@ import tempfile
 
 import jax
 import numpy as np
+from absl import flags
 
 from jaxlm import config as config_lib, convert
 from jaxlm.convert import compare
@@ -39,23 +39,42 @@ from jaxlm.train import checkpoint, loop, state as state_lib
 TASKS = {"bert": "mlm_nsp", "gpt": "causal_lm", "t5": "span_corruption", "vit": "image_classification"}
 
 
+REQUIRED = {"import": ("hf_dir", "workdir"), "export": ("workdir", "hf_dir"), "check": ("hf_dir",)}
+USAGE = ("usage: jaxlm-convert import --hf_dir=DIR --workdir=DIR [--config=FILE[:ARG]] | "
+         "export --workdir=DIR --hf_dir=DIR | check --hf_dir=DIR [--tolerance=1e-4] [--examples=8] [--scan_layers=1]")
+
+
+def parse(argv: list[str]) -> tuple[str, flags.FlagValues]:
+    """The command and its absl flags, parsed into a FlagValues of this call's own (importing the
+    module defines no global flags, so tests and tools can import it beside others).
+
+    Raises:
+      flags.Error: an unknown flag, a missing or unknown command, or a flag the command needs.
+    """
+    fv = flags.FlagValues()
+    flags.DEFINE_string("hf_dir", None, "a Hugging Face model folder (import, check: or an installed "
+                        "package that ships one)", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "the jaxlm workdir (import: a new one)", flag_values=fv)
+    flags.DEFINE_string("config", "", "import: a configs/*.py file[:arg] to start from", flag_values=fv)
+    flags.DEFINE_float("tolerance", 1e-4, "check: the largest logit difference that passes", flag_values=fv)
+    flags.DEFINE_integer("examples", 8, "check: inputs compared", flag_values=fv)
+    flags.DEFINE_integer("scan_layers", 1, "check: 1 to run jaxlm's layers scanned", flag_values=fv)
+    rest = fv(["jaxlm-convert", *argv])[1:]
+    if len(rest) != 1 or rest[0] not in REQUIRED:
+        raise flags.Error(f"expected one command of {sorted(REQUIRED)}, got {rest}")
+    missing = [f"--{name}" for name in REQUIRED[rest[0]] if not fv[name].value]
+    if missing:
+        raise flags.Error(f"{rest[0]} needs {' and '.join(missing)}")
+    return rest[0], fv
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    imports = commands.add_parser("import", help="a Hugging Face folder -> a new jaxlm workdir")
-    imports.add_argument("--hf_dir", required=True)
-    imports.add_argument("--workdir", required=True)
-    imports.add_argument("--config", default="", help="a configs/*.py file[:arg] to start from")
-    exports = commands.add_parser("export", help="a jaxlm workdir -> a new Hugging Face folder")
-    exports.add_argument("--workdir", required=True)
-    exports.add_argument("--hf_dir", required=True)
-    checks = commands.add_parser("check", help="jaxlm vs transformers on the same inputs")
-    checks.add_argument("--hf_dir", required=True)
-    checks.add_argument("--tolerance", type=float, default=1e-4)
-    checks.add_argument("--examples", type=int, default=8)
-    checks.add_argument("--scan_layers", type=int, default=1)
-    args = parser.parse_args(argv)
-    return {"import": import_checkpoint, "export": export_workdir, "check": check}[args.command](args)
+    try:
+        command, args = parse(sys.argv[1:] if argv is None else list(argv))
+    except flags.Error as e:
+        print(f"{e}\n{USAGE}", file=sys.stderr)
+        return 2
+    return {"import": import_checkpoint, "export": export_workdir, "check": check}[command](args)
 
 
 def _hf_dir(name_or_path: str) -> str:

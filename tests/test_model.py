@@ -296,3 +296,22 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
     np.testing.assert_allclose(got, want, rtol=1e-5)
     plain = base_task.cross_entropy(logits, targets, weights)[0]
     assert weight == 12 and abs(float(plain - got)) > 1e-2
+
+
+def test_dropout_drops_its_rate_and_keeps_the_expectation():
+    """The 8-bit mask: 26/256 of a large array dropped for rate 0.1, the mean kept, a new mask per
+    key, masks shaped like the input (odd last axis), the identity when deterministic."""
+    from jaxlm.models import layers
+    x = jnp.full((512, 1001), 2.0)
+    y = layers.dropout(x, 0.1, jax.random.key(0))
+    dropped = float(jnp.mean(y == 0))
+    assert abs(dropped - 26 / 256) < 2e-3, dropped
+    np.testing.assert_allclose(float(jnp.mean(y)), 2.0, rtol=3e-3)
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 2.0 / (1 - 26 / 256)], rtol=1e-6)
+    assert float(jnp.mean((y == 0) != (layers.dropout(x, 0.1, jax.random.key(1)) == 0))) > 0.15
+    assert layers.dropout(x, 0.001, jax.random.key(0)) is x  # rounds to no dropout
+    assert float(jnp.max(jnp.abs(layers.dropout(x, 1.0, jax.random.key(0))))) == 0
+    module = layers.Dropout(0.5)
+    assert module.apply({}, x, deterministic=True) is x
+    z = module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert abs(float(jnp.mean(z == 0)) - 0.5) < 5e-3

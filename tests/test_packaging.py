@@ -32,3 +32,17 @@ def test_the_readme_installs_with_extras_that_exist_and_the_constraints():
     for requirement in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["dev"]:
         name = normal(re.match(r"[\w.-]+", requirement).group(0))
         assert name in pinned, f"{name} is not in constraints.txt"
+
+
+# The two tools that keep argparse, and why (each says so in its docstring): launch_local.py passes
+# everything after `--` to another program; nanogpt_val_loss.py runs under nanoGPT's PyTorch
+# Python, which need not have absl.
+ARGPARSE_ALLOWED = {"launch_local.py", "nanogpt_val_loss.py"}
+
+
+def test_every_tool_and_entry_point_takes_absl_flags():
+    sources = [*(ROOT / "tools").glob("*.py"), *(ROOT / "jaxlm").glob("*.py")]
+    argparse_users = {p.name for p in sources if re.search(r"^import argparse", p.read_text(), re.M)}
+    assert argparse_users == ARGPARSE_ALLOWED
+    for name in ARGPARSE_ALLOWED:
+        assert "argparse" in ast.get_docstring(ast.parse((ROOT / "tools" / name).read_text()))

@@ -83,6 +83,19 @@ def test_the_schedule_is_busy_exactly_outside_the_bubble_formula(pipe):
     assert pipeline.schedule_utilization(pipe) == pytest.approx(1 - pipe.bubble)
 
 
+@pytest.mark.parametrize("pipe", [pipeline.Pipeline(4, 8), pipeline.Pipeline(2, 4, "circular", 3)])
+def test_every_microbatch_passes_every_stage_in_order_once_per_repeat(pipe):
+    """The schedule's table: stage s works on item t - s, so microbatch m of repeat r reaches
+    stage s + 1 one iteration after stage s, and no stage holds two items at once."""
+    micro, repeat = pipeline.schedule(pipe)
+    assert micro.shape == repeat.shape == (pipe.iterations, pipe.stages)
+    for r in range(pipe.repeats):
+        for m in range(pipe.microbatches):
+            t, s = np.nonzero((micro == m) & (repeat == r))
+            assert list(s) == list(range(pipe.stages)) and list(np.diff(t)) == [1] * (pipe.stages - 1)
+    assert np.all((micro >= 0) == (repeat >= 0))
+
+
 def test_the_circular_schedule_has_the_smaller_bubble():
     assert pipeline.Pipeline(4, 8, "circular", 2).bubble < pipeline.Pipeline(4, 8).bubble
 

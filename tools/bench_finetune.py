@@ -30,7 +30,6 @@ the logits and loss of the first batch with jaxlm's fresh classifier copied into
 Compare ratios from one run, not absolute times across runs: the machine is noisy.
 """
 
-import argparse
 import logging
 import os
 import shlex
@@ -43,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax
 import numpy as np
 import torch
+from absl import app, flags
 
 # The checkout's jaxlm, also when it is not pip-installed (`python tools/bench_finetune.py`).
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,21 +55,16 @@ from jaxlm.train import loop
 SETTINGS = ("padded", "dynamic")
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per side per setting")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side per setting")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds the timed steps split into")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seq_len", type=int, default=64)
-    parser.add_argument("--pad_multiple", type=int, default=16, help="jaxlm's dynamic padding multiple")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0, help="the permutation of the train sentences")
-    parser.add_argument("--check_sentences", type=int, default=8)
-    args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0 or not 1 <= args.rounds <= args.steps:
-        parser.error("need --steps >= 1, --warmup >= 0 and 1 <= --rounds <= --steps")
-    return args
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("steps", 30, "timed steps per side per setting")
+flags.DEFINE_integer("warmup", 3, "untimed steps per side per setting")
+flags.DEFINE_integer("rounds", 2, "interleaved rounds the timed steps split into")
+flags.DEFINE_integer("batch_size", 32, "rows per step")
+flags.DEFINE_integer("seq_len", 64, "tokens per row (padded setting)")
+flags.DEFINE_integer("pad_multiple", 16, "jaxlm's dynamic padding multiple")
+flags.DEFINE_integer("threads", 2, "torch.set_num_threads")
+flags.DEFINE_integer("seed", 0, "the permutation of the train sentences")
+flags.DEFINE_integer("check_sentences", 8, "sentences of the same-model check")
 
 
 def sentences(n: int, seed: int) -> list[tuple[str, int]]:
@@ -221,8 +216,11 @@ def time_setting(jx: JaxSide, tx: TorchSide, rows: list, args, setting: str) -> 
     )
 
 
-def main():
-    args = parse_args()
+def main(argv):
+    del argv
+    args = FLAGS
+    if args.steps < 1 or args.warmup < 0 or not 1 <= args.rounds <= args.steps:
+        raise app.UsageError("need --steps >= 1, --warmup >= 0 and 1 <= --rounds <= --steps")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     command = "python " + shlex.join(sys.argv)
@@ -260,4 +258,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

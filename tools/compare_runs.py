@@ -20,7 +20,6 @@ metrics) are bit-identical, and the largest absolute and relative loss differenc
 when a case is missing from either file or failed in either.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -30,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -120,13 +121,13 @@ def run_case(name: str, workroot: str) -> dict:
             "losses": losses, "final_eval": final_eval, "log": log_path}
 
 
-def run(args) -> int:
-    wanted = set(args.only.split(",")) if args.only else set(CASES)
+def run(output: str, only: str, workroot: str) -> int:
+    wanted = set(only.split(",")) if only else set(CASES)
     if wanted - set(CASES):
         raise SystemExit(f"unknown case(s) {sorted(wanted - set(CASES))}; the cases are {list(CASES)}")
     wanted |= {CASES[name].needs for name in wanted if CASES[name].needs}
     names = [name for name in CASES if name in wanted]  # CASES lists a case after what it needs
-    workroot = os.path.abspath(args.workroot or tempfile.mkdtemp(prefix="compare_runs_"))
+    workroot = os.path.abspath(workroot or tempfile.mkdtemp(prefix="compare_runs_"))
     os.makedirs(workroot, exist_ok=True)
     git = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True)
     recording = {"repo": REPO, "commit": git.stdout.strip(), "workroot": workroot, "cases": {}}
@@ -138,7 +139,7 @@ def run(args) -> int:
         last = f"{result['losses'][-1][1]:.6f}" if result["losses"] else "-"
         print(f"{name:16s} rc={result['returncode']} steps={result['steps']:4d} last_loss={last} "
               f"eval={json.dumps(result['final_eval'])} {result['wall_s']:.1f}s", flush=True)
-        with open(args.output, "w") as f:  # after every case: a long recording keeps what it has
+        with open(output, "w") as f:  # after every case: a long recording keeps what it has
             json.dump(recording, f, indent=1)
     return 1 if failed else 0
 
@@ -154,14 +155,14 @@ def loss_differences(before: list, after: list) -> tuple[float, float]:
     return max_abs, max_rel
 
 
-def compare(args) -> int:
-    with open(args.before) as f:
+def compare(before_path: str, after_path: str, only: str) -> int:
+    with open(before_path) as f:
         before = json.load(f)
-    with open(args.after) as f:
+    with open(after_path) as f:
         after = json.load(f)
     names = list(before["cases"]) + [n for n in after["cases"] if n not in before["cases"]]
-    names = [name for name in names if name in args.only.split(",")] if args.only else names
-    print(f"before: {args.before} ({before['commit'][:12]}), after: {args.after} ({after['commit'][:12]})")
+    names = [name for name in names if name in only.split(",")] if only else names
+    print(f"before: {before_path} ({before['commit'][:12]}), after: {after_path} ({after['commit'][:12]})")
     print(f"{'case':16s} {'steps':>9s} {'losses':>10s} {'max abs':>10s} {'max rel':>10s} "
           f"{'final eval':>10s}  notes")
     identical, problems = 0, 0
@@ -169,7 +170,7 @@ def compare(args) -> int:
         b, a = before["cases"].get(name), after["cases"].get(name)
         if b is None or a is None:
             problems += 1
-            print(f"{name:16s} missing from {args.before if b is None else args.after}")
+            print(f"{name:16s} missing from {before_path if b is None else after_path}")
             continue
         notes = [f"{label} failed (rc={r['returncode']}, {r['log']})"
                  for label, r in (("before", b), ("after", a)) if r["returncode"] != 0]
@@ -188,20 +189,22 @@ def compare(args) -> int:
     return 1 if problems else 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run_parser = commands.add_parser("run", help="train the cases and record their losses")
-    run_parser.add_argument("--output", required=True, help="the JSON file to write")
-    run_parser.add_argument("--only", default="", help=f"comma-separated cases of {list(CASES)}")
-    run_parser.add_argument("--workroot", default="", help="where the workdirs go (default: a new temp dir)")
-    compare_parser = commands.add_parser("compare", help="compare two recordings")
-    compare_parser.add_argument("before")
-    compare_parser.add_argument("after")
-    compare_parser.add_argument("--only", default="", help="comma-separated cases (default: all in either)")
-    args = parser.parse_args()
-    return run(args) if args.command == "run" else compare(args)
+def main(argv) -> int:
+    """`run` takes --output (required), --only, --workroot; `compare` takes BEFORE AFTER and --only."""
+    command, *paths = argv[1:] or [""]
+    args = flags.FLAGS
+    if command == "run" and not paths:
+        if not args.output:
+            raise app.UsageError("run: --output=FILE.json is required")
+        return run(args.output, args.only, args.workroot)
+    if command == "compare" and len(paths) == 2:
+        return compare(*paths, args.only)
+    raise app.UsageError("usage: compare_runs.py run --output=FILE [--only=A,B] [--workroot=DIR] | "
+                         "compare BEFORE AFTER [--only=A,B]")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    flags.DEFINE_string("output", None, "run: the JSON file to write")
+    flags.DEFINE_string("only", "", f"comma-separated cases of {list(CASES)} (compare: default all in either)")
+    flags.DEFINE_string("workroot", "", "run: where the workdirs go (default: a new temp dir)")
+    app.run(main)

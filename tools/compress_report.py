@@ -21,7 +21,6 @@ the baseline's batch size, timed for all results in this process in interleaved 
 Writes OUTPUT/report.md, report.json and report.png (the metric against size and latency).
 """
 
-import argparse
 import json
 import os
 import subprocess
@@ -30,6 +29,7 @@ import time
 
 import jax
 import numpy as np
+from absl import flags
 
 from jaxlm import config as config_lib
 from jaxlm import evaluate as evaluate_lib
@@ -184,20 +184,32 @@ def plot(rows: list[dict], args) -> None:
     fig.savefig(os.path.join(args.output, "report.png"), dpi=120)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", required=True, help="the trained run to compress (a jaxlm workdir)")
-    parser.add_argument("--output", required=True, help="a folder for the results (reruns skip finished ones)")
-    parser.add_argument("--config", default="configs/sst2.py", help="the baseline's config file")
-    parser.add_argument("--methods", default="float,int8,w8a8,int4")
-    parser.add_argument("--metric", default="accuracy", help="the key of jaxlm.evaluate's metrics")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of the training methods")
-    parser.add_argument("--lr", type=float, default=3e-5)
-    parser.add_argument("--distill_config", default="configs/distill_sst2.py")
-    parser.add_argument("--distill_steps", type=int, default=800)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--calls", type=int, default=5)
-    args = parser.parse_args()
+def parse(argv: list[str]) -> flags.FlagValues:
+    """absl flags in a FlagValues of this call's own (tests import this module beside other tools)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("baseline", None, "the trained run to compress (a jaxlm workdir)", flag_values=fv)
+    flags.DEFINE_string("output", None, "a folder for the results (reruns skip finished ones)", flag_values=fv)
+    flags.DEFINE_string("config", "configs/sst2.py", "the baseline's config file", flag_values=fv)
+    flags.DEFINE_string("methods", "float,int8,w8a8,int4", "comma-separated methods (see above)", flag_values=fv)
+    flags.DEFINE_string("metric", "accuracy", "the key of jaxlm.evaluate's metrics", flag_values=fv)
+    flags.DEFINE_integer("steps", 300, "fine-tuning steps of the training methods", flag_values=fv)
+    flags.DEFINE_float("lr", 3e-5, "learning rate of the training methods", flag_values=fv)
+    flags.DEFINE_string("distill_config", "configs/distill_sst2.py", "the student's config file", flag_values=fv)
+    flags.DEFINE_integer("distill_steps", 800, "training steps of the students", flag_values=fv)
+    flags.DEFINE_integer("rounds", 3, "interleaved latency rounds", flag_values=fv)
+    flags.DEFINE_integer("calls", 5, "timed eval batches per result and round", flag_values=fv)
+    flags.mark_flags_as_required(["baseline", "output"], flag_values=fv)
+    rest = fv(["compress_report.py", *argv])
+    if len(rest) > 1:
+        raise flags.Error(f"unexpected arguments {rest[1:]}")
+    return fv
+
+
+def main(argv=None):
+    try:
+        args = parse(sys.argv[1:] if argv is None else list(argv))
+    except flags.Error as e:
+        raise SystemExit(f"{e}\n{__doc__.splitlines()[2].strip()}") from None
     methods = [m for m in args.methods.split(",") if m]
     if methods[0] != "float":
         methods.insert(0, "float")  # the reference row

@@ -11,13 +11,14 @@ compile excluded) and the wall time one epoch of the train split would take at t
 A method whose workdir already holds a finished run is not trained again.
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from jaxlm import config as config_lib
 from jaxlm.data import labeled
@@ -40,22 +41,28 @@ def train_examples(config) -> int:
     return len(labeled.tagging_source(d.name, d.train_split, data_dir=d.data_dir, files=d.files)[0])
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/sst2.py")
-    parser.add_argument("--methods", default="full,lora,adapter,prompt,bitfit,head")
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--metric", default="accuracy")
-    parser.add_argument("overrides", nargs="*", help="more --config.a.b=v flags for every run")
-    args = parser.parse_args()
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/sst2.py", "The config file (its argument picks the method: "
+                                "leave it off); --config.a.b=v overrides go to every run.")
+flags.DEFINE_list("methods", ["full", "lora", "adapter", "prompt", "bitfit", "head"], "PEFT methods, one run each.")
+flags.DEFINE_integer("steps", 800, "Training steps of each run.")
+flags.DEFINE_string("workdir", None, "A folder for the runs (one subfolder per method).")
+flags.DEFINE_string("metric", "accuracy", "The key of jaxlm.evaluate's metrics for the table.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    del argv
+    args = FLAGS
+    config_file = config_flags.get_config_filename(FLAGS["config"]).split(":")[0]
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]  # checked by the config flag
     rows = []
-    for method in args.methods.split(","):
+    for method in args.methods:
         workdir = os.path.join(args.workdir, method)
-        flags = [f"--config={args.config}:{method}", f"--workdir={workdir}",
-                 f"--config.train.steps={args.steps}", f"--config.train.eval_every={args.steps}",
-                 "--config.train.eval_batches=4", *args.overrides]
-        run([sys.executable, "-m", "jaxlm.main", *flags])
+        run_flags = [f"--config={config_file}:{method}", f"--workdir={workdir}",
+                     f"--config.train.steps={args.steps}", f"--config.train.eval_every={args.steps}",
+                     "--config.train.eval_batches=4", *overrides]
+        run([sys.executable, "-m", "jaxlm.main", *run_flags])
         metrics = json.loads(run([sys.executable, "-m", "jaxlm.evaluate", f"--workdir={workdir}"]).strip().splitlines()[-1])
         params = json.load(open(os.path.join(workdir, "params.json")))
         config = config_lib.load(workdir)
@@ -74,4 +81,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

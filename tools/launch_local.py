@@ -8,6 +8,8 @@ Process i gets JAXLM_COORDINATOR=127.0.0.1:PORT, JAXLM_NUM_PROCESSES=N, JAXLM_PR
 line prefixed `[p0] `, `[p1] `, ... (stdout to stdout, stderr to stderr). When one process fails
 or `--timeout` passes, all the others are stopped (SIGTERM, then SIGKILL after `--grace`
 seconds); the exit status is the first failing process's (124 on timeout, 0 when all succeed).
+Unlike the other tools it parses its options with argparse: everything after `--` is another
+program's command line, which absl would try to parse as its own flags.
 """
 
 import argparse

@@ -10,8 +10,8 @@ parameters at the run's step. It loads like any run (`jaxlm.evaluate`, `jaxlm.pr
 `init_from`, `tools/convert_hf.py export`). `jaxlm.peft.lora.unmerge` takes the adapters out again.
 """
 
-import argparse
 
+from absl import app, flags
 import jax
 
 from jaxlm import config as config_lib
@@ -36,14 +36,15 @@ def merge_workdir(workdir: str, output: str) -> int:
     return step
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a LoRA run")
-    parser.add_argument("--output", required=True, help="a new folder for the merged run")
-    args = parser.parse_args()
+def main(argv):
+    del argv
+    args = flags.FLAGS
     step = merge_workdir(args.workdir, args.output)
     print(f"merged step {step} of {args.workdir} into {args.output}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # flags defined here only: tests import this module beside other tools
+    flags.DEFINE_string("workdir", None, "a LoRA run")
+    flags.DEFINE_string("output", None, "a new folder for the merged run")
+    flags.mark_flags_as_required(["workdir", "output"])
+    app.run(main)

@@ -4,7 +4,8 @@
 
 Non-overlapping windows of seq_len + 1 tokens, full batches only, the mean over every token:
 the figure `python -m jaxlm.evaluate` prints for a jaxlm run, so the two compare directly.
-Run it with a Python that has torch (see tools/bench_nanogpt.sh).
+Run it with a Python that has torch (see tools/bench_nanogpt.sh); that Python need not have
+absl, so unlike the other tools it parses its arguments with argparse.
 """
 
 import argparse

@@ -10,7 +10,6 @@ the useful share of T(M) is (T(2M) - T(M)) / T(M) and the idle fraction 2 - T(2M
 includes moving activations between stages).
 """
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -18,21 +17,20 @@ import time
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stages", type=int, default=4)
-    parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="layer groups per stage (circular)")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--microbatch_size", type=int, default=4, help="rows per microbatch")
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the fastest counts)")
-    return parser.parse_args()
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("stages", 4, "pipeline stages (host CPU devices)")
+flags.DEFINE_integer("microbatches", 8, "microbatches per step")
+flags.DEFINE_integer("repeats", 2, "layer groups per stage (circular)")
+flags.DEFINE_integer("layers", 8, "Transformer blocks in the stack")
+flags.DEFINE_integer("microbatch_size", 4, "rows per microbatch")
+flags.DEFINE_integer("length", 64, "tokens per row")
+flags.DEFINE_integer("width", 128, "model width")
+flags.DEFINE_integer("steps", 5, "timed steps (the fastest counts)")
 
 
 def block_layer(width: int, heads: int):
@@ -63,8 +61,9 @@ def timed(fn, *args, steps: int) -> float:
     return best
 
 
-def main():
-    args = parse_args()
+def main(argv):
+    del argv
+    args = FLAGS
     jax.config.update("jax_num_cpu_devices", args.stages)
     import flax.linen as nn
     import ml_collections
@@ -104,4 +103,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -13,13 +13,14 @@ step. The top ops by time follow, with their names as XLA gave them (open the sa
 ui.perfetto.dev, or the folder in TensorBoard's profile plugin, to see them on a timeline).
 """
 
-import argparse
 import collections
 import glob
 import gzip
 import json
 import os
 import re
+
+from absl import app, flags
 
 KINDS = (  # (kind, pattern on the op name), the first that matches
     ("collectives", r"all-reduce|all-gather|reduce-scatter|all-to-all|collective|send|recv"),
@@ -84,14 +85,11 @@ def _covered(spans: list) -> float:
     return total
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="a workdir, its profile folder, or a perfetto_trace.json.gz")
-    parser.add_argument("--steps", type=int, default=0, help="steps traced (for per-step figures)")
-    parser.add_argument("--top", type=int, default=15)
-    args = parser.parse_args()
-    path = trace_file(os.path.join(args.path, "profile") if os.path.isdir(os.path.join(args.path, "profile"))
-                      else args.path)
+def main(argv):
+    if len(argv) != 2:
+        raise app.UsageError("give one PATH: a workdir, its profile folder, or a perfetto_trace.json.gz")
+    args, given = flags.FLAGS, argv[1]
+    path = trace_file(os.path.join(given, "profile") if os.path.isdir(os.path.join(given, "profile")) else given)
     with gzip.open(path) as f:
         data = json.load(f)
     s = summarize(data["traceEvents"] if isinstance(data, dict) else data)
@@ -112,4 +110,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    flags.DEFINE_integer("steps", 0, "steps traced (for per-step figures)")
+    flags.DEFINE_integer("top", 15, "how many of the longest ops to list")
+    app.run(main)

@@ -12,8 +12,8 @@ checkpoint (at the run's step) holds the sliced kernels and biases. It loads lik
 (`jaxlm.evaluate`, `jaxlm.predict`, `init_from`).
 """
 
-import argparse
 
+from absl import app, flags
 import jax
 
 from jaxlm import config as config_lib
@@ -49,14 +49,15 @@ def restore_masks(run, workdir: str, step: int) -> dict:
         ckpt.close()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a prune.method='heads' run")
-    parser.add_argument("--output", required=True, help="a new folder for the smaller model")
-    args = parser.parse_args()
+def main(argv):
+    del argv
+    args = flags.FLAGS
     step = export(args.workdir, args.output)
     print(f"exported step {step} of {args.workdir} into {args.output}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # flags defined here only: tests import this module beside other tools
+    flags.DEFINE_string("workdir", None, "a prune.method='heads' run")
+    flags.DEFINE_string("output", None, "a new folder for the smaller model")
+    flags.mark_flags_as_required(["workdir", "output"])
+    app.run(main)

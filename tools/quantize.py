@@ -14,8 +14,8 @@ weights its forward pass used; its own `model.quant` settings are the defaults h
 merged first; other PEFT methods are refused.
 """
 
-import argparse
 
+from absl import app, flags
 import jax
 
 from jaxlm import config as config_lib
@@ -48,19 +48,20 @@ def quantize_workdir(workdir: str, output: str, **settings) -> int:
     return step
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="a trained run (full fine-tuning, LoRA or QAT)")
-    parser.add_argument("--output", required=True, help="a new folder for the quantized run")
-    parser.add_argument("--weights", choices=sorted(quantize.WEIGHT_TYPES), help="default: the run's model.quant.weights")
-    parser.add_argument("--activations", choices=["none", "int8"])
-    parser.add_argument("--group_size", type=int, help="4-bit weights: inputs per scale (default 128)")
-    parser.add_argument("--targets", help="regex of Dense layer paths to quantize (default: all)")
-    args = parser.parse_args()
+def main(argv):
+    del argv
+    args = flags.FLAGS
     step = quantize_workdir(args.workdir, args.output, weights=args.weights, activations=args.activations,
                             group_size=args.group_size, targets=args.targets)
     print(f"quantized step {step} of {args.workdir} into {args.output}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # flags defined here only: tests import this module beside other tools
+    flags.DEFINE_string("workdir", None, "a trained run (full fine-tuning, LoRA or QAT)")
+    flags.DEFINE_string("output", None, "a new folder for the quantized run")
+    flags.DEFINE_enum("weights", None, sorted(quantize.WEIGHT_TYPES), "default: the run's model.quant.weights")
+    flags.DEFINE_enum("activations", None, ["none", "int8"], "default: the run's model.quant.activations")
+    flags.DEFINE_integer("group_size", None, "4-bit weights: inputs per scale (default 128)")
+    flags.DEFINE_string("targets", None, "regex of Dense layer paths to quantize (default: all)")
+    flags.mark_flags_as_required(["workdir", "output"])
+    app.run(main)

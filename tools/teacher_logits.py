@@ -10,8 +10,8 @@ not run the teacher (the teacher is still read for `distill.init_layers`). Only 
 classification: a language model's logits over every position of every window are too large.
 """
 
-import argparse
 
+from absl import app, flags
 import jax
 import numpy as np
 
@@ -35,16 +35,17 @@ def teacher_logits(teacher: str, split: str = "") -> np.ndarray:
     return logits
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="the teacher's jaxlm workdir")
-    parser.add_argument("--output", required=True, help="the .npy file to write")
-    parser.add_argument("--split", default="", help="default: the teacher's training split")
-    args = parser.parse_args()
+def main(argv):
+    del argv
+    args = flags.FLAGS
     logits = teacher_logits(args.teacher, args.split)
     np.save(args.output, logits)
     print(f"wrote {logits.shape} logits of {args.teacher} to {args.output}")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # flags defined here only: tests import this module beside other tools
+    flags.DEFINE_string("teacher", None, "the teacher's jaxlm workdir")
+    flags.DEFINE_string("output", None, "the .npy file to write")
+    flags.DEFINE_string("split", "", "default: the teacher's training split")
+    flags.mark_flags_as_required(["teacher", "output"])
+    app.run(main)

@@ -17,11 +17,12 @@ smaller than the required characters).
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import sys
 from collections.abc import Iterator, Sequence
+
+from absl import app, flags
 
 from jaxlm.data import tokenizers
 
@@ -78,18 +79,9 @@ def train(
         input_sentence_size=input_sentence_size, num_threads=num_threads)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--files", required=True, help="comma-separated globs of text files")
-    parser.add_argument("--vocab_size", type=int, default=8000)
-    parser.add_argument("--model_type", choices=("bpe", "unigram"), default="bpe")
-    parser.add_argument("--output", required=True, help="model prefix: writes OUTPUT.model")
-    parser.add_argument("--character_coverage", type=float, default=0.9995)
-    parser.add_argument(
-        "--input_sentence_size", type=int, default=0, help="sample at most this many lines (0: all)"
-    )
-    parser.add_argument("--num_threads", type=int, default=0, help="0: all CPU cores")
-    args = parser.parse_args(argv)
+def main(argv) -> int:
+    del argv
+    args = flags.FLAGS
     try:
         path = train(
             args.files,
@@ -107,5 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # flags defined here only: other modules may import `train`
+    flags.DEFINE_string("files", None, "comma-separated globs of text files")
+    flags.DEFINE_integer("vocab_size", 8000, "pieces in the vocabulary")
+    flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "sentencepiece model type")
+    flags.DEFINE_string("output", None, "model prefix: writes OUTPUT.model")
+    flags.DEFINE_float("character_coverage", 0.9995, "share of characters the vocabulary covers")
+    flags.DEFINE_integer("input_sentence_size", 0, "sample at most this many lines (0: all)")
+    flags.DEFINE_integer("num_threads", 0, "0: all CPU cores")
+    flags.mark_flags_as_required(["files", "output"])
+    app.run(main)

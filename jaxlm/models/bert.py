@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models import heads as heads_lib
-from jaxlm.models.layers import (ACTIVATIONS, BlockConfig, Embed, block_config, constrain, dense, learned_positions,
+from jaxlm.models.layers import (ACTIVATIONS, BlockConfig, Dropout, Embed, block_config, constrain, dense, learned_positions,
                                  norm, padding_bias)
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
@@ -39,7 +39,7 @@ class BERT(nn.Module):
              + jnp.take(learned_positions(self, self.type_vocab_size, cfg, "type_embedding"),
                         segment_ids, axis=0))
         x = norm(cfg, "embed_norm")(constrain(x.reshape(batch * length, cfg.emb_dim))).astype(cfg.dtype)
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=False),
                   name="encoder")(x, Context(positions, bias=padding_bias(input_mask)), deterministic)
         hidden = x.reshape(batch, length, cfg.emb_dim)

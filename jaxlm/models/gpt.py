@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.models.layers import (BlockConfig, Embed, block_config, constrain, dense, learned_positions, norm,
+from jaxlm.models.layers import (BlockConfig, Dropout, Embed, block_config, constrain, dense, learned_positions, norm,
                                  padding_bias)
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
@@ -37,7 +37,7 @@ class GPT(nn.Module):
         if cfg.positions == "learned":
             x = x + jnp.take(learned_positions(self, self.max_len, cfg), positions, axis=0).astype(cfg.dtype)
         batch, length = tokens.shape
-        x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
+        x = Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
         bias = None if key_mask is None else padding_bias(key_mask)
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),

@@ -6,10 +6,9 @@ parameters named after the task, which is how fine-tuning knows they start fresh
 Heads are `Head` layers, which quantization leaves float: they train with QLoRA and are tiny.
 """
 
-import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.models.layers import BlockConfig, Dense
+from jaxlm.models.layers import BlockConfig, Dense, Dropout
 
 SOURCES = ("pooled", "hidden")
 
@@ -19,7 +18,7 @@ def apply(out: dict, heads: tuple, cfg: BlockConfig, deterministic: bool) -> dic
     for name, source, outputs in heads:
         if source not in SOURCES:
             raise ValueError(f"head {name!r}: source {source!r} is not one of {SOURCES}")
-        x = nn.Dropout(cfg.dropout)(out[source], deterministic=deterministic)
+        x = Dropout(cfg.dropout)(out[source], deterministic=deterministic)
         out[name] = head(outputs, cfg, name)(x).astype(jnp.float32)
     return out
 

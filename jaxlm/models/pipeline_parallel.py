@@ -23,6 +23,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxlm.parallel.partitioner import MESH_AXES, mesh_shape
@@ -82,12 +83,17 @@ def from_config(config) -> Pipeline | None:
     return Pipeline(stages, p.microbatches or stages, p.schedule, p.repeats)
 
 
+def schedule(pipe: Pipeline) -> tuple[np.ndarray, np.ndarray]:
+    """(microbatch, repeat), int [iterations, stages]: what each stage works on at each iteration
+    of `run` (-1 where it is idle). Stage s takes work item t - s, repeat-major."""
+    item = np.arange(pipe.iterations)[:, None] - np.arange(pipe.stages)[None, :]
+    busy = (item >= 0) & (item < pipe.repeats * pipe.microbatches)
+    return np.where(busy, item % pipe.microbatches, -1), np.where(busy, item // pipe.microbatches, -1)
+
+
 def schedule_utilization(pipe: Pipeline) -> float:
     """The busy share of the (stage, iteration) slots, counted from the schedule `run` follows."""
-    t = jnp.arange(pipe.iterations)[:, None]
-    item = t - jnp.arange(pipe.stages)[None, :]
-    busy = (item >= 0) & (item < pipe.repeats * pipe.microbatches)
-    return float(busy.mean())
+    return float(np.mean(schedule(pipe)[0] >= 0))
 
 
 def run(pipe: Pipeline, layer, params, x, ctx, rng=None):

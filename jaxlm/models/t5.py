@@ -7,7 +7,7 @@ token by token with a KV cache (`decode=True`).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.models.layers import BlockConfig, Embed, RelativePositionBias, block_config, dense, norm, padding_bias
+from jaxlm.models.layers import BlockConfig, Dropout, Embed, RelativePositionBias, block_config, dense, norm, padding_bias
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
@@ -34,7 +34,7 @@ class T5(nn.Module):
         self.decoder = Stack(self.num_decoder_layers, self.stack,
                              block_kwargs=dict(cfg=cfg, causal=True, cross=True, max_len=self.max_len))
         self.decoder_norm = norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         if not self.tie_embeddings:
             self.lm_head = dense(self.vocab_size, ("embed", "vocab"), cfg)
 

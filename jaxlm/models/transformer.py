@@ -8,7 +8,7 @@ import flax.struct
 import jax
 
 from jaxlm.models import pipeline_parallel
-from jaxlm.models.layers import RESIDUAL_AXES, Array, Attention, BlockConfig, Mlp, constrain, layer_config, norm
+from jaxlm.models.layers import RESIDUAL_AXES, Array, Attention, BlockConfig, Dropout, Mlp, constrain, layer_config, norm
 
 REMAT_POLICIES = {
     "none": None,
@@ -91,7 +91,7 @@ class Block(nn.Module):
     def branch_output(self, name: str, h, deterministic: bool):
         """Branch `name`'s output ('attn', 'cross', 'mlp') as added to the residual: after
         dropout. Adapters attach here."""
-        return nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
+        return Dropout(self.cfg.dropout)(h, deterministic=deterministic)
 
 
 class Stack(nn.Module):

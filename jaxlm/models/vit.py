@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models import heads
-from jaxlm.models.layers import BlockConfig, block_config, constrain, dense, learned_positions, norm
+from jaxlm.models.layers import BlockConfig, Dropout, block_config, constrain, dense, learned_positions, norm
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
@@ -36,7 +36,7 @@ class ViT(nn.Module):
             raise ValueError(f"model.pool={self.pool!r}: expected 'cls' or 'mean'")
         length = x.shape[1]
         x = x + learned_positions(self, length, cfg).astype(cfg.dtype)
-        x = nn.Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
+        x = Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
         positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=False), name="encoder")(x, Context(positions), deterministic)

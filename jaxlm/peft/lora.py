@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxlm import tree
 from jaxlm.models import attach
-from jaxlm.models.layers import Dense
+from jaxlm.models.layers import Dense, dropout
 
 
 def intercept(peft, next_fun, args, kwargs, context):
@@ -42,8 +42,7 @@ def delta(module: nn.Module, x, in_axes: tuple[int, ...], features: tuple[int, .
                      (peft.rank,) + features, cfg.param_dtype)
     h = x.astype(cfg.dtype)
     if peft.dropout > 0 and module.has_rng("dropout"):
-        keep = jax.random.bernoulli(module.make_rng("dropout"), 1 - peft.dropout, h.shape)
-        h = jnp.where(keep, h / (1 - peft.dropout), 0).astype(cfg.dtype)
+        h = dropout(h, peft.dropout, module.make_rng("dropout"))
     contract = ((in_axes, tuple(range(len(in_axes)))), ((), ()))
     low = jax.lax.dot_general(h, a.astype(cfg.dtype), contract)
     up = jax.lax.dot_general(low, b.astype(cfg.dtype), (((low.ndim - 1,), (0,)), ((), ())))
