@@ -13,7 +13,6 @@ import jax
 import numpy as np
 
 from jaxlm.compress import distill
-from jaxlm.data import text_pairs
 from jaxlm.tasks import causal_lm, classification, seq2seq
 
 LAYER = re.compile(r"^layers_(\d+)$")
@@ -74,9 +73,7 @@ def _inputs(task, params, text: str, target: str | None):
     if isinstance(task, seq2seq.Seq2Seq):
         if target is None:
             target = task.predict_text(params, text)["translation"]
-        kwargs = {**task.data_kwargs(task.config.data.eval_split), "pairs": [(text, target)],
-                  "global_batch_size": 1, "process_index": 0, "process_count": 1}
-        batch = text_pairs.pairs_eval_batches(max_batches=1, **kwargs)[0]
+        batch = task.text_batch(text, target)
         source = batch["encoder_input_tokens"][0]
         decoder = batch["decoder_input_tokens"][0][: int((batch["decoder_loss_weights"][0] > 0).sum())]
         batch = {"encoder_input_tokens": source[None, : int((source > 0).sum())], "decoder_input_tokens": decoder[None]}

@@ -46,8 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
         mean_noise_span_length=3.0,  # span_corruption
         extra_ids=100,  # span_corruption/seq2seq: sentinel ids appended to the vocabulary (T5)
         source_prefix="",  # seq2seq: text put before every source, e.g. "translate English to German: "
-        beam_size=4,  # seq2seq: beam search width for eval/bleu and samples (1: greedy)
-        eval_bleu_batches=0,  # seq2seq: eval batches decoded for BLEU (0: the whole eval split)
+        beam_size=4,  # seq2seq, captioning, vqa: beam search width for eval/bleu and samples (1: greedy)
+        eval_bleu_batches=0,  # seq2seq, captioning, vqa: eval batches decoded for BLEU/CIDEr/answers (0: all)
         label_smoothing=0.0,  # seq2seq: share of the target spread over the vocabulary in training
                               # (eval/loss stays the plain cross-entropy)
         contrastive="pairs",  # contrastive: pairs (data.source_key, target_key) | simcse (data.text_key texts)
@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
         contrastive_loss="clip",  # image_text: clip (softmax InfoNCE) | siglip (pairwise sigmoid)
         projection_dim=128,  # image_text: the shared embedding width
         text_init_from="",  # image_text: the text tower's start (a jaxlm run or Hugging Face BERT folder)
-        image_init_from="",  # image_text: the image tower's start (a jaxlm ViT run; its head is dropped)
+        image_init_from="",  # image_text, captioning, vqa: the image tower's start (a jaxlm ViT run; its head is dropped)
     ))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -76,7 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
         head_dim=0,  # 0: emb_dim // num_heads
         emb_dim=128,
         mlp_dim=0,  # 0: 4 * emb_dim
-        mlp="gelu",  # gelu | gelu_exact | relu | swiglu | geglu
+        mlp="gelu",  # gelu | gelu_exact | quick_gelu (CLIP) | relu | swiglu | geglu
         norm="layernorm",  # layernorm | rmsnorm | rmsnorm_plus_one (Gemma: x / rms * (1 + scale))
         norm_eps=1e-5,
         positions="learned",  # learned | rotary
@@ -112,6 +112,10 @@ def default_config() -> ml_collections.ConfigDict:
         relative_max_distance=128,  # t5
         patch_size=4,  # vit
         pool="cls",  # vit: cls | mean
+        pre_norm=False,  # vit: a LayerNorm on the embeddings before the encoder (CLIP's pre_layrnorm)
+        text_pool="mean",  # image_text text tower: mean (over real tokens) | eos (first model.eos_id, CLIP) |
+                           # max_id (the largest id: older CLIP configs, whose EOS is the largest id)
+        eos_id=-1,  # image_text text tower with text_pool=eos: the id whose first position is pooled
         image_size=0,  # vit: 0 means taken from the data (square images)
         num_classes=0,  # vit/cnn: 0 means taken from the data
         # Quantized layers (jaxlm/compress/quantize.py). Stored weights (qat False) are an
@@ -153,7 +157,8 @@ def default_config() -> ml_collections.ConfigDict:
         image_channels=3,  # image_text caption folders: images converted to 1 (gray) or 3 (RGB) channels
     ))
 
-    # image_text: the dual encoder's image tower (a ViT; `model` is its text tower).
+    # image_text: the dual encoder's image tower (a ViT; `model` is its text tower); captioning, vqa:
+    # the encoder (`model` is the T5 decoder).
     c.image_model = ml_collections.ConfigDict({**c.model.to_dict(), **dict(
         name="vit", num_layers=4, emb_dim=128, num_heads=4, mlp="gelu_exact", use_bias=True, patch_size=4,
         max_len=0, norm_eps=1e-6)})

@@ -1,4 +1,5 @@
-r"""Hugging Face checkpoints <-> jaxlm workdirs (BERT, GPT-2, T5, ViT, the Llama class).
+r"""Hugging Face checkpoints <-> jaxlm workdirs (BERT, GPT-2, T5, ViT, the Llama class; CLIP
+imports).
 
 `jaxlm-convert` once installed; `python tools/convert_hf.py` from a checkout.
 
@@ -10,13 +11,16 @@ r"""Hugging Face checkpoints <-> jaxlm workdirs (BERT, GPT-2, T5, ViT, the Llama
 import: a new workdir whose step-0 checkpoint holds the imported parameters (heads the file
 lacks initialized fresh) with a fresh optimizer state, its config.json (`--config`, else the
 defaults with the family's pretraining task; the checkpoint's architecture and tokenizer over
-either) and tokenizer/.
+either) and tokenizer/. A CLIP checkpoint becomes an image_text run (both towers, the projections
+and the logit scale as the task's `log_scale`); without `--config` its data is a caption folder
+(`data.name=jaxlm_image_captions`) for the workdir's config.json to name (`data.files`).
 Train from it with `--config.init_from=WORKDIR` (parameters only; the config must build the
 same model, e.g. the workdir's own config.json).
 export: the latest parameters of a workdir as a folder transformers loads.
 check: imports and runs jaxlm and transformers (PyTorch, float32, eval mode) on real sentences
-(SST-2 under $JAXLM_DATA_DIR, else built-in ones) or random images; prints per-example
-differences and, last, `max_abs_diff=<x>`; exits 1 above `--tolerance`.
+(SST-2 under $JAXLM_DATA_DIR, else built-in ones) or random images (CLIP: both; its unit image and
+text embeddings and logit scale); prints per-example differences and, last, `max_abs_diff=<x>`;
+exits 1 above `--tolerance`.
 `--hf_dir` also takes the pip name of an installed package that ships a checkpoint
 (found among its recorded files; nothing is imported).
 Nothing is ever written into a non-empty directory.
@@ -33,6 +37,7 @@ from absl import flags
 
 from jaxlm import config as config_lib, convert
 from jaxlm.convert import compare
+from jaxlm.data import image_text
 from jaxlm.train import checkpoint, loop, state as state_lib
 
 # The pretraining task of each family: what the imported workdir trains on by default.
@@ -94,12 +99,16 @@ def _require_empty(path: str) -> None:
 def import_checkpoint(args) -> int:
     hf_dir = _hf_dir(args.hf_dir)
     _require_empty(args.workdir)
+    overrides = convert.config_overrides(hf_dir)
     if args.config:  # its task, data and training settings; the checkpoint's architecture
         config = config_lib.from_file(*args.config.split(":", 1))
     else:
         config = config_lib.default_config()
-        config.task.name = TASKS[convert.model_overrides(hf_dir)["name"]]
-    config.model.update(convert.model_overrides(hf_dir))
+        config.task.name = TASKS[overrides["model"]["name"]]
+        if "image_model" in overrides:  # a dual encoder's image_text run: images from a caption folder
+            config.data.name = image_text.CAPTION_FOLDER
+    for section, values in overrides.items():  # a dual encoder's task (image_text) too
+        config[section].update(values)
     config.data.update(convert.data_overrides(hf_dir))
     tokenizer = convert.tokenizer(hf_dir)
     if tokenizer is None and config.task.name != "image_classification":
@@ -125,7 +134,7 @@ def _write_workdir(config, hf_dir: str, tokenizer, workdir: str) -> None:
         tokenizer.save(os.path.join(workdir, "tokenizer"))
     run = loop.setup(config, workdir)
     state = state_lib.init(run.partitioner, run.task, run.tx, jax.random.key(config.seed), run.shardings)
-    imported = convert.import_params(hf_dir, config.model)
+    imported = convert.import_run_params(hf_dir, config)
     state = state.replace(params=loop.merge_params(state.params, imported)[0])
     ckpt = checkpoint.Checkpointer(workdir)
     ckpt.save(0, state)
@@ -143,14 +152,18 @@ def export_workdir(args) -> int:
 
 def check(args) -> int:
     hf_dir = _hf_dir(args.hf_dir)
-    model_config = config_lib.default_config().model
-    model_config.update(convert.model_overrides(hf_dir))
-    model_config.scan_layers = bool(args.scan_layers)
+    config = config_lib.default_config()
+    overrides = convert.config_overrides(hf_dir)
+    for section, values in overrides.items():
+        config[section].update(values)
+    config.model.scan_layers = config.image_model.scan_layers = bool(args.scan_layers)
+    # A dual encoder (CLIP) is compared as the image_text run that holds it.
+    model_config = config if "image_model" in overrides else config.model
     tokenizer = convert.tokenizer(hf_dir)
-    if tokenizer is None and model_config.name != "vit":
+    if tokenizer is None and config.model.name != "vit":
         print("no tokenizer in the checkpoint: random token ids", file=sys.stderr)
     batch = compare.make_batch(hf_dir, n=args.examples, tokenizer=tokenizer)
-    params = compare.fill_missing(hf_dir, model_config, convert.import_params(hf_dir, model_config))
+    params = compare.fill_missing(hf_dir, model_config, convert.import_run_params(hf_dir, config))
     diffs = compare.side_by_side(hf_dir, model_config, params, batch)
     texts = compare.sentences(args.examples) if tokenizer is not None else [None] * args.examples
     for i, text in enumerate(texts):

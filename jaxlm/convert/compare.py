@@ -6,8 +6,12 @@
 
 Compared are the outputs the Hugging Face model has: BERT's last hidden states and pooled [CLS]
 (+ masked-LM and next-sentence logits when the file has the heads), GPT-2's and T5's logits,
-ViT's final hidden states (+ logits with a classifier). Positions the batch pads are left out.
+ViT's final hidden states (+ logits with a classifier), CLIP's unit image and text embeddings
+and its logit scale. Positions the batch pads are left out.
 transformers and torch are imported on use: only this module needs them.
+
+A dual encoder (CLIP) is compared as the image_text run `config` that holds it (`model_config`
+below: the run config, updated with `convert.config_overrides`).
 """
 
 import flax
@@ -16,7 +20,9 @@ import jax
 import numpy as np
 
 from jaxlm import models
-from jaxlm.convert import hf as hf_lib
+from jaxlm.convert import clip, hf as hf_lib
+from jaxlm.convert.rules import DualFamily
+from jaxlm.models import dual_encoder
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -46,6 +52,8 @@ def make_batch(hf_dir: str, n: int = 8, seed: int = 0, tokenizer=None) -> dict:
     transformers' names; `mask` marks the positions compared."""
     family, hf = hf_lib.read_config(hf_dir)
     rng = np.random.default_rng(seed)
+    if isinstance(family, DualFamily):
+        return _dual_batch(hf, n, rng, tokenizer)
     if family.name == "vit":
         shape = (n, hf["num_channels"], hf["image_size"], hf["image_size"])
         return {"pixel_values": rng.standard_normal(shape).astype(np.float32)}
@@ -84,6 +92,26 @@ def _t5_rows(sequences, specials):
 ROWS = {"bert": _bert_rows, "gpt": _gpt_rows, "t5": _t5_rows}
 
 
+def _dual_batch(hf: dict, n: int, rng, tokenizer) -> dict:
+    """Random images and CLIP's text rows: BOS, the sentence (`tokenizer`'s pieces, or random ids
+    other than EOS and BOS), EOS, right-padded with the pad id, so that the EOS a row pools is
+    not at its last position."""
+    text, vision = hf["text_config"], hf["vision_config"]
+    shape = (n, vision["num_channels"], vision["image_size"], vision["image_size"])
+    if tokenizer is None:
+        specials = {text.get("bos_token_id"), text["eos_token_id"]}
+        choices = np.array([i for i in range(text["vocab_size"]) if i not in specials])
+        sequences = [rng.choice(choices, rng.integers(1, text["max_position_embeddings"] - 2)) for _ in range(n)]
+        bos, eos, pad = text.get("bos_token_id"), text["eos_token_id"], text.get("pad_token_id")
+    else:
+        sequences = [tokenizer.encode(sentence) for sentence in sentences(n)]
+        bos, eos, pad = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    keep = text["max_position_embeddings"] - 2
+    rows = [{"input_ids": [*([] if bos is None else [bos]), *list(s)[:keep], eos]} for s in sequences]
+    batch = _pad(rows, eos if pad is None else pad, "input_ids")
+    return {"pixel_values": rng.standard_normal(shape).astype(np.float32), **batch}
+
+
 def _pad(rows: list[dict], pad_id: int, compared: str) -> dict:
     """Right-pads every field; attention masks for the inputs and `mask` for `compared`."""
     batch = {}
@@ -101,8 +129,14 @@ def _pad(rows: list[dict], pad_id: int, compared: str) -> dict:
 
 def fill_missing(hf_dir: str, model_config, params: dict) -> dict:
     """Imported `params` completed with zeros for the modules the file lacks, which jaxlm runs
-    but nothing compares (e.g. BERT's pretraining heads for a BertModel file)."""
+    but nothing compares (e.g. BERT's pretraining heads for a BertModel file; CLIP's patch
+    embedding bias, which it does not have)."""
     family, hf = hf_lib.read_config(hf_dir)
+    if isinstance(family, DualFamily):
+        shapes = hf_lib.dual_shapes(family, model_config, unscanned=False)
+        flat = {path: np.zeros(shape, np.float32) for path, shape in shapes.items()}
+        flat.update(flax.traverse_util.flatten_dict(params, sep="/"))
+        return flax.traverse_util.unflatten_dict(flat, sep="/")
     model = models.get(model_config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **family.init_inputs(hf)))
     flat = flax.traverse_util.flatten_dict(nn.unbox(shapes["params"]), sep="/")
@@ -116,7 +150,11 @@ def side_by_side(hf_dir: str, model_config, params: dict, batch: dict) -> dict:
     the Hugging Face model in `hf_dir` on `batch`."""
     family, _ = hf_lib.read_config(hf_dir)
     heads = has_heads(hf_dir)
-    ours = JAXLM_RUNNERS[family.name](models.get(model_config), params, batch)
+    if isinstance(family, DualFamily):
+        model = dual_encoder.from_config(model_config.model, model_config.image_model, model_config.task.projection_dim)
+    else:
+        model = models.get(model_config)
+    ours = JAXLM_RUNNERS[family.name](model, params, batch)
     theirs = HF_RUNNERS[family.name](load_hf_model(hf_dir, heads), batch, heads)
     diffs = {}
     for key, reference in theirs.items():
@@ -131,7 +169,7 @@ def has_heads(hf_dir: str) -> bool:
     """Whether the file holds the heads of its family's class with heads (BERT's cls.*, ViT's
     classifier); always for families without optional heads."""
     family, _ = hf_lib.read_config(hf_dir)
-    if not family.heads:
+    if isinstance(family, DualFamily) or not family.heads:
         return True
     return any(name.startswith(family.top_level) for name in hf_lib.read_tensors(hf_dir, family))
 
@@ -185,7 +223,17 @@ def _vit_jaxlm(model, params, b):
     return {"logits": logits, "hidden": hidden.reshape(len(images), -1, hidden.shape[-1])}
 
 
-JAXLM_RUNNERS = {"bert": _bert_jaxlm, "gpt": _gpt_jaxlm, "t5": _t5_jaxlm, "vit": _vit_jaxlm}
+def _dual_jaxlm(model, params, b):
+    """Unit image and text embeddings, and the task's log scale beside the model's parameters."""
+    model_params = {k: v for k, v in params.items() if k != clip.LOG_SCALE}
+    images, texts = jax.jit(model.apply)({"params": model_params}, b["pixel_values"].transpose(0, 2, 3, 1),
+                                         b["input_ids"], b["attention_mask"])
+    return {"image_embeds": images, "text_embeds": texts,
+            "logit_scale": np.full(len(images), np.asarray(params[clip.LOG_SCALE]))}
+
+
+JAXLM_RUNNERS = {"bert": _bert_jaxlm, "gpt": _gpt_jaxlm, "t5": _t5_jaxlm, "vit": _vit_jaxlm,
+                 "dual_encoder": _dual_jaxlm}
 
 
 def _torch_outputs(fn):
@@ -231,4 +279,12 @@ def _vit_hf(model, b, heads):
     return out
 
 
-HF_RUNNERS = {"bert": _bert_hf, "gpt": _gpt_hf, "t5": _t5_hf, "vit": _vit_hf}
+@_torch_outputs
+def _dual_hf(model, b, heads):
+    out = model(input_ids=b["input_ids"].long(), attention_mask=b["attention_mask"].long(),
+                pixel_values=b["pixel_values"])
+    return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds,
+            "logit_scale": model.logit_scale.detach().expand(len(b["input_ids"]))}
+
+
+HF_RUNNERS = {"bert": _bert_hf, "gpt": _gpt_hf, "t5": _t5_hf, "vit": _vit_hf, "dual_encoder": _dual_hf}

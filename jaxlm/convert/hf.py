@@ -3,10 +3,13 @@
 Import: config.json -> the family -> `config.model` overrides; every tensor (prefix stripped,
 tied duplicates checked and dropped) goes through its rule into the unscanned jaxlm layout, is
 checked against the parameter shapes the jaxlm config builds, and layers are stacked for
-`scan_layers`. Export runs the same rules backwards.
+`scan_layers`. Export runs the same rules backwards. A dual encoder (CLIP, `DualFamily`) imports
+each tower so, by its own family from its sub-config, into `config.model` and
+`config.image_model`, and the tensors outside the towers into the image_text run's parameters.
 """
 
 import copy as copy_lib
+import dataclasses
 import functools
 import glob
 import importlib.metadata
@@ -25,14 +28,17 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxlm import models
-from jaxlm.convert import bert, gpt2, llama, t5, vit
-from jaxlm.convert.rules import Family, Rule
+from jaxlm.convert import bert, clip, gpt2, llama, t5, vit
+from jaxlm.convert.rules import DualFamily, Family, Rule
 from jaxlm.data import tokenizers
+from jaxlm.models import dual_encoder
 
 log = logging.getLogger("jaxlm")
 
 # In export priority: a jaxlm model goes to the first family of its name whose fixed values it has.
-FAMILIES = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY, *llama.FAMILIES, t5.FAMILY, vit.FAMILY)}
+# A dual encoder (CLIP) imports into an image_text run (`config_overrides`, `import_run_params`).
+FAMILIES = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY, *llama.FAMILIES, t5.FAMILY, vit.FAMILY,
+                                      clip.FAMILY)}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # a checkpoint sharded over several files
@@ -110,9 +116,29 @@ def _is_hf_dir(path: str) -> bool:
 def model_overrides(hf_dir: str) -> dict:
     """The jaxlm `config.model` values of the Hugging Face checkpoint in `hf_dir`.
 
+    Raises ValueError naming an unsupported model_type or option, or for a dual encoder (CLIP),
+    whose towers are two sections (see `config_overrides`).
+    """
+    family, hf = read_config(hf_dir)
+    if isinstance(family, DualFamily):
+        raise ValueError(f"{hf_dir} holds a {family.model_type} dual encoder: its towers set config.model "
+                         "and config.image_model (convert.config_overrides; tools/convert_hf.py import makes "
+                         "an image_text workdir of it)")
+    return _overrides(family, hf)
+
+
+def config_overrides(hf_dir: str) -> dict:
+    """{config section: values} of the checkpoint in `hf_dir`: {'model': `model_overrides`}, or for
+    a dual encoder (CLIP) its text tower's `model`, image tower's `image_model`, the `task`
+    (image_text, its loss and projection width) and the `data` shape its inputs need.
+
     Raises ValueError naming an unsupported model_type or option.
     """
-    return _overrides(*read_config(hf_dir))
+    family, hf = read_config(hf_dir)
+    if not isinstance(family, DualFamily):
+        return {"model": _overrides(family, hf)}
+    return {**{tower.section: _overrides(tower.family, hf[tower.hf_key]) for tower in family.towers},
+            **family.config(hf)}
 
 
 def data_overrides(hf_dir: str) -> dict:
@@ -141,31 +167,45 @@ def _tokenizer_file(hf_dir: str) -> tuple[str, str] | None:
     return None
 
 
-def read_config(hf_dir: str) -> tuple[Family, dict]:
-    """(family, config.json with transformers' defaults and derived values filled in)."""
+def read_config(hf_dir: str) -> tuple[Family | DualFamily, dict]:
+    """(family, config.json with transformers' defaults and derived values filled in; a dual
+    encoder's tower sub-configs each so by its tower's family)."""
     raw = _read_json(os.path.join(hf_dir, CONFIG_FILE))
     model_type = raw.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(f"{hf_dir}: model_type={model_type!r} is not supported; jaxlm converts "
                          f"{sorted(FAMILIES)}")
     family = FAMILIES[model_type]
+    if not isinstance(family, DualFamily):
+        return family, _checked(family, raw, hf_dir)
+    hf = {**family.hf_defaults, **raw}
+    for tower in family.towers:  # older files keep (some of) a tower's values in `{key}_dict`
+        values = {**(raw.get(tower.hf_key) or {}), **(raw.get(f"{tower.hf_key}_dict") or {})}
+        hf[tower.hf_key] = _checked(tower.family, values, hf_dir, f"{tower.hf_key}.")
+    return family, hf
+
+
+def _checked(family: Family, raw: dict, hf_dir: str, prefix: str = "") -> dict:
+    """`raw` (config.json, or the sub-config `prefix` names) with defaults and derived values
+    filled in; raises naming an option jaxlm does not support or a value that is missing."""
+    model_type = family.model_type
     hf = {**family.hf_defaults, **raw}
     for key, value in family.required.items():
         if hf.get(key, value) != value:
-            raise ValueError(f"{hf_dir}: {model_type} option {key}={hf[key]!r} is not supported "
+            raise ValueError(f"{hf_dir}: {model_type} option {prefix}{key}={hf[key]!r} is not supported "
                              f"by jaxlm (only {value!r})")
     activation_key, table = family.activation
     if hf[activation_key] not in table:
-        raise ValueError(f"{hf_dir}: {model_type} option {activation_key}={hf[activation_key]!r} is "
+        raise ValueError(f"{hf_dir}: {model_type} option {prefix}{activation_key}={hf[activation_key]!r} is "
                          f"not supported by jaxlm (only {sorted(table)})")
     try:
         hf = family.normalize(hf)
     except KeyError as e:
-        raise ValueError(f"{hf_dir}: config.json lacks {e.args[0]!r}") from None
-    absent = [key for key in family.keys if key not in hf]
+        raise ValueError(f"{hf_dir}: config.json lacks {f'{prefix}{e.args[0]}'!r}") from None
+    absent = [f"{prefix}{key}" for key in family.keys if key not in hf]
     if absent:
         raise ValueError(f"{hf_dir}: config.json lacks {absent}")
-    return family, hf
+    return hf
 
 
 def _overrides(family: Family, hf: dict) -> dict:
@@ -198,15 +238,86 @@ def import_params(hf_dir: str, model_config, shardings: dict | None = None) -> d
         shape that differs, or a `model_config` value that contradicts the checkpoint.
     """
     family, hf = read_config(hf_dir)
+    if isinstance(family, DualFamily):
+        raise ValueError(f"{hf_dir} holds a {family.model_type} dual encoder: import it with "
+                         "convert.import_run_params(hf_dir, config) into an image_text run")
     _check_agrees(model_config, _overrides(family, hf), hf_dir)
-    rules = _expand(family.rules(hf), hf, family)
-    tensors = _untie(read_tensors(hf_dir, family), family.tied(hf), rules, hf_dir)
-    ignored = set(_expand_names(family.ignored, hf, family))
+    return _import(family, hf, read_tensors(hf_dir, family), model_config.scan_layers, shardings, hf_dir,
+                   _param_shapes(model_config, family, hf))
+
+
+def import_run_params(hf_dir: str, config, shardings: dict | None = None) -> dict:
+    """The parameters of the checkpoint in `hf_dir` for the run `config` (updated with
+    `config_overrides(hf_dir)`): `import_params` of `config.model`, or for a dual encoder (CLIP)
+    the tree of the image_text task: each tower under its name (`text/`, `image/`, scanned as its
+    section's `scan_layers` says), the projections, and the task's parameters (`log_scale`).
+    `shardings` and what comes back as `import_params`'; `Family.optional` parameters are left
+    out (CLIP's patch embedding has no bias: jaxlm's keeps its initial zeros).
+
+    Raises:
+      ValueError: as `import_params`, naming the tensor, parameter or config value.
+    """
+    family, hf = read_config(hf_dir)
+    if not isinstance(family, DualFamily):
+        return import_params(hf_dir, config.model, shardings)
+    projection = family.config(hf)["task"]["projection_dim"]
+    if config.task.projection_dim != projection:
+        raise ValueError(f"the config does not match {hf_dir}: task.projection_dim={config.task.projection_dim} "
+                         f"(the checkpoint has {projection}); update it with convert.config_overrides()")
+    tensors = read_tensors(hf_dir, family)
+    shapes = dual_shapes(family, config)
+    params, tower_prefixes = {}, tuple(tower.hf_prefix for tower in family.towers)
+    for tower in family.towers:
+        model_config = config[tower.section]
+        _check_agrees(model_config, _overrides(tower.family, hf[tower.hf_key]), f"{hf_dir} ({tower.hf_key})")
+        params[tower.ours] = _import(
+            tower.family, hf[tower.hf_key], {n: x for n, x in tensors.items() if n.startswith(tower.hf_prefix)},
+            model_config.scan_layers, None if shardings is None else _inside(shardings, tower.ours), hf_dir,
+            _inside(shapes, tower.ours), tower.hf_prefix)
+    # The tensors outside the towers, as a family of their own without layers.
+    top = Family(model_type=family.model_type, name=family.model_type, architectures=family.architectures,
+                 keys={}, fixed={}, activation=("", {}), stacks={}, rules=family.rules, init_inputs=dict,
+                 ignored=family.ignored)
+    towers = tuple(f"{tower.ours}/" for tower in family.towers)
+    outside = {path: shape for path, shape in shapes.items() if not path.startswith(towers)}
+    params.update(_import(top, hf, {n: x for n, x in tensors.items() if not n.startswith(tower_prefixes)},
+                          False, shardings, hf_dir, outside))
+    return params
+
+
+def _inside(flat: dict, module: str) -> dict:
+    """The entries of `flat` ({'a/b/c': ...}) under `module`, named from inside it."""
+    return {path[len(module) + 1:]: x for path, x in flat.items() if path.startswith(f"{module}/")}
+
+
+def dual_shapes(family: DualFamily, config, unscanned: bool = True) -> dict:
+    """{path: shape} of the parameters of the dual encoder of the run `config` (`unscanned`, or
+    as its towers' `scan_layers` say) and the task's scalars."""
+    text, image = (copy_lib.deepcopy(config[tower.section]) for tower in family.towers)
+    if unscanned:
+        text.scan_layers = image.scan_layers = False
+    model = dual_encoder.from_config(text, image, config.task.projection_dim)
+    size, channels = image.image_size, config.data.image_channels
+    inputs = dict(images=np.zeros((1, size, size, channels), np.float32), input_ids=np.zeros((1, 1), np.int32),
+                  input_mask=np.ones((1, 1), np.int32))
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))
+    flat = flax.traverse_util.flatten_dict(nn.unbox(boxed["params"]), sep="/")
+    return {**{path: tuple(x.shape) for path, x in flat.items()}, **{path: () for path in family.task_params}}
+
+
+def _import(family: Family, hf: dict, tensors: dict, scan: bool, shardings: dict | None, hf_dir: str,
+            shapes: dict, hf_prefix: str = "") -> dict:
+    """`import_params` of the `tensors` of one family whose jaxlm parameters have `shapes`
+    (unscanned); its HF names are under `hf_prefix` (a dual encoder's tower)."""
+    rules = {hf_prefix + name: dataclasses.replace(rule, hf=hf_prefix + rule.hf)
+             for name, rule in _expand(family.rules(hf), hf, family).items()}
+    tied = {hf_prefix + name: hf_prefix + source for name, source in family.tied(hf).items()}
+    tensors = _untie(tensors, tied, rules, hf_dir)
+    ignored = {hf_prefix + name for name in _expand_names(family.ignored, hf, family)}
     unknown = sorted(set(tensors) - set(rules) - ignored)
     if unknown:
         raise ValueError(f"{hf_dir}: jaxlm's {family.name} has no place for tensors {unknown[:8]}"
                          f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}")
-    shapes = _param_shapes(model_config, family, hf)
     producers = {}  # unscanned jaxlm path -> () -> its float32 array
     for name, rule in rules.items():
         if name in tensors:
@@ -219,7 +330,7 @@ def import_params(hf_dir: str, model_config, shardings: dict | None = None) -> d
               if not _optional(path, family)]
     if absent:
         raise ValueError(f"{hf_dir} lacks jaxlm {family.name} parameters: {', '.join(absent[:8])}")
-    if model_config.scan_layers:
+    if scan:
         producers = _stack_layers(producers, shapes)
     if shardings is None:
         flat = {path: produce() for path, produce in producers.items()}
@@ -251,7 +362,7 @@ def _check_shape(rule: Rule, x: np.ndarray, shapes: dict, hf_dir: str) -> None:
 def _convert(rule: Rule, x: np.ndarray, shapes: dict, k: int) -> np.ndarray:
     """The `k`-th jaxlm parameter of the tensor `x` that `rule` converts, float32."""
     arrays = rule.transform.to_jaxlm(np.asarray(x, np.float32), [shapes[path] for path in rule.jaxlm])
-    return np.ascontiguousarray(arrays[k])
+    return np.ascontiguousarray(arrays[k]).reshape(arrays[k].shape)  # a scalar stays one
 
 
 class _Stacked:
@@ -319,7 +430,7 @@ def _expand(templates: list[Rule], hf: dict, family: Family) -> dict:
 
 
 def _expand_names(templates: tuple[str, ...], hf: dict, family: Family) -> list[str]:
-    layers = max(hf[key] for key in family.stacks.values())
+    layers = max((hf[key] for key in family.stacks.values()), default=0)
     return [t.replace("{i}", str(i)) for t in templates for i in (range(layers) if "{i}" in t else [0])]
 
 
@@ -475,10 +586,11 @@ def _export_family(model_config) -> Family:
     """The first family (in `FAMILIES` order) of the model's name whose fixed values it has; of
     none, the first of its name (whose `_hf_config` then names what differs)."""
     m = _resolved(model_config)
-    named = [f for f in FAMILIES.values() if f.name == m["name"]]
+    exported = [f for f in FAMILIES.values() if isinstance(f, Family)]  # dual encoders import only
+    named = [f for f in exported if f.name == m["name"]]
     if not named:
         raise ValueError(f"model.name={m['name']!r} has no Hugging Face form; jaxlm exports "
-                         f"{sorted({f.name for f in FAMILIES.values()})}")
+                         f"{sorted({f.name for f in exported})}")
     return next((f for f in named if all(m[k] == v for k, v in f.fixed.items())), named[0])
 
 

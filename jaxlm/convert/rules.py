@@ -15,20 +15,25 @@ import numpy as np
 
 # Hugging Face `hidden_act`-style names -> jaxlm `model.mlp`. HF's "gelu" is the exact (erf)
 # form; "gelu_new" and "gelu_pytorch_tanh" are the tanh approximation jaxlm calls "gelu".
-ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu"}
+ACTIVATIONS = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu": "relu",
+               "quick_gelu": "quick_gelu"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Copy:
     """Stored alike (embeddings, norm scales, position tables, class token); HF adds `hf_lead`
-    leading axes of size 1 (ViT's position table is [1, N + 1, E])."""
+    leading axes of size 1 (ViT's position table is [1, N + 1, E]), or with `flat` stores it as a
+    vector (CLIP's class embedding [E] for jaxlm's [1, 1, E])."""
 
     hf_lead: int = 0
+    flat: bool = False
 
     def to_jaxlm(self, x, shapes):
         return [x.reshape(shapes[0])]
 
     def to_hf(self, xs):
+        if self.flat:
+            return xs[0].reshape(-1)
         return xs[0].reshape((1,) * self.hf_lead + xs[0].shape)
 
 
@@ -92,8 +97,8 @@ def _layer(name: str, i: int) -> str:
     return name.replace("{i}", str(i))
 
 
-def copy(hf: str, ours: str, hf_lead: int = 0) -> list[Rule]:
-    return [Rule(hf, (ours,), Copy(hf_lead))]
+def copy(hf: str, ours: str, hf_lead: int = 0, flat: bool = False) -> list[Rule]:
+    return [Rule(hf, (ours,), Copy(hf_lead, flat))]
 
 
 def dense(hf: str, ours, *, bias: bool = True, n_in: int = 1, conv: bool = False) -> list[Rule]:
@@ -167,3 +172,41 @@ class Family:
     heads: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     tokenizers: tuple[tuple[str, str], ...] = ()  # (HF file, jaxlm tokenizer kind), first found
+
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """One tower of a dual encoder: the `Family` of its Hugging Face sub-config `hf_key` (e.g.
+    `text_config`), whose tensors are named under `hf_prefix` (`text_model.`); jaxlm holds it in
+    the `config` section `section` (`model`, `image_model`) and its parameters under `ours`
+    (`text`, `image`)."""
+
+    family: Family
+    hf_key: str
+    hf_prefix: str
+    section: str
+    ours: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DualFamily:
+    """A dual encoder (CLIP) in one Hugging Face file <-> jaxlm's `image_text` task.
+
+    Each of `towers` is a `Family` of its own, applied to its sub-config and its tensors; `rules`
+    convert the tensors outside the towers (the projections; the logit scale, a parameter of the
+    task) and `config(hf)` gives the run's values outside the towers ({section: values}: the
+    task, the data). `task_params` are the task's scalar parameters among those `rules` fill;
+    `ignored` are top-level buffers transformers never reads.
+    """
+
+    model_type: str
+    architectures: tuple[str, ...]
+    towers: tuple[Tower, ...]
+    rules: Callable[[dict], list[Rule]]
+    config: Callable[[dict], dict]
+    hf_defaults: dict = dataclasses.field(default_factory=dict)
+    task_params: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+    tokenizers: tuple[tuple[str, str], ...] = ()
+    prefix: str = ""  # as Family's (none: the towers' tensors are named under their `hf_prefix`)
+    name: str = "dual_encoder"  # what jaxlm builds of it (jaxlm.models.dual_encoder)

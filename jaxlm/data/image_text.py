@@ -1,5 +1,5 @@
-"""Image-caption pairs for dual encoders (CLIP, SigLIP): a split's images and captions in memory
--> Grain batches.
+"""Image-text pairs for dual encoders (CLIP, SigLIP) and image-to-text models (captioning, visual
+question answering): a split's images and their texts in memory -> Grain batches.
 
 Where the pairs come from (`data.name`):
   jaxlm_mnist, jaxlm_fashion_mnist (any image data set `images.get_images` reads): every image
@@ -9,9 +9,13 @@ Where the pairs come from (`data.name`):
       images with `captions.jsonl` (one {"image": "file.png", "captions": ["...", ...]} per
       line) or `captions.tsv` (file<TAB>caption, a line per caption; an image may have several),
       decoded with Pillow, converted to `channels` and resized to `image_size`.
+With `questions` (visual question answering) the texts are (question, answer) pairs: `QUESTIONS`
+about the class of each image, or in your folder `questions.jsonl` (one {"image": "file.png",
+"question": "...", "answer": "..."} per line; an image may have several).
 
-An example is (image uint8 [H, W, C], captions list[str], label int or -1). Training draws one of
-its captions per epoch (from seed, epoch and example); evaluation a fixed one (`eval_caption`). A batch:
+An example is (image uint8 [H, W, C], captions list[str] or questions list[(str, str)], label int
+or -1). Training draws one of its texts per epoch (from seed, epoch and example); evaluation a
+fixed one (`eval_caption`). A batch:
 {'image': float32[b, H, W, C] (pixel / 255), the caption's `encode` arrays [b, ...], 'label'
 int32[b], 'index' int32[b] (eval: -1 on padding rows)}.
 """
@@ -49,15 +53,39 @@ DESCRIPTIONS = {
         for digit, word in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                                       "nine"))),
 }
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+# Questions about an image of class y, each (question, y -> answer).
+QUESTIONS = {
+    images_lib.FASHION_MNIST: (
+        ("what is this?", lambda y: DESCRIPTIONS[images_lib.FASHION_MNIST][y][0]),
+        ("what is shown in the picture?", lambda y: DESCRIPTIONS[images_lib.FASHION_MNIST][y][0]),
+        ("is this worn on the feet?", lambda y: _yes(y in (5, 7, 9))),
+        ("is this worn on the upper body?", lambda y: _yes(y in (0, 2, 4, 6))),
+        ("is this a kind of shoe?", lambda y: _yes(y in (5, 7, 9))),
+        ("can you carry things in it?", lambda y: _yes(y == 8)),
+    ),
+    images_lib.MNIST: (
+        ("what digit is this?", lambda y: DIGITS[y]),
+        ("which number is written here?", lambda y: DIGITS[y]),
+        ("is the number even?", lambda y: _yes(y % 2 == 0)),
+        ("is it greater than four?", lambda y: _yes(y > 4)),
+        ("what number comes after it?", lambda y: DIGITS[y + 1]),
+    ),
+}
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 @dataclasses.dataclass
 class Pairs:
-    """A split in memory: images uint8 [n, H, W, C], captions (a list per image), labels [n]
-    (-1: none), and the class names zero-shot prompts use (empty for a caption folder)."""
+    """A split in memory: images uint8 [n, H, W, C], captions (a list per image: texts, or
+    (question, answer) pairs), labels [n] (-1: none), and the class names zero-shot prompts use
+    (empty for a folder)."""
 
     images: np.ndarray
-    captions: list[list[str]]
+    captions: list[list[str]] | list[list[tuple[str, str]]]
     labels: np.ndarray
     class_names: list[str]
 
@@ -70,30 +98,70 @@ def class_captions(name: str, label: int) -> list[str]:
     return [template.format(d) for d in DESCRIPTIONS[name][label] for template in TEMPLATES]
 
 
+def class_questions(name: str, label: int) -> list[tuple[str, str]]:
+    """Every (question, answer) about an image of class `label` of data set `name`."""
+    return [(question, answer(label)) for question, answer in QUESTIONS[name]]
+
+
 def load(name: str, split: str, *, data_dir: str = "", files: str = "", image_size: int = 0, channels: int = 0,
-         holdout: Sequence[int] = ()) -> Pairs:
-    """The pairs of a split (see the module docstring); `holdout` classes are dropped."""
+         holdout: Sequence[int] = (), questions: bool = False) -> Pairs:
+    """The pairs of a split (see the module docstring); `holdout` classes are dropped; with
+    `questions`, (question, answer) pairs instead of captions."""
     if name == CAPTION_FOLDER:
         folder = dict(part.split("=", 1) for part in files.split(",") if part).get(split)
         if not folder:
             raise ValueError(f"data.name={CAPTION_FOLDER!r} reads folders given as data.files='train=DIR,"
                              f"validation=DIR'; data.files={files!r} names none for split {split!r}")
-        return read_folder(folder, image_size=image_size, channels=channels)
+        return read_folder(folder, image_size=image_size, channels=channels, questions=questions)
     if name not in DESCRIPTIONS:
         raise ValueError(f"data.name={name!r}: image-text pairs come from {sorted(DESCRIPTIONS)} (class "
                          f"descriptions) or {CAPTION_FOLDER!r} (your own captioned images)")
     pixels, labels = images_lib.get_images(name, split, data_dir=data_dir)
     keep = ~np.isin(labels, np.asarray(list(holdout), np.int32))
     descriptions = DESCRIPTIONS[name]
-    return Pairs(pixels[keep], [class_captions(name, int(y)) for y in labels[keep]], labels[keep].astype(np.int32),
+    texts = class_questions if questions else class_captions
+    per_class = [texts(name, y) for y in range(len(descriptions))]
+    return Pairs(pixels[keep], [per_class[int(y)] for y in labels[keep]], labels[keep].astype(np.int32),
                  [options[0] for options in descriptions])
 
 
-def read_folder(folder: str, *, image_size: int = 0, channels: int = 0) -> Pairs:
-    """A captioned image folder: captions.jsonl or captions.tsv beside the images. A malformed
-    line, an image that is missing or unreadable, an image without captions: an error naming it."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
+def read_folder(folder: str, *, image_size: int = 0, channels: int = 0, questions: bool = False) -> Pairs:
+    """A captioned image folder: captions.jsonl or captions.tsv beside the images (with
+    `questions`: questions.jsonl). A malformed line, an image that is missing or unreadable, an
+    image without captions: an error naming it."""
+    captions = _read_questions(folder) if questions else _read_captions(folder)
+    if not captions:
+        raise ValueError(f"{folder}: no {'questions about' if questions else 'captioned'} images")
+    pixels = [read_image(folder, name, image_size, channels) for name in captions]
+    shapes = {p.shape for p in pixels}
+    if len(shapes) > 1:
+        raise ValueError(f"{folder}: images of several sizes {sorted(shapes)[:3]}: set data.image_size")
+    return Pairs(np.stack(pixels), list(captions.values()), np.full(len(pixels), -1, np.int32), [])
 
+
+def _read_questions(folder: str) -> dict[str, list[tuple[str, str]]]:
+    path = os.path.join(folder, "questions.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no questions.jsonl (visual question answering reads "
+                                "{\"image\": FILE, \"question\": TEXT, \"answer\": TEXT} lines)")
+    questions: dict[str, list[tuple[str, str]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                image, question, answer = record["image"], record["question"], record["answer"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{number}: expected {{\"image\": FILE, \"question\": TEXT, \"answer\": "
+                                 f"TEXT}} ({type(e).__name__}: {e})") from None
+            if not all(isinstance(t, str) and t.strip() for t in (question, answer)):
+                raise ValueError(f"{path}:{number}: 'question' and 'answer' must be non-empty texts")
+            questions.setdefault(image, []).append((question, answer))
+    return questions
+
+
+def _read_captions(folder: str) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = {}
     jsonl, tsv = os.path.join(folder, "captions.jsonl"), os.path.join(folder, "captions.tsv")
     if os.path.isfile(jsonl):
@@ -118,25 +186,22 @@ def read_folder(folder: str, *, image_size: int = 0, channels: int = 0) -> Pairs
                 captions.setdefault(row[0], []).append(row[1])
     else:
         raise FileNotFoundError(f"{folder} has neither captions.jsonl nor captions.tsv")
-    if not captions:
-        raise ValueError(f"{folder}: no captioned images")
-    mode = {1: "L", 3: "RGB", 0: "RGB"}[channels]
-    pixels = []
-    for name in captions:
-        path = os.path.join(folder, name)
-        try:
-            with Image.open(path) as image:
-                image = image.convert(mode)
-                if image_size:
-                    image = image.resize((image_size, image_size), Image.BILINEAR)
-                array = np.asarray(image, np.uint8)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{folder}: cannot read image {name!r} ({type(e).__name__}: {e})") from None
-        pixels.append(array[..., None] if array.ndim == 2 else array)
-    shapes = {p.shape for p in pixels}
-    if len(shapes) > 1:
-        raise ValueError(f"{folder}: images of several sizes {sorted(shapes)[:3]}: set data.image_size")
-    return Pairs(np.stack(pixels), list(captions.values()), np.full(len(pixels), -1, np.int32), [])
+    return captions
+
+
+def read_image(folder: str, name: str, image_size: int, channels: int) -> np.ndarray:
+    """uint8 [H, W, C] of image file `name`, converted to `channels` (0: RGB) and resized."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    try:
+        with Image.open(os.path.join(folder, name)) as image:
+            image = image.convert({1: "L", 3: "RGB", 0: "RGB"}[channels])
+            if image_size:
+                image = image.resize((image_size, image_size), Image.BILINEAR)
+            array = np.asarray(image, np.uint8)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: cannot read image {name!r} ({type(e).__name__}: {e})") from None
+    return array[..., None] if array.ndim == 2 else array
 
 
 def eval_caption(pairs: Pairs, i: int) -> str:

@@ -3,7 +3,9 @@
 `decode` encodes the source once, then runs the decoder one token per step inside one jitted
 `lax.while_loop` (static shapes; it stops early once every row, or every beam, has emitted EOS).
 T5 conventions: the decoder starts from `decoder_start_id` (the pad id 0), the encoder mask is
-`encoder_tokens != 0`, and the output keeps the EOS and is pad (0) after it.
+`encoder_tokens != 0` (or given, for an encoder whose input is not tokens, e.g. images), and the
+output keeps the EOS and is pad (0) after it. A `prompt` is forced at the start of each row (the
+question of visual question answering) and decoding continues after it.
 """
 
 import functools
@@ -20,13 +22,16 @@ PAD_ID = 0
 def decode(model, params, encoder_tokens: np.ndarray, *, max_len: int, eos_id: int,
            decoder_start_id: int = 0, beam_size: int = 1, temperature: float = 0.0, top_k: int = 0,
            top_p: float = 1.0, seed: int = 0, vocab_size: int | None = None,
-           length_penalty: float = 0.6) -> np.ndarray:
+           length_penalty: float = 0.6, encoder_mask: np.ndarray | None = None,
+           prompt: np.ndarray | None = None) -> np.ndarray:
     """Decodes int32 [batch, max_len] target tokens for `encoder_tokens` int [batch, length].
 
     Args:
-      model: an encoder-decoder with `encode` and `decode(..., decode=True)` (jaxlm.models.t5).
+      model: an encoder-decoder with `encode` and `decode(..., decode=True)` (jaxlm.models.t5,
+        jaxlm.models.image_to_text).
       params: its parameters.
-      encoder_tokens: the source, padded with 0.
+      encoder_tokens: the source, padded with 0; or any input of `model.encode` (e.g. images)
+        when `encoder_mask` is given.
       max_len: decoder steps; at most `model.max_len`, the size of the KV cache.
       eos_id: ends a row; it is kept in the output and everything after it is pad (0).
       decoder_start_id: the token fed first (T5: the pad id); not part of the output.
@@ -36,29 +41,42 @@ def decode(model, params, encoder_tokens: np.ndarray, *, max_len: int, eos_id: i
       vocab_size: only the first `vocab_size` logits compete (default: the model's), since a
         vocabulary padded for sharding has ids no tokenizer can decode.
       length_penalty: beam search ranks its final beams by log-probability / ((5 + length) / 6)
-        ** length_penalty (GNMT, Wu et al. 2016); the length counts the EOS.
+        ** length_penalty (GNMT, Wu et al. 2016); the length counts the EOS (and not the prompt).
+      encoder_mask: bool [batch, encoder positions] (default: `encoder_tokens != 0`).
+      prompt: int [batch, p] tokens each row starts with, padded with 0 (its rows may differ in
+        length); they are part of the output and count towards `max_len`.
 
     Returns:
       int32 [batch, max_len], without the start token.
     """
     vocab_size = vocab_size or model.vocab_size
-    encoder_tokens = np.asarray(encoder_tokens, np.int32)
-    _check_args(model, encoder_tokens, max_len, eos_id, beam_size, temperature, vocab_size)
+    if encoder_mask is None:
+        encoder_tokens = np.asarray(encoder_tokens, np.int32)
+        if encoder_tokens.ndim != 2:
+            raise ValueError(f"encoder_tokens must be [batch, length], not {encoder_tokens.shape}")
+        encoder_mask = encoder_tokens != PAD_ID
+    batch = encoder_mask.shape[0]
+    prompt = np.zeros((batch, 0), np.int32) if prompt is None else np.asarray(prompt, np.int32)
+    _check_args(model, batch, prompt, max_len, eos_id, beam_size, temperature, vocab_size)
     common = dict(max_len=max_len, eos_id=eos_id, decoder_start_id=decoder_start_id,
                   vocab_size=vocab_size)
+    forced = jnp.asarray(np.pad(prompt, ((0, 0), (0, max_len - prompt.shape[1]))))
+    inputs = (jnp.asarray(encoder_tokens), jnp.asarray(encoder_mask, bool), forced)
     if beam_size > 1:
-        tokens = _beam_search(model, params, jnp.asarray(encoder_tokens), beam_size=beam_size,
+        tokens = _beam_search(model, params, *inputs, beam_size=beam_size,
                               length_penalty=float(length_penalty), **common)
     else:
-        tokens = _sample(model, params, jnp.asarray(encoder_tokens), jax.random.key(seed),
+        tokens = _sample(model, params, *inputs, jax.random.key(seed),
                          temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                          **common)
     return np.asarray(tokens)
 
 
-def _check_args(model, encoder_tokens, max_len, eos_id, beam_size, temperature, vocab_size):
-    if encoder_tokens.ndim != 2:
-        raise ValueError(f"encoder_tokens must be [batch, length], not {encoder_tokens.shape}")
+def _check_args(model, batch, prompt, max_len, eos_id, beam_size, temperature, vocab_size):
+    if prompt.ndim != 2 or prompt.shape[0] != batch:
+        raise ValueError(f"prompt must be [batch={batch}, length], not {prompt.shape}")
+    if prompt.shape[1] >= max_len:
+        raise ValueError(f"a prompt of {prompt.shape[1]} tokens leaves nothing to decode in max_len={max_len}")
     if not 1 <= max_len <= model.max_len:
         raise ValueError(f"max_len={max_len} must be in [1, model.max_len={model.max_len}]: the "
                          f"decoder's KV cache holds model.max_len positions")
@@ -74,11 +92,10 @@ def _check_args(model, encoder_tokens, max_len, eos_id, beam_size, temperature, 
                          f"{temperature} needs beam_size=1")
 
 
-def _encode(model, params, encoder_tokens, copies: int):
+def _encode(model, params, encoder_inputs, mask, copies: int):
     """The flat encoder output and the encoder mask, each source row repeated `copies` times."""
-    batch, length = encoder_tokens.shape
-    mask = encoder_tokens != PAD_ID
-    encoded = model.apply({"params": params}, encoder_tokens, mask, method=model.encode)
+    batch, length = mask.shape
+    encoded = model.apply({"params": params}, encoder_inputs, mask, method=model.encode)
     encoded = jnp.repeat(encoded.reshape(batch, length, -1), copies, axis=0)
     return encoded.reshape(batch * copies * length, -1), jnp.repeat(mask, copies, axis=0)
 
@@ -101,17 +118,18 @@ def _step(model, params, cache, encoded, mask, token, step, vocab_size: int):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "temperature", "top_k", "top_p",
                                              "vocab_size"))
-def _sample(model, params, encoder_tokens, rng, *, max_len: int, eos_id: int, decoder_start_id: int,
-            temperature: float, top_k: int, top_p: float, vocab_size: int):
-    """Greedy (temperature 0) or sampled tokens int32 [batch, max_len]."""
-    batch = encoder_tokens.shape[0]
-    encoded, mask = _encode(model, params, encoder_tokens, 1)
+def _sample(model, params, encoder_inputs, encoder_mask, forced, rng, *, max_len: int, eos_id: int,
+            decoder_start_id: int, temperature: float, top_k: int, top_p: float, vocab_size: int):
+    """Greedy (temperature 0) or sampled tokens int32 [batch, max_len]; `forced` [batch, max_len]
+    holds each row's prompt (0 after it)."""
+    batch = encoder_mask.shape[0]
+    encoded, mask = _encode(model, params, encoder_inputs, encoder_mask, 1)
 
     def body(state):
         step, cache, token, finished, out = state
         logits, cache = _step(model, params, cache, encoded, mask, token, step, vocab_size)
         new = next_token(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
-        new = jnp.where(finished, PAD_ID, new)
+        new = jnp.where(forced[:, step] > 0, forced[:, step], jnp.where(finished, PAD_ID, new))
         return step + 1, cache, new, finished | (new == eos_id), out.at[:, step].set(new)
 
     state = (jnp.int32(0), _empty_cache(model, encoded, mask),
@@ -132,16 +150,18 @@ def _reorder_cache(cache, rows):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "beam_size", "vocab_size"))
-def _beam_search(model, params, encoder_tokens, *, max_len: int, eos_id: int, decoder_start_id: int,
-                 beam_size: int, vocab_size: int, length_penalty: float):
+def _beam_search(model, params, encoder_inputs, encoder_mask, forced, *, max_len: int, eos_id: int,
+                 decoder_start_id: int, beam_size: int, vocab_size: int, length_penalty: float):
     """The best beam per row, int32 [batch, max_len].
 
     Each step keeps the `beam_size` best continuations by summed log-probability over the flat
     [batch * beam] rows. A beam that emitted EOS competes on: it continues only with pad at
     log-probability 0, so it keeps its score, and the search ends once all beams are finished.
+    While a row's prompt lasts (`forced` [batch, max_len], 0 after it) its one continuation is the
+    prompt's token, at log-probability 0.
     """
-    batch = encoder_tokens.shape[0]
-    encoded, mask = _encode(model, params, encoder_tokens, beam_size)
+    batch = encoder_mask.shape[0]
+    encoded, mask = _encode(model, params, encoder_inputs, encoder_mask, beam_size)
     # A finished beam continues only with pad, at no cost.
     pad_only = jnp.where(jnp.arange(vocab_size) == PAD_ID, 0.0, -jnp.inf)
     first_row = jnp.arange(batch)[:, None] * beam_size
@@ -151,11 +171,14 @@ def _beam_search(model, params, encoder_tokens, *, max_len: int, eos_id: int, de
         logits, cache = _step(model, params, cache, encoded, mask, token, step, vocab_size)
         log_probs = jax.nn.log_softmax(logits).reshape(batch, beam_size, vocab_size)
         log_probs = jnp.where(finished[..., None], pad_only, log_probs)
+        prompting = forced[:, step] > 0
+        prompt_only = jnp.where(jnp.arange(vocab_size) == forced[:, step, None], 0.0, -jnp.inf)
+        log_probs = jnp.where(prompting[:, None, None], prompt_only[:, None, :], log_probs)
         candidates = (scores[..., None] + log_probs).reshape(batch, beam_size * vocab_size)
         scores, index = jax.lax.top_k(candidates, beam_size)
         parent, new = index // vocab_size, (index % vocab_size).astype(jnp.int32)
         parent_finished = jnp.take_along_axis(finished, parent, 1)
-        lengths = jnp.take_along_axis(lengths, parent, 1) + ~parent_finished
+        lengths = jnp.take_along_axis(lengths, parent, 1) + (~parent_finished & ~prompting[:, None])
         out = jnp.take_along_axis(out, parent[..., None], 1).at[:, :, step].set(new)
         cache = _reorder_cache(cache, (first_row + parent).reshape(-1))
         finished = parent_finished | (new == eos_id)

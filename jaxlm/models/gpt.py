@@ -16,12 +16,14 @@ class GPT(nn.Module):
     tie_embeddings: bool = True
     scale_embeddings: bool = False  # Gemma: token embeddings times sqrt(emb_dim)
     logit_softcap: float = 0.0  # Gemma 2: logits cap * tanh(logits / cap) (0: off)
+    features: bool = False  # the final norm's output [batch, length, embed], no logits (CLIP's text tower)
     stack: StackConfig = StackConfig()
 
     @nn.compact
     def __call__(self, tokens, positions=None, deterministic: bool = True, decode: bool = False,
                  key_mask=None, segment_ids=None):
-        """Returns logits [batch, length, vocab] (float32) for int tokens [batch, length].
+        """Returns logits [batch, length, vocab] (float32) for int tokens [batch, length] (with
+        `features`, the final norm's output [batch, length, embed]).
 
         `key_mask` [batch, keys] (1: a real token) hides padding from attention: the keys of the
         call, or with `decode` those of the whole cache (left-padded prompts of a batch).
@@ -43,6 +45,8 @@ class GPT(nn.Module):
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),
                   name="decoder")(x, Context(positions, bias, segment_ids=segment_ids), deterministic, decode)
         x = norm(cfg, "final_norm")(x).astype(cfg.dtype)
+        if self.features:
+            return x.reshape(batch, length, cfg.emb_dim)
         if self.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -54,9 +58,10 @@ class GPT(nn.Module):
         return logits.reshape(batch, length, self.vocab_size)
 
 
-def from_config(m, pipeline=None) -> GPT:
+def from_config(m, pipeline=None, features: bool = False) -> GPT:
+    """The GPT of `config.model` (`m`); with `features`, without the output layer (a text tower)."""
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers, cfg=block_config(m),
                tie_embeddings=m.tie_embeddings, scale_embeddings=m.scale_embeddings, logit_softcap=m.logit_softcap,
-               stack=stack_config(m, pipeline))
+               features=features, stack=stack_config(m, pipeline))

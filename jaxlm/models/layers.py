@@ -615,11 +615,17 @@ class RelativePositionBias(nn.Module):
         return jnp.take(table, buckets, axis=0).astype(jnp.float32).transpose(2, 0, 1)[None]
 
 
+def quick_gelu(x: Array) -> Array:
+    """x * sigmoid(1.702 x): CLIP's sigmoid approximation of the GELU."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
 # model.mlp -> (activation, gated). gelu is the tanh approximation (GPT-2, T5.1.1's gated-gelu),
-# gelu_exact the erf form (BERT, ViT); relu is T5.1.0's.
+# gelu_exact the erf form (BERT, ViT); relu is T5.1.0's; quick_gelu CLIP's.
 ACTIVATIONS = {
     "gelu": (functools.partial(nn.gelu, approximate=True), False),
     "gelu_exact": (functools.partial(nn.gelu, approximate=False), False),
+    "quick_gelu": (quick_gelu, False),
     "relu": (nn.relu, False),
     "swiglu": (nn.silu, True),
     "geglu": (functools.partial(nn.gelu, approximate=True), True),

@@ -20,6 +20,8 @@ TASKS = {
     "seq2seq": "seq2seq:Seq2Seq",
     "contrastive": "contrastive:Contrastive",
     "image_text": "image_text:ImageText",
+    "captioning": "image_to_text:ImageToText",
+    "vqa": "image_to_text:ImageToText",
     "distillation": "distillation:Distillation",
 }
 

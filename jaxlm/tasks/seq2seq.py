@@ -194,10 +194,14 @@ class Seq2Seq(EncoderDecoder, base.Predicts):
     def generation_metrics(self, params, split: str) -> dict:
         return self.predictions(params, split, max_batches=self.config.task.eval_bleu_batches)[0]
 
+    def text_batch(self, text: str, target: str = "") -> dict:
+        """A batch of the one pair (text, target), encoded as the eval split's pairs are."""
+        return text_pairs.pairs_eval_batches(max_batches=1, **{**self.data_kwargs(self.config.data.eval_split),
+                                                               "pairs": [(text, target)], "global_batch_size": 1,
+                                                               "process_index": 0, "process_count": 1})[0]
+
     def predict_text(self, params, text: str) -> dict:
-        batch = text_pairs.pairs_eval_batches(max_batches=1, **{**self.data_kwargs(self.config.data.eval_split),
-                                                                "pairs": [(text, "")], "global_batch_size": 1,
-                                                                "process_index": 0, "process_count": 1})[0]
+        batch = self.text_batch(text)
         return {"source": text, "translation": self.translate(params, batch["encoder_input_tokens"])[0]}
 
     def sample(self, params) -> str | None:
