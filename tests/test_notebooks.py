@@ -26,7 +26,7 @@ def test_notebook_runs_top_to_bottom_on_cpu(name, tmp_path, monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the kernel sees one CPU device, as on Colab (not the tests' 8)
     notebook = nbformat.read(COLAB / name, as_version=4)
     start = time.perf_counter()
-    nbclient.NotebookClient(notebook, timeout=1200, kernel_name="python3",
+    nbclient.NotebookClient(notebook, timeout=1800, kernel_name="python3",
                             resources={"metadata": {"path": str(COLAB)}}).execute()
     images = sum(1 for c in notebook.cells if c.cell_type == "code"
                  for o in c.get("outputs", []) if "image/png" in o.get("data", {}))

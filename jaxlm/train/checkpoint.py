@@ -272,10 +272,10 @@ def _iterator_file(process_index: int, process_count: int) -> str:
     return f"process_{process_index}-of-{process_count}.json"  # grain's name for it
 
 
-def restore_params(workdir: str, abstract_params) -> tuple[dict, int]:
+def restore_params(workdir: str, abstract_params, step: int | None = None) -> tuple[dict, int]:
     """(params, step): the parameters of the latest checkpoint in a jaxlm workdir (`init_from`'s,
-    or a run's own for inference) that `abstract_params` also has, as a nested dict; parameters
-    it lacks (new heads) are left out.
+    or a run's own for inference), or of checkpoint `step`, that `abstract_params` also has, as a
+    nested dict; parameters it lacks (new heads) are left out.
 
     Only the parameters are read, so the source run may have used another optimizer; a
     parameter whose shape differs is an error that names it. The step is verified first; a
@@ -283,14 +283,15 @@ def restore_params(workdir: str, abstract_params) -> tuple[dict, int]:
     nothing (the workdir may be another run's); when none restores, the error names each.
     """
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    source = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
+    source = _reader(directory)
     try:
         if not source.all_steps():
             raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+        if step is not None and step not in source.all_steps():
+            raise FileNotFoundError(f"no checkpoint step {step} in {workdir}/checkpoints "
+                                    f"(it has {sorted(source.all_steps())})")
         params, step, corrupt = _newest_that_restores(
-            directory, source.all_steps(),
+            directory, source.all_steps() if step is None else [step],
             lambda candidate: _restore_params(source, candidate, workdir, abstract_params))
         if corrupt:
             log.warning("restored the parameters of checkpoint step %d of %s; its newer "
@@ -299,6 +300,20 @@ def restore_params(workdir: str, abstract_params) -> tuple[dict, int]:
         return params, step
     finally:
         source.close()
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The checkpoint steps of a jaxlm workdir, oldest first."""
+    reader = _reader(os.path.abspath(os.path.join(workdir, "checkpoints")))
+    try:
+        return sorted(reader.all_steps())
+    finally:
+        reader.close()
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                 item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
 
 
 def _newest_that_restores(directory: str, steps, restore):
