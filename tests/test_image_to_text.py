@@ -60,6 +60,20 @@ def write_folder(folder: Path, copies: int = 3):
     (folder / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
 
 
+def test_a_question_folder_reads_every_question_and_names_a_bad_line(tmp_path):
+    write_folder(tmp_path / "f", copies=1)
+    pairs = image_text.read_folder(str(tmp_path / "f"), questions=True)
+    assert len(pairs) == 4 and all(len(qa) == 2 for qa in pairs.captions)
+    assert ("is it red?", "yes") in pairs.captions[[i for i, qa in enumerate(pairs.captions) if ("what colour is it?", "red") in qa][0]]
+    with open(tmp_path / "f" / "questions.jsonl", "a") as f:
+        f.write('{"image": "red0.png", "question": "why?"}\n')
+    with pytest.raises(ValueError, match=r"questions.jsonl:9: expected \{"):
+        image_text.read_folder(str(tmp_path / "f"), questions=True)
+    (tmp_path / "f" / "questions.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="has no questions.jsonl"):
+        image_text.read_folder(str(tmp_path / "f"), questions=True)
+
+
 def tiny_config(folder: Path, mode: str):
     c = config_lib.default_config()
     c.task.update(dict(name=mode, beam_size=2))

@@ -66,7 +66,7 @@ def vision_normalize(hf: dict) -> dict:
 TEXT = Family(
     model_type="clip_text_model",
     name="gpt",
-    architectures=("CLIPTextModel", "CLIPTextModel"),
+    architectures=("CLIPTextModel",),
     keys={"vocab_size": "vocab_size", "hidden_size": "emb_dim", "num_hidden_layers": "num_layers",
           "num_attention_heads": "num_heads", "intermediate_size": "mlp_dim", "layer_norm_eps": "norm_eps",
           "max_position_embeddings": "max_len"},
@@ -86,7 +86,7 @@ TEXT = Family(
 VISION = Family(
     model_type="clip_vision_model",
     name="vit",
-    architectures=("CLIPVisionModel", "CLIPVisionModel"),
+    architectures=("CLIPVisionModel",),
     keys={"hidden_size": "emb_dim", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
           "intermediate_size": "mlp_dim", "layer_norm_eps": "norm_eps", "image_size": "image_size",
           "patch_size": "patch_size"},

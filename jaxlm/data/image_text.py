@@ -139,25 +139,30 @@ def read_folder(folder: str, *, image_size: int = 0, channels: int = 0, question
     return Pairs(np.stack(pixels), list(captions.values()), np.full(len(pixels), -1, np.int32), [])
 
 
-def _read_questions(folder: str) -> dict[str, list[tuple[str, str]]]:
-    path = os.path.join(folder, "questions.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no questions.jsonl (visual question answering reads "
-                                "{\"image\": FILE, \"question\": TEXT, \"answer\": TEXT} lines)")
-    questions: dict[str, list[tuple[str, str]]] = {}
+def _jsonl_records(path: str, keys: tuple[str, ...], shape: str):
+    """(line number, the values of `keys`) of each non-empty line of a JSONL file; a line that is
+    not such a record is an error naming it and the `shape` expected."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                image, question, answer = record["image"], record["question"], record["answer"]
+                yield number, tuple(record[key] for key in keys)
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{number}: expected {{\"image\": FILE, \"question\": TEXT, \"answer\": "
-                                 f"TEXT}} ({type(e).__name__}: {e})") from None
-            if not all(isinstance(t, str) and t.strip() for t in (question, answer)):
-                raise ValueError(f"{path}:{number}: 'question' and 'answer' must be non-empty texts")
-            questions.setdefault(image, []).append((question, answer))
+                raise ValueError(f"{path}:{number}: expected {shape} ({type(e).__name__}: {e})") from None
+
+
+def _read_questions(folder: str) -> dict[str, list[tuple[str, str]]]:
+    path = os.path.join(folder, "questions.jsonl")
+    shape = '{"image": FILE, "question": TEXT, "answer": TEXT}'
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no questions.jsonl (visual question answering reads {shape} lines)")
+    questions: dict[str, list[tuple[str, str]]] = {}
+    for number, (image, question, answer) in _jsonl_records(path, ("image", "question", "answer"), shape):
+        if not all(isinstance(t, str) and t.strip() for t in (question, answer)):
+            raise ValueError(f"{path}:{number}: 'question' and 'answer' must be non-empty texts")
+        questions.setdefault(image, []).append((question, answer))
     return questions
 
 
@@ -165,19 +170,11 @@ def _read_captions(folder: str) -> dict[str, list[str]]:
     captions: dict[str, list[str]] = {}
     jsonl, tsv = os.path.join(folder, "captions.jsonl"), os.path.join(folder, "captions.tsv")
     if os.path.isfile(jsonl):
-        with open(jsonl, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    image, texts = record["image"], record["captions"]
-                except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{jsonl}:{number}: expected {{\"image\": FILE, \"captions\": [TEXT, ...]}} "
-                                     f"({type(e).__name__}: {e})") from None
-                if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-                    raise ValueError(f"{jsonl}:{number}: 'captions' must be a non-empty list of non-empty texts")
-                captions.setdefault(image, []).extend(texts)
+        shape = '{"image": FILE, "captions": [TEXT, ...]}'
+        for number, (image, texts) in _jsonl_records(jsonl, ("image", "captions"), shape):
+            if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise ValueError(f"{jsonl}:{number}: 'captions' must be a non-empty list of non-empty texts")
+            captions.setdefault(image, []).extend(texts)
     elif os.path.isfile(tsv):
         with open(tsv, encoding="utf-8", newline="") as f:
             for number, row in enumerate(csv.reader(f, delimiter="\t"), 1):

@@ -122,7 +122,30 @@ RUN_KEYS = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "quant", 
             "attention")
 
 
-class ImageText(base.Task):
+class ImagePairs:
+    """The data side of the tasks over image-text pairs (this one, image_to_text): the task gives
+    `pairs(split)`, `train_pairs` and `encode_text(text)` (a text's arrays); this reads the eval
+    split once and makes the batches."""
+
+    @functools.cached_property
+    def eval_pairs(self) -> image_text.Pairs:
+        return self.pairs(self.config.data.eval_split)
+
+    def split_pairs(self, split: str) -> image_text.Pairs:
+        return self.eval_pairs if split == self.config.data.eval_split else self.pairs(split)
+
+    def train_iterator(self):
+        c = self.config
+        return image_text.train_iterator(self.train_pairs, self.encode_text, global_batch_size=c.train.batch_size,
+                                         seed=c.seed, **self.process_kwargs())
+
+    def eval_batches(self, split: str, max_batches: int):
+        return image_text.eval_batches(self.split_pairs(split), self.encode_text,
+                                       global_batch_size=self.config.train.batch_size, max_batches=max_batches,
+                                       **self.process_kwargs())
+
+
+class ImageText(ImagePairs, base.Task):
     """CLIP / SigLIP training of a dual encoder (see the module docstring)."""
 
     families = ("bert", "gpt")
@@ -242,25 +265,11 @@ class ImageText(base.Task):
                                image_size=self.config.image_model.image_size, channels=d.image_channels,
                                holdout=holdout)
 
-    @functools.cached_property
-    def eval_pairs(self) -> image_text.Pairs:
-        return self.pairs(self.config.data.eval_split)
-
     def encode_text(self, text: str) -> dict:
         if self.specials is None:
             return causal_row(self.tokenizer, text, self.config.data.seq_len)
         row = labeled.encode_text(self.tokenizer, text, self.config.data.seq_len, self.specials)
         return {k: row[k] for k in TEXT_KEYS}
-
-    def train_iterator(self):
-        c = self.config
-        return image_text.train_iterator(self.train_pairs, self.encode_text, global_batch_size=c.train.batch_size,
-                                         seed=c.seed, **self.process_kwargs())
-
-    def eval_batches(self, split: str, max_batches: int):
-        pairs = self.eval_pairs if split == self.config.data.eval_split else self.pairs(split)
-        return image_text.eval_batches(pairs, self.encode_text, global_batch_size=self.config.train.batch_size,
-                                       max_batches=max_batches, **self.process_kwargs())
 
     def fit_length(self, batches):
         return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()), TEXT_KEYS)
@@ -302,7 +311,7 @@ class ImageText(base.Task):
         return prompts / np.linalg.norm(prompts, axis=-1, keepdims=True)
 
     def generation_metrics(self, params, split: str) -> dict:
-        pairs = self.eval_pairs if split == self.config.data.eval_split else self.pairs(split)
+        pairs = self.split_pairs(split)
         images = self.embed_images(params, pairs.images)
         metrics = {}
         if self.config.data.name in image_text.DESCRIPTIONS:

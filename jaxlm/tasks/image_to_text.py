@@ -16,7 +16,6 @@ Evaluation adds, on images never trained on (the eval split), by beam search:
 The ViT may start from a jaxlm ViT run (`task.image_init_from`, its head dropped).
 """
 
-import functools
 import os
 
 import flax
@@ -28,13 +27,13 @@ from jaxlm.data import image_text, progress
 from jaxlm.infer import seq2seq_decoding as decoding
 from jaxlm.models import image_to_text, pipeline_parallel
 from jaxlm.tasks import base, caption_metrics, seq2seq
-from jaxlm.tasks.image_text import IMAGE, RUN_KEYS, tower_config
+from jaxlm.tasks.image_text import IMAGE, RUN_KEYS, ImagePairs, tower_config
 
 MODES = ("captioning", "vqa")
 DECODER_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "prompt_tokens")
 
 
-class ImageToText(seq2seq.EncoderDecoder, base.Predicts):
+class ImageToText(ImagePairs, seq2seq.EncoderDecoder, base.Predicts):
     """Captioning or VQA (see the module docstring)."""
 
     heads = (r"^image_projection(/|$)",)
@@ -107,10 +106,6 @@ class ImageToText(seq2seq.EncoderDecoder, base.Predicts):
                                image_size=self.config.image_model.image_size, channels=d.image_channels,
                                questions=self.questions)
 
-    @functools.cached_property
-    def eval_pairs(self) -> image_text.Pairs:
-        return self.pairs(self.config.data.eval_split)
-
     def encode_text(self, text) -> dict:
         """The decoder's arrays of a caption, or of a (question, answer) pair: the question is
         `prompt_tokens` and carries no loss. Tokens past `target_len` are cut."""
@@ -126,16 +121,6 @@ class ImageToText(seq2seq.EncoderDecoder, base.Predicts):
         row["decoder_loss_weights"][len(prompt): len(sequence)] = 1.0
         row["prompt_tokens"][: len(prompt)] = prompt
         return row
-
-    def train_iterator(self):
-        c = self.config
-        return image_text.train_iterator(self.train_pairs, self.encode_text, global_batch_size=c.train.batch_size,
-                                         seed=c.seed, **self.process_kwargs())
-
-    def eval_batches(self, split: str, max_batches: int):
-        pairs = self.eval_pairs if split == self.config.data.eval_split else self.pairs(split)
-        return image_text.eval_batches(pairs, self.encode_text, global_batch_size=self.config.train.batch_size,
-                                       max_batches=max_batches, **self.process_kwargs())
 
     def fit_length(self, batches):
         return base.cut_to_longest(self.config, batches, int((batches["decoder_target_tokens"] > 0).sum(-1).max()),
@@ -167,7 +152,7 @@ class ImageToText(seq2seq.EncoderDecoder, base.Predicts):
             pairs = image_text.read_folder(data_path, image_size=self.config.image_model.image_size,
                                            channels=d.image_channels, questions=self.questions)
         else:
-            pairs = self.eval_pairs if split == self.config.data.eval_split else self.pairs(split)
+            pairs = self.split_pairs(split)
         batches = image_text.eval_batches(pairs, self.encode_text, global_batch_size=self.config.train.batch_size,
                                           max_batches=max_batches, **self.process_kwargs())
         rows = []
