@@ -4,8 +4,8 @@
     python -m jaxlm.main --config=configs/caption_fashion_mnist.py --workdir=/tmp/caption
     python -m jaxlm.main --config=configs/caption_fashion_mnist.py:vqa --workdir=/tmp/vqa
     python -m jaxlm.evaluate --workdir=/tmp/caption      # BLEU, CIDEr-D, class accuracy of the captions
-    printf 'shoe.png\\n' | python -m jaxlm.predict --workdir=/tmp/caption
-    printf 'shoe.png\\tis this worn on the feet?\\n' | python -m jaxlm.predict --workdir=/tmp/vqa
+    python -m jaxlm.predict --workdir=/tmp/caption --text=shoe.png
+    python -m jaxlm.predict --workdir=/tmp/vqa --text="shoe.png|is this worn on the feet?"
 
 Captions are the class descriptions of `jaxlm/data/image_text.py` (4 descriptions x 8 templates
 per class, one drawn per epoch); questions are 6 per image (what it is, whether it is worn on the

@@ -1,6 +1,6 @@
 """Image-to-text (task.name='captioning' | 'vqa'): CIDEr-D, the decoder rows of a question and its
 answer, decoding that continues a forced prompt, and a ViT + T5 decoder that learns to caption
-and to answer questions about a folder of images, read back through `predict_text`."""
+and to answer questions about a folder of images, read back through `jaxlm.predict`."""
 
 import json
 from pathlib import Path
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import tasks
+from jaxlm import predict, tasks
 from jaxlm.data import builders, image_text, images
 from jaxlm.infer import seq2seq_decoding as decoding
 from jaxlm.tasks import caption_metrics
@@ -154,14 +154,12 @@ def test_a_vit_and_t5_decoder_learn_to_caption_and_answer(tmp_path, mode):
     else:
         assert final["eval/bleu"] > 60 and final["eval/cider"] > 3, final  # (84.9, 6.5 measured; a caption
         # may be the one an image lacks)
-    run, params, _ = loop.restore_latest(str(tmp_path / "run"))
-    task = run.task
-    if mode == "vqa":
-        got = task.predict_text(params, f"{tmp_path / 'f' / 'blue1.png'}\tis it red?")
+    if mode == "vqa":  # as `python -m jaxlm.predict --text=...` reads them
+        got = predict.predict(str(tmp_path / "run"), [f"{tmp_path / 'f' / 'blue1.png'} | is it red?"])[0]
         assert got["answer"] == "no", got
-        with pytest.raises(ValueError, match="IMAGE_FILE<TAB>QUESTION"):
-            task.predict_text(params, str(tmp_path / "f" / "blue1.png"))
+        with pytest.raises(ValueError, match=r"IMAGE_FILE\|QUESTION"):
+            predict.predict(str(tmp_path / "run"), [str(tmp_path / "f" / "blue1.png")])
     else:
-        got = task.predict_text(params, str(tmp_path / "f" / "green2.png"))
+        got = predict.predict(str(tmp_path / "run"), [str(tmp_path / "f" / "green2.png")])[0]
         assert got["caption"] in ("a green square of colour", "a picture of something green"), got
     assert task_lib.named_class(images.FASHION_MNIST, "a photo of an ankle boot.") == 9

@@ -12,7 +12,7 @@ Evaluation adds, on images never trained on (the eval split), by beam search:
                on class-description data, `caption_class_accuracy`: the share of captions that
                name the image's class (by the longest class description they contain);
   vqa          `answer_accuracy`: answers equal to the reference, word for word.
-`jaxlm.predict` reads lines 'IMAGE_FILE' (a caption) or 'IMAGE_FILE<TAB>QUESTION' (an answer).
+`jaxlm.predict --text=IMAGE_FILE` captions an image file; `--text='IMAGE_FILE|QUESTION'` answers.
 The ViT may start from a jaxlm ViT run (`task.image_init_from`, its head dropped).
 """
 
@@ -191,11 +191,11 @@ class ImageToText(ImagePairs, seq2seq.EncoderDecoder, base.Predicts):
         return self.predictions(params, split, max_batches=self.config.task.eval_bleu_batches)[0]
 
     def predict_text(self, params, text: str) -> dict:
-        """'IMAGE_FILE' -> its caption; 'IMAGE_FILE<TAB>QUESTION' -> the answer."""
-        path, _, question = text.partition("\t")
+        """'IMAGE_FILE' -> its caption; 'IMAGE_FILE|QUESTION' -> the answer."""
+        path, _, question = (part.strip() for part in text.partition("|"))
         if self.questions != bool(question.strip()):
             raise ValueError(f"task {self.config.task.name}: expected "
-                             f"{'IMAGE_FILE<TAB>QUESTION' if self.questions else 'IMAGE_FILE'}, got {text!r}")
+                             f"{'IMAGE_FILE|QUESTION' if self.questions else 'IMAGE_FILE'}, got {text!r}")
         pixels = image_text.read_image(os.path.dirname(path) or ".", os.path.basename(path), self.image_shape[0],
                                        self.image_shape[2])
         prompts = self.encode_text((question, "-"))["prompt_tokens"][None] if self.questions else None
