@@ -110,6 +110,10 @@ def test_a_question_is_the_prompt_of_its_answer_and_carries_no_loss(tmp_path):
     np.testing.assert_array_equal(row["decoder_loss_weights"][:n], [0] * q + [1] * (n - q))
     np.testing.assert_array_equal(row["prompt_tokens"][:q], question)
     assert not row["decoder_loss_weights"][n:].any() and not row["prompt_tokens"][q:].any()
+    prompts = task.prompts(["what colour is it?", "red"])
+    np.testing.assert_array_equal(prompts[0], row["prompt_tokens"])
+    np.testing.assert_array_equal(prompts[1][:len(answer)], answer)
+    assert not prompts[1][len(answer):].any()
     with pytest.raises(ValueError, match="no room for an answer"):
         task.encode_text(("what colour " * 20, "red"))
 

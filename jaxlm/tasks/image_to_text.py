@@ -122,6 +122,10 @@ class ImageToText(ImagePairs, seq2seq.EncoderDecoder, base.Predicts):
         row["prompt_tokens"][: len(prompt)] = prompt
         return row
 
+    def prompts(self, questions) -> np.ndarray:
+        """int32 [len(questions), target_len]: each question as the decoder's forced prompt."""
+        return np.stack([self.encode_text((question, ""))["prompt_tokens"] for question in questions])
+
     def fit_length(self, batches):
         return base.cut_to_longest(self.config, batches, int((batches["decoder_target_tokens"] > 0).sum(-1).max()),
                                    DECODER_KEYS)
@@ -198,7 +202,7 @@ class ImageToText(ImagePairs, seq2seq.EncoderDecoder, base.Predicts):
                              f"{'IMAGE_FILE|QUESTION' if self.questions else 'IMAGE_FILE'}, got {text!r}")
         pixels = image_text.read_image(os.path.dirname(path) or ".", os.path.basename(path), self.image_shape[0],
                                        self.image_shape[2])
-        prompts = self.encode_text((question, "-"))["prompt_tokens"][None] if self.questions else None
+        prompts = self.prompts([question]) if self.questions else None
         answer = self.describe(params, pixels[None].astype(np.float32) / 255.0, prompts)[0]
         return {"image": path, "question": question, "answer": answer} if self.questions else \
             {"image": path, "caption": answer}
