@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
         mixture="",  # multitask: "NAME=TASK:DATASET:WEIGHT,..." parts on one BERT (configs/multitask.py)
         contrastive_loss="clip",  # image_text: clip (softmax InfoNCE) | siglip (pairwise sigmoid)
         projection_dim=128,  # image_text: the shared embedding width
+        projection_bias=False,  # image_text: the projections add a bias (SigLIP's text head)
+        image_projection=True,  # image_text: False: the image tower's pooled features are its embedding
+                                # (SigLIP's attention pooling; projection_dim is then image_model.emb_dim)
         text_init_from="",  # image_text: the text tower's start (a jaxlm run or Hugging Face BERT folder)
         image_init_from="",  # image_text, captioning, vqa: the image tower's start (a jaxlm ViT run; its head is dropped)
     ))
@@ -111,10 +114,12 @@ def default_config() -> ml_collections.ConfigDict:
         relative_buckets=32,  # t5: relative position bias buckets
         relative_max_distance=128,  # t5
         patch_size=4,  # vit
-        pool="cls",  # vit: cls | mean
+        pool="cls",  # vit: cls | mean | map (no class token; SigLIP's multihead attention pooling)
         pre_norm=False,  # vit: a LayerNorm on the embeddings before the encoder (CLIP's pre_layrnorm)
+        causal=True,  # gpt: False attends both ways (SigLIP's text tower)
         text_pool="mean",  # image_text text tower: mean (over real tokens) | eos (first model.eos_id, CLIP) |
-                           # max_id (the largest id: older CLIP configs, whose EOS is the largest id)
+                           # max_id (the largest id: older CLIP configs, whose EOS is the largest id) |
+                           # last (the last position of the whole padded row, padding attended: SigLIP)
         eos_id=-1,  # image_text text tower with text_pool=eos: the id whose first position is pooled
         image_size=0,  # vit: 0 means taken from the data (square images)
         num_classes=0,  # vit/cnn: 0 means taken from the data

@@ -1,5 +1,5 @@
-r"""Hugging Face checkpoints <-> jaxlm workdirs (BERT, GPT-2, T5, ViT, the Llama class; CLIP
-imports).
+r"""Hugging Face checkpoints <-> jaxlm workdirs (BERT, GPT-2, T5, ViT, the Llama class; CLIP and
+SigLIP import).
 
 `jaxlm-convert` once installed; `python tools/convert_hf.py` from a checkout.
 
@@ -12,14 +12,15 @@ import: a new workdir whose step-0 checkpoint holds the imported parameters (hea
 lacks initialized fresh) with a fresh optimizer state, its config.json (`--config`, else the
 defaults with the family's pretraining task; the checkpoint's architecture and tokenizer over
 either) and tokenizer/. A CLIP checkpoint becomes an image_text run (both towers, the projections
-and the logit scale as the task's `log_scale`); without `--config` its data is a caption folder
+and the logit scale as the task's `log_scale`), a SigLIP one an image_text run with the siglip
+loss (its logit bias as the task's `logit_bias`); without `--config` its data is a caption folder
 (`data.name=jaxlm_image_captions`) for the workdir's config.json to name (`data.files`).
 Train from it with `--config.init_from=WORKDIR` (parameters only; the config must build the
 same model, e.g. the workdir's own config.json).
 export: the latest parameters of a workdir as a folder transformers loads.
 check: imports and runs jaxlm and transformers (PyTorch, float32, eval mode) on real sentences
-(SST-2 under $JAXLM_DATA_DIR, else built-in ones) or random images (CLIP: both; its unit image and
-text embeddings and logit scale); prints per-example differences and, last, `max_abs_diff=<x>`;
+(SST-2 under $JAXLM_DATA_DIR, else built-in ones) or random images (CLIP, SigLIP: both; their unit
+image and text embeddings, logit scale and bias, and pair logits); prints per-example differences and, last, `max_abs_diff=<x>`;
 exits 1 above `--tolerance`.
 `--hf_dir` also takes the pip name of an installed package that ships a checkpoint
 (found among its recorded files; nothing is imported).

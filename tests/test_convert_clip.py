@@ -56,13 +56,18 @@ def save_clip(path: Path, config, seed: int = 0) -> str:
     words = [*WORDS, *(f"word{i}" for i in range(BOS - 2 - len(WORDS)))]
     vocab = {"<unk>": 0, "<|padding|>": PAD, **{word: i + 2 for i, word in enumerate(words)},
              "<|startoftext|>": BOS, "<|endoftext|>": EOS}
+    save_word_tokenizer(path, vocab, bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    return str(path)
+
+
+def save_word_tokenizer(path: Path, vocab: dict, **settings) -> None:
+    """A lower-casing word-level tokenizer.json of `vocab` ({word: id}, with <unk>) and its
+    tokenizer_config.json `settings` (the special tokens) into `path`."""
     tokenizer = hf_tokenizers.Tokenizer(hf_tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.normalizer = hf_tokenizers.normalizers.Lowercase()
     tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.Whitespace()
     tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|startoftext|>",
-                                                            "eos_token": "<|endoftext|>"}))
-    return str(path)
+    (path / "tokenizer_config.json").write_text(json.dumps(settings))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +97,7 @@ def test_import_matches_transformers_embeddings_and_scale(clip_dir, scan_layers)
     batch = compare.make_batch(clip_dir, n=6, tokenizer=None)
     assert (batch["attention_mask"] == 0).any()  # padded rows: their EOS is not the last position
     diffs = compare.side_by_side(clip_dir, config, params, batch)
-    assert sorted(diffs) == ["image_embeds", "logit_scale", "text_embeds"]
+    assert sorted(diffs) == ["image_embeds", "logit_scale", "logits_per_image", "text_embeds"]
     assert max(d.max() for d in diffs.values()) <= TOLERANCE, diffs
 
 

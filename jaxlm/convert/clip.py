@@ -56,11 +56,14 @@ def text_pooling(hf: dict) -> dict:
     return {"text_pool": "max_id" if eos == LEGACY_EOS else "eos", "eos_id": eos}
 
 
-def vision_normalize(hf: dict) -> dict:
-    for key in ("image_size", "patch_size"):
-        if not isinstance(hf[key], int):
-            raise ValueError(f"CLIP vision_config {key}={hf[key]!r}: jaxlm's ViT takes square images (an int)")
-    return hf
+def square_images(model: str):
+    """The `normalize` of a vision sub-config: its image and patch sizes must be ints (square)."""
+    def normalize(hf: dict) -> dict:
+        for key in ("image_size", "patch_size"):
+            if not isinstance(hf[key], int):
+                raise ValueError(f"{model} vision_config {key}={hf[key]!r}: jaxlm's ViT takes square images (an int)")
+        return hf
+    return normalize
 
 
 TEXT = Family(
@@ -99,7 +102,7 @@ VISION = Family(
     hf_defaults={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
                  "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
                  "layer_norm_eps": 1e-5},
-    normalize=vision_normalize,
+    normalize=square_images("CLIP"),
     ignored=("embeddings.position_ids",),
     optional=("patch_embed/bias",),
 )

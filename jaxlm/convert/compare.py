@@ -6,13 +6,15 @@
 
 Compared are the outputs the Hugging Face model has: BERT's last hidden states and pooled [CLS]
 (+ masked-LM and next-sentence logits when the file has the heads), GPT-2's and T5's logits,
-ViT's final hidden states (+ logits with a classifier), CLIP's unit image and text embeddings
-and its logit scale. Positions the batch pads are left out.
+ViT's final hidden states (+ logits with a classifier), CLIP's and SigLIP's unit image and text
+embeddings, logit scale (SigLIP's bias too) and pair logits. Positions the batch pads are left out.
 transformers and torch are imported on use: only this module needs them.
 
-A dual encoder (CLIP) is compared as the image_text run `config` that holds it (`model_config`
-below: the run config, updated with `convert.config_overrides`).
+A dual encoder (CLIP, SigLIP) is compared as the image_text run `config` that holds it
+(`model_config` below: the run config, updated with `convert.config_overrides`).
 """
+
+import functools
 
 import flax
 import flax.linen as nn
@@ -20,7 +22,7 @@ import jax
 import numpy as np
 
 from jaxlm import models
-from jaxlm.convert import clip, hf as hf_lib
+from jaxlm.convert import clip, hf as hf_lib, siglip
 from jaxlm.convert.rules import DualFamily
 from jaxlm.models import dual_encoder
 
@@ -53,7 +55,8 @@ def make_batch(hf_dir: str, n: int = 8, seed: int = 0, tokenizer=None) -> dict:
     family, hf = hf_lib.read_config(hf_dir)
     rng = np.random.default_rng(seed)
     if isinstance(family, DualFamily):
-        return _dual_batch(hf, n, rng, tokenizer)
+        whole_rows = hf_lib.config_overrides(hf_dir)["model"]["text_pool"] == "last"
+        return (_whole_rows if whole_rows else _dual_batch)(hf, n, rng, tokenizer)
     if family.name == "vit":
         shape = (n, hf["num_channels"], hf["image_size"], hf["image_size"])
         return {"pixel_values": rng.standard_normal(shape).astype(np.float32)}
@@ -112,6 +115,24 @@ def _dual_batch(hf: dict, n: int, rng, tokenizer) -> dict:
     return {"pixel_values": rng.standard_normal(shape).astype(np.float32), **batch}
 
 
+def _whole_rows(hf: dict, n: int, rng, tokenizer) -> dict:
+    """Random images and SigLIP's text rows: the sentence (`tokenizer`'s pieces and its EOS, padded
+    with EOS; or random ids padded with the pad id) to the full length, every position attended (the mask all
+    ones): the last position, which SigLIP pools, is padding in most rows."""
+    text, vision = hf["text_config"], hf["vision_config"]
+    shape = (n, vision["num_channels"], vision["image_size"], vision["image_size"])
+    length = text["max_position_embeddings"]
+    if tokenizer is None:
+        rows = [list(rng.integers(0, text["vocab_size"], rng.integers(1, length))) for _ in range(n)]
+        pad = text.get("pad_token_id") or 0
+    else:
+        rows = [[*list(tokenizer.encode(sentence))[:length - 1], tokenizer.eos_id] for sentence in sentences(n)]
+        pad = tokenizer.eos_id  # SigLIP pads with EOS, as the task does
+    ids = np.array([row + [pad] * (length - len(row)) for row in rows], np.int32)
+    return {"pixel_values": rng.standard_normal(shape).astype(np.float32), "input_ids": ids,
+            "attention_mask": np.ones_like(ids)}
+
+
 def _pad(rows: list[dict], pad_id: int, compared: str) -> dict:
     """Right-pads every field; attention masks for the inputs and `mask` for `compared`."""
     batch = {}
@@ -150,11 +171,13 @@ def side_by_side(hf_dir: str, model_config, params: dict, batch: dict) -> dict:
     the Hugging Face model in `hf_dir` on `batch`."""
     family, _ = hf_lib.read_config(hf_dir)
     heads = has_heads(hf_dir)
+    run = JAXLM_RUNNERS[family.name]
     if isinstance(family, DualFamily):
-        model = dual_encoder.from_config(model_config.model, model_config.image_model, model_config.task.projection_dim)
+        model = dual_encoder.from_run_config(model_config)
+        run = functools.partial(run, clamp=model_config.task.contrastive_loss == "clip")
     else:
         model = models.get(model_config)
-    ours = JAXLM_RUNNERS[family.name](model, params, batch)
+    ours = run(model, params, batch)
     theirs = HF_RUNNERS[family.name](load_hf_model(hf_dir, heads), batch, heads)
     diffs = {}
     for key, reference in theirs.items():
@@ -223,13 +246,22 @@ def _vit_jaxlm(model, params, b):
     return {"logits": logits, "hidden": hidden.reshape(len(images), -1, hidden.shape[-1])}
 
 
-def _dual_jaxlm(model, params, b):
-    """Unit image and text embeddings, and the task's log scale beside the model's parameters."""
-    model_params = {k: v for k, v in params.items() if k != clip.LOG_SCALE}
+def _dual_jaxlm(model, params, b, clamp: bool = True):
+    """Unit image and text embeddings, the task's log scale (and SigLIP's bias) beside the model's
+    parameters, and the pair logits the task computes of them (the scale `clamp`ed as CLIP's loss
+    does)."""
+    task = (clip.LOG_SCALE, siglip.LOGIT_BIAS)
+    model_params = {k: v for k, v in params.items() if k not in task}
     images, texts = jax.jit(model.apply)({"params": model_params}, b["pixel_values"].transpose(0, 2, 3, 1),
                                          b["input_ids"], b["attention_mask"])
-    return {"image_embeds": images, "text_embeds": texts,
-            "logit_scale": np.full(len(images), np.asarray(params[clip.LOG_SCALE]))}
+    bias = params.get(siglip.LOGIT_BIAS, 0.0)
+    out = {"image_embeds": images, "text_embeds": texts,
+           "logit_scale": np.full(len(images), np.asarray(params[clip.LOG_SCALE])),
+           "logits_per_image": dual_encoder.pair_logits(
+               images, texts, dual_encoder.logit_scale(params[clip.LOG_SCALE], clamp), bias)}
+    if siglip.LOGIT_BIAS in params:
+        out["logit_bias"] = np.full(len(images), np.asarray(bias))
+    return out
 
 
 JAXLM_RUNNERS = {"bert": _bert_jaxlm, "gpt": _gpt_jaxlm, "t5": _t5_jaxlm, "vit": _vit_jaxlm,
@@ -283,8 +315,13 @@ def _vit_hf(model, b, heads):
 def _dual_hf(model, b, heads):
     out = model(input_ids=b["input_ids"].long(), attention_mask=b["attention_mask"].long(),
                 pixel_values=b["pixel_values"])
-    return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds,
-            "logit_scale": model.logit_scale.detach().expand(len(b["input_ids"]))}
+    n = len(b["input_ids"])
+    found = {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds,
+             "logit_scale": model.logit_scale.detach().reshape(()).expand(n),
+             "logits_per_image": out.logits_per_image}
+    if hasattr(model, "logit_bias"):  # SigLIP
+        found["logit_bias"] = model.logit_bias.detach().reshape(()).expand(n)
+    return found
 
 
 HF_RUNNERS = {"bert": _bert_hf, "gpt": _gpt_hf, "t5": _t5_hf, "vit": _vit_hf, "dual_encoder": _dual_hf}

@@ -3,9 +3,10 @@
 Import: config.json -> the family -> `config.model` overrides; every tensor (prefix stripped,
 tied duplicates checked and dropped) goes through its rule into the unscanned jaxlm layout, is
 checked against the parameter shapes the jaxlm config builds, and layers are stacked for
-`scan_layers`. Export runs the same rules backwards. A dual encoder (CLIP, `DualFamily`) imports
-each tower so, by its own family from its sub-config, into `config.model` and
-`config.image_model`, and the tensors outside the towers into the image_text run's parameters.
+`scan_layers`. Export runs the same rules backwards. A dual encoder (CLIP, SigLIP: `DualFamily`)
+imports each tower so, by its own family from its sub-config, into `config.model` and
+`config.image_model`, and the tensors outside the towers (and those inside that the dual family's
+own rules name: SigLIP's text head) into the image_text run's parameters.
 """
 
 import copy as copy_lib
@@ -28,7 +29,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jaxlm import models
-from jaxlm.convert import bert, clip, gpt2, llama, t5, vit
+from jaxlm.convert import bert, clip, gpt2, llama, siglip, t5, vit
 from jaxlm.convert.rules import DualFamily, Family, Rule
 from jaxlm.data import tokenizers
 from jaxlm.models import dual_encoder
@@ -36,9 +37,9 @@ from jaxlm.models import dual_encoder
 log = logging.getLogger("jaxlm")
 
 # In export priority: a jaxlm model goes to the first family of its name whose fixed values it has.
-# A dual encoder (CLIP) imports into an image_text run (`config_overrides`, `import_run_params`).
+# A dual encoder (CLIP, SigLIP) imports into an image_text run (`config_overrides`, `import_run_params`).
 FAMILIES = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY, *llama.FAMILIES, t5.FAMILY, vit.FAMILY,
-                                      clip.FAMILY)}
+                                      clip.FAMILY, siglip.FAMILY)}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"  # a checkpoint sharded over several files
@@ -248,9 +249,10 @@ def import_params(hf_dir: str, model_config, shardings: dict | None = None) -> d
 
 def import_run_params(hf_dir: str, config, shardings: dict | None = None) -> dict:
     """The parameters of the checkpoint in `hf_dir` for the run `config` (updated with
-    `config_overrides(hf_dir)`): `import_params` of `config.model`, or for a dual encoder (CLIP)
-    the tree of the image_text task: each tower under its name (`text/`, `image/`, scanned as its
-    section's `scan_layers` says), the projections, and the task's parameters (`log_scale`).
+    `config_overrides(hf_dir)`): `import_params` of `config.model`, or for a dual encoder (CLIP,
+    SigLIP) the tree of the image_text task: each tower under its name (`text/`, `image/`, scanned
+    as its section's `scan_layers` says), the projections, and the task's parameters (`log_scale`;
+    SigLIP's `logit_bias`).
     `shardings` and what comes back as `import_params`'; `Family.optional` parameters are left
     out (CLIP's patch embedding has no bias: jaxlm's keeps its initial zeros).
 
@@ -266,12 +268,18 @@ def import_run_params(hf_dir: str, config, shardings: dict | None = None) -> dic
                          f"(the checkpoint has {projection}); update it with convert.config_overrides()")
     tensors = read_tensors(hf_dir, family)
     shapes = dual_shapes(family, config)
-    params, tower_prefixes = {}, tuple(tower.hf_prefix for tower in family.towers)
+    # The tensors of the family's own rules (some named inside a tower: SigLIP's text head) and
+    # the others outside the towers go to the run's parameters; the rest to their tower.
+    own = {rule.hf for rule in family.rules(hf)}
+    tower_prefixes = tuple(tower.hf_prefix for tower in family.towers)
+    outside_towers = {n: x for n, x in tensors.items() if n in own or not n.startswith(tower_prefixes)}
+    params = {}
     for tower in family.towers:
         model_config = config[tower.section]
         _check_agrees(model_config, _overrides(tower.family, hf[tower.hf_key]), f"{hf_dir} ({tower.hf_key})")
         params[tower.ours] = _import(
-            tower.family, hf[tower.hf_key], {n: x for n, x in tensors.items() if n.startswith(tower.hf_prefix)},
+            tower.family, hf[tower.hf_key],
+            {n: x for n, x in tensors.items() if n.startswith(tower.hf_prefix) and n not in outside_towers},
             model_config.scan_layers, None if shardings is None else _inside(shardings, tower.ours), hf_dir,
             _inside(shapes, tower.ours), tower.hf_prefix)
     # The tensors outside the towers, as a family of their own without layers.
@@ -280,8 +288,7 @@ def import_run_params(hf_dir: str, config, shardings: dict | None = None) -> dic
                  ignored=family.ignored)
     towers = tuple(f"{tower.ours}/" for tower in family.towers)
     outside = {path: shape for path, shape in shapes.items() if not path.startswith(towers)}
-    params.update(_import(top, hf, {n: x for n, x in tensors.items() if not n.startswith(tower_prefixes)},
-                          False, shardings, hf_dir, outside))
+    params.update(_import(top, hf, outside_towers, False, shardings, hf_dir, outside))
     return params
 
 
@@ -296,7 +303,7 @@ def dual_shapes(family: DualFamily, config, unscanned: bool = True) -> dict:
     text, image = (copy_lib.deepcopy(config[tower.section]) for tower in family.towers)
     if unscanned:
         text.scan_layers = image.scan_layers = False
-    model = dual_encoder.from_config(text, image, config.task.projection_dim)
+    model = dual_encoder.from_run_config(config, text=text, image=image)
     size, channels = image.image_size, config.data.image_channels
     inputs = dict(images=np.zeros((1, size, size, channels), np.float32), input_ids=np.zeros((1, 1), np.int32),
                   input_mask=np.ones((1, 1), np.int32))

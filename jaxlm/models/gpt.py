@@ -17,6 +17,7 @@ class GPT(nn.Module):
     scale_embeddings: bool = False  # Gemma: token embeddings times sqrt(emb_dim)
     logit_softcap: float = 0.0  # Gemma 2: logits cap * tanh(logits / cap) (0: off)
     features: bool = False  # the final norm's output [batch, length, embed], no logits (CLIP's text tower)
+    causal: bool = True  # False: every position attends to every other (SigLIP's text tower)
     stack: StackConfig = StackConfig()
 
     @nn.compact
@@ -42,7 +43,7 @@ class GPT(nn.Module):
         x = Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)
         bias = None if key_mask is None else padding_bias(key_mask)
-        x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=True, max_len=self.max_len),
+        x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=self.causal, max_len=self.max_len),
                   name="decoder")(x, Context(positions, bias, segment_ids=segment_ids), deterministic, decode)
         x = norm(cfg, "final_norm")(x).astype(cfg.dtype)
         if self.features:
@@ -64,4 +65,4 @@ def from_config(m, pipeline=None, features: bool = False) -> GPT:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return GPT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers, cfg=block_config(m),
                tie_embeddings=m.tie_embeddings, scale_embeddings=m.scale_embeddings, logit_softcap=m.logit_softcap,
-               features=features, stack=stack_config(m, pipeline))
+               features=features, causal=m.causal, stack=stack_config(m, pipeline))

