@@ -184,6 +184,15 @@ def test_the_image_text_task_embeds_captions_and_pixels_as_transformers(clip_dir
     assert np.abs(task.embed_images(params, pixels) - out.image_embeds.numpy()).max() <= TOLERANCE
 
 
+def name_captions(workdir: str, folder: Path) -> None:
+    """Captioned images written to `folder`, named in the workdir's config.json (batches of 8)."""
+    write_captions(folder, np.random.default_rng(0))
+    settings = json.loads(Path(workdir, "config.json").read_text())
+    settings["data"]["files"] = f"train={folder},validation={folder}"
+    settings["train"]["batch_size"] = 8
+    Path(workdir, "config.json").write_text(json.dumps(settings))
+
+
 def test_tool_imports_an_image_text_workdir_that_loads_and_evaluates(clip_dir, tmp_path):
     """`tools/convert_hf.py import` without --config, then `python -m jaxlm.evaluate --workdir`
     once the workdir's config.json names caption folders."""
@@ -192,12 +201,7 @@ def test_tool_imports_an_image_text_workdir_that_loads_and_evaluates(clip_dir, t
     saved = config_lib.load(workdir)
     assert (saved.task.name, saved.task.projection_dim, saved.model.name, saved.data.name, saved.data.seq_len) == (
         "image_text", 16, "gpt", "jaxlm_image_captions", 16)
-    write_captions(tmp_path / "captions", np.random.default_rng(0))
-    settings = json.loads(Path(workdir, "config.json").read_text())
-    folder = str(tmp_path / "captions")
-    settings["data"]["files"] = f"train={folder},validation={folder}"
-    settings["train"]["batch_size"] = 8
-    Path(workdir, "config.json").write_text(json.dumps(settings))
+    name_captions(workdir, tmp_path / "captions")
     metrics = evaluate.evaluate(workdir)
     assert metrics["step"] == 0 and 0 <= metrics["eval/i2t_r1"] <= 1 and metrics["eval/i2t_r5"] == 1.0, metrics
     run, params, _ = loop.restore_latest(workdir)
@@ -208,11 +212,16 @@ def test_tool_imports_an_image_text_workdir_that_loads_and_evaluates(clip_dir, t
     assert not params["image"]["patch_embed"]["bias"].any()  # CLIP has none: jaxlm's stays zero
 
 
-def test_tool_check_prints_the_parity_figure(clip_dir, capsys):
-    assert convert_hf.main(["check", f"--hf_dir={clip_dir}", "--examples=4"]) == 0
+def check_prints_the_parity_figure(hf_dir: str, capsys, outputs) -> None:
+    """`tools/convert_hf.py check` on 4 examples: a line each naming `outputs`, then the figure."""
+    assert convert_hf.main(["check", f"--hf_dir={hf_dir}", "--examples=4"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 5 and "image_embeds=" in out[0] and "text_embeds=" in out[0], out
+    assert len(out) == 5 and all(f"{key}=" in out[0] for key in outputs), out
     assert out[-1].startswith("max_abs_diff=") and float(out[-1].split("=")[1]) <= TOLERANCE, out
+
+
+def test_tool_check_prints_the_parity_figure(clip_dir, capsys):
+    check_prints_the_parity_figure(clip_dir, capsys, ("image_embeds", "text_embeds"))
 
 
 @pytest.mark.parametrize("section, key, value, message", [
@@ -221,9 +230,14 @@ def test_tool_check_prints_the_parity_figure(clip_dir, capsys):
     ("text_config", "eos_token_id", [EOS, 3], r"CLIP text_config eos_token_id=\[50, 3\]: jaxlm pools at one EOS id"),
 ])
 def test_a_config_jaxlm_cannot_represent_is_an_error_naming_the_key(clip_dir, tmp_path, section, key, value, message):
-    hf_dir = rewrite(clip_dir, tmp_path / "bad", config=lambda settings: settings[section].update({key: value}))
+    config_is_an_error(clip_dir, tmp_path, section, key, value, message)
+
+
+def config_is_an_error(hf_dir: str, tmp_path, section: str, key: str, value, message: str) -> None:
+    """The checkpoint with config.json's `section`.`key` set to `value` fails with `message`."""
+    bad = rewrite(hf_dir, tmp_path / "bad", config=lambda settings: settings[section].update({key: value}))
     with pytest.raises(ValueError, match=message):
-        convert.config_overrides(hf_dir)
+        convert.config_overrides(bad)
 
 
 def test_unknown_and_missing_tensors_and_single_model_calls_are_named(clip_dir, tmp_path):

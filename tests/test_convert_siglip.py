@@ -25,7 +25,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from test_convert import TOLERANCE, rewrite, save_hf
-from test_convert_clip import WORDS, imported, run_config, save_word_tokenizer, write_captions
+from test_convert_clip import (WORDS, check_prints_the_parity_figure, config_is_an_error, imported, name_captions,
+                               run_config, save_word_tokenizer, write_captions)
 
 from jaxlm import config as config_lib, convert, convert_hf, evaluate
 from jaxlm.convert import compare
@@ -170,12 +171,7 @@ def test_tool_imports_a_siglip_workdir_that_loads_and_evaluates(siglip_dir, tmp_
     assert (saved.task.name, saved.task.contrastive_loss, saved.model.text_pool, saved.image_model.pool,
             saved.data.name, saved.data.seq_len) == ("image_text", "siglip", "last", "map", "jaxlm_image_captions",
                                                      SEQ_LEN)
-    write_captions(tmp_path / "captions", np.random.default_rng(0))
-    settings = json.loads(Path(workdir, "config.json").read_text())
-    folder = str(tmp_path / "captions")
-    settings["data"]["files"] = f"train={folder},validation={folder}"
-    settings["train"]["batch_size"] = 8
-    Path(workdir, "config.json").write_text(json.dumps(settings))
+    name_captions(workdir, tmp_path / "captions")
     metrics = evaluate.evaluate(workdir)
     assert metrics["step"] == 0 and np.isfinite(metrics["eval/loss"]) and metrics["eval/i2t_r5"] == 1.0, metrics
     _, params, _ = loop.restore_latest(workdir)
@@ -204,10 +200,8 @@ def test_the_logit_scale_is_clamped_for_clip_only():
 
 
 def test_tool_check_prints_the_parity_figure(siglip_dir, capsys):
-    assert convert_hf.main(["check", f"--hf_dir={siglip_dir}", "--examples=4"]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 5 and "logits_per_image=" in out[0] and "logit_bias=" in out[0], out
-    assert out[-1].startswith("max_abs_diff=") and float(out[-1].split("=")[1]) <= TOLERANCE, out
+    check_prints_the_parity_figure(siglip_dir, capsys, ("image_embeds", "text_embeds", "logits_per_image",
+                                                        "logit_bias"))
 
 
 @pytest.mark.parametrize("section, key, value, message", [
@@ -219,9 +213,7 @@ def test_tool_check_prints_the_parity_figure(siglip_dir, capsys):
                                            r"hidden_size=32"),
 ])
 def test_a_config_jaxlm_cannot_represent_is_an_error_naming_the_key(siglip_dir, tmp_path, section, key, value, message):
-    hf_dir = rewrite(siglip_dir, tmp_path / "bad", config=lambda settings: settings[section].update({key: value}))
-    with pytest.raises(ValueError, match=message):
-        convert.config_overrides(hf_dir)
+    config_is_an_error(siglip_dir, tmp_path, section, key, value, message)
 
 
 def test_unknown_and_missing_tensors_are_named(siglip_dir, tmp_path):
