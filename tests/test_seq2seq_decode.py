@@ -7,7 +7,9 @@ logits at position t do not depend on the placeholder tokens after t.
 import functools
 import itertools
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -77,21 +79,24 @@ def _normalized_score(forward, enc_row, tokens, *, vocab_size, length_penalty):
 
 
 def _beam_reference(forward, enc_row, *, beam_size, max_len, eos_id, vocab_size, length_penalty):
-    """Plain-Python beam search, re-running the full model for every beam at every step."""
-    beams = [((), 0.0)]
+    """Plain-Python beam search with alive and finished pools, re-running the full model for
+    every beam at every step and never stopping early."""
+    penalty = lambda length: ((5 + length) / 6) ** length_penalty
+    alive, finished = [((), 0.0)], []
     for t in range(max_len):
         candidates = []
-        for tokens, score in beams:
-            if eos_id in tokens:
-                candidates.append((tokens + (0,), score))
-                continue
+        for tokens, score in alive:
             dec = np.zeros((1, max_len), np.int32)
             dec[0, 1:t + 1] = tokens
             log_probs = _log_softmax(forward(enc_row[None], dec)[0, t, :vocab_size])
             candidates += [(tokens + (v,), score + log_probs[v]) for v in range(vocab_size)]
-        beams = sorted(candidates, key=lambda c: -c[1])[:beam_size]
-    normalized = lambda c: c[1] / ((5 + _eos_length(c[0], eos_id)) / 6) ** length_penalty
-    return np.array(max(beams, key=normalized)[0])
+        best = sorted(candidates, key=lambda c: -c[1])[:2 * beam_size]
+        finished += [(tokens, score / penalty(t + 1)) for tokens, score in best if tokens[-1] == eos_id]
+        alive = [c for c in best if c[0][-1] != eos_id][:beam_size]
+    finished = sorted(finished, key=lambda c: -c[1])[:beam_size]
+    last = [(tokens, score / penalty(max_len)) for tokens, score in alive]
+    tokens = max(finished + last, key=lambda c: c[1])[0]
+    return np.pad(np.array(tokens), (0, max_len - len(tokens)))
 
 
 def _assert_pad_after_eos(tokens, eos_id):
@@ -120,10 +125,11 @@ def test_beam_size_one_is_greedy(scan_layers):
     greedy = seq2seq_decoding.decode(model, params, enc, max_len=12, eos_id=EOS)
     np.testing.assert_array_equal(seq2seq_decoding.decode(model, params, enc, max_len=12, eos_id=EOS,
                                                  beam_size=1), greedy)
-    # the beam-search code path itself, with one beam
+    # the beam-search code path itself, with one beam: without a length penalty nothing can beat
+    # the first EOS, so it is greedy
     one_beam = seq2seq_decoding._beam_search(model, params, enc, enc != 0, np.zeros((len(enc), 12), np.int32),
                                              max_len=12, eos_id=EOS, decoder_start_id=0, beam_size=1,
-                                             vocab_size=60, length_penalty=0.6)
+                                             vocab_size=60, length_penalty=0.0)
     np.testing.assert_array_equal(np.asarray(one_beam), greedy)
 
 
@@ -155,6 +161,44 @@ def test_beam_search_matches_reference(scan_layers):
     assert (got != greedy).any()  # else the reference would not test the beams' bookkeeping
     for row in range(len(enc)):
         np.testing.assert_array_equal(got[row], _beam_reference(forward, enc[row], **kwargs))
+
+
+class _Markov(nn.Module):
+    """A decoder whose next-token log-probabilities depend only on the previous token (`table`
+    [previous, next]); no encoder, an empty cache."""
+
+    table: tuple
+    max_len: int = 8
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.table)
+
+    def encode(self, tokens, mask=None, deterministic: bool = True):
+        return jnp.zeros((tokens.size, 1))
+
+    @nn.compact
+    def decode(self, encoded, encoder_mask, tokens, positions=None, deterministic: bool = True,
+               decode: bool = False):
+        self.variable("cache", "unused", jnp.zeros, ())
+        return jnp.log(jnp.asarray(self.table, jnp.float32))[tokens]
+
+
+def test_finished_beams_do_not_end_the_search_for_a_longer_better_one():
+    """EOS first is likeliest (0.5), then 'B EOS' (0.27); 'A A A A A A' (0.2 * 0.98^5) scores best
+    once the length penalty counts its length. A search that let the two short finished
+    sequences hold both beams stopped there and returned 'EOS'."""
+    tiny = 1e-9  # pad is never likely
+    table = ((tiny, 0.5, 0.2, 0.3),  # after the start token (pad): EOS, A, B
+             (tiny, 0.25, 0.25, 0.5),
+             (tiny, 0.01, 0.98, 0.01),  # after A: mostly A
+             (tiny, 0.9, 0.05, 0.05))  # after B: mostly EOS
+    model = _Markov(table)
+    source = np.ones((1, 3), np.int32)
+    decode = functools.partial(seq2seq_decoding.decode, model, {}, source, max_len=6, eos_id=1)
+    np.testing.assert_array_equal(decode(), [[1, 0, 0, 0, 0, 0]])  # greedy
+    np.testing.assert_array_equal(decode(beam_size=2, length_penalty=2.0), [[2] * 6])
+    np.testing.assert_array_equal(decode(beam_size=2, length_penalty=0.0), [[1, 0, 0, 0, 0, 0]])
 
 
 def test_sampling_is_seeded():

@@ -152,47 +152,60 @@ def _reorder_cache(cache, rows):
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "beam_size", "vocab_size"))
 def _beam_search(model, params, encoder_inputs, encoder_mask, forced, *, max_len: int, eos_id: int,
                  decoder_start_id: int, beam_size: int, vocab_size: int, length_penalty: float):
-    """The best beam per row, int32 [batch, max_len].
+    """The best sequence per row, int32 [batch, max_len].
 
-    Each step keeps the `beam_size` best continuations by summed log-probability over the flat
-    [batch * beam] rows. A beam that emitted EOS competes on: it continues only with pad at
-    log-probability 0, so it keeps its score, and the search ends once all beams are finished.
-    While a row's prompt lasts (`forced` [batch, max_len], 0 after it) its one continuation is the
-    prompt's token, at log-probability 0.
+    Two pools per row, as in GNMT and T5X: `beam_size` alive beams (no EOS yet) and the
+    `beam_size` best finished sequences by length-penalized score. Each step scores the alive
+    beams' continuations by summed log-probability and takes the best 2 * beam_size: those that
+    end in EOS enter the finished pool, the best `beam_size` others stay alive. (A search whose
+    finished beams kept competing with alive ones on raw log-probability, which shorter
+    sequences always win, ended at the first few EOS and returned translations about 15% too
+    short.) The search stops when no alive beam can beat the worst finished one: an alive score
+    only falls, and its penalty is at most that of the longest length. Unfinished beams of full
+    length compete at the end. While a row's prompt lasts (`forced` [batch, max_len], 0 after
+    it) its one continuation is the prompt's token, at log-probability 0, and nothing finishes.
     """
     batch = encoder_mask.shape[0]
     encoded, mask = _encode(model, params, encoder_inputs, encoder_mask, beam_size)
-    # A finished beam continues only with pad, at no cost.
-    pad_only = jnp.where(jnp.arange(vocab_size) == PAD_ID, 0.0, -jnp.inf)
     first_row = jnp.arange(batch)[:, None] * beam_size
+    prompt_len = jnp.sum(forced > 0, axis=1)
+    penalty = lambda length: ((5.0 + length) / 6.0) ** length_penalty  # length counts the EOS
+    longest = penalty(max_len - prompt_len)[:, None]
+    widest = min(2 * beam_size, beam_size * vocab_size)
+    keep = lambda x, index: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), 1)
 
     def body(state):
-        step, cache, token, scores, finished, lengths, out = state
+        step, cache, token, alive, alive_out, done, done_out = state
         logits, cache = _step(model, params, cache, encoded, mask, token, step, vocab_size)
         log_probs = jax.nn.log_softmax(logits).reshape(batch, beam_size, vocab_size)
-        log_probs = jnp.where(finished[..., None], pad_only, log_probs)
         prompting = forced[:, step] > 0
         prompt_only = jnp.where(jnp.arange(vocab_size) == forced[:, step, None], 0.0, -jnp.inf)
         log_probs = jnp.where(prompting[:, None, None], prompt_only[:, None, :], log_probs)
-        candidates = (scores[..., None] + log_probs).reshape(batch, beam_size * vocab_size)
-        scores, index = jax.lax.top_k(candidates, beam_size)
+        candidates = (alive[..., None] + log_probs).reshape(batch, beam_size * vocab_size)
+        scores, index = jax.lax.top_k(candidates, widest)
         parent, new = index // vocab_size, (index % vocab_size).astype(jnp.int32)
-        parent_finished = jnp.take_along_axis(finished, parent, 1)
-        lengths = jnp.take_along_axis(lengths, parent, 1) + (~parent_finished & ~prompting[:, None])
-        out = jnp.take_along_axis(out, parent[..., None], 1).at[:, :, step].set(new)
-        cache = _reorder_cache(cache, (first_row + parent).reshape(-1))
-        finished = parent_finished | (new == eos_id)
-        return step + 1, cache, new.reshape(-1), scores, finished, lengths, out
+        ended = (new == eos_id) & ~prompting[:, None]
+        sequences = keep(alive_out, parent).at[:, :, step].set(new)
+        alive, pick = jax.lax.top_k(jnp.where(ended, -jnp.inf, scores), beam_size)
+        cache = _reorder_cache(cache, (first_row + keep(parent, pick)).reshape(-1))
+        finished = jnp.where(ended, scores / penalty(step + 1 - prompt_len)[:, None], -jnp.inf)
+        done, best = jax.lax.top_k(jnp.concatenate([done, finished], 1), beam_size)
+        done_out = keep(jnp.concatenate([done_out, sequences], 1), best)
+        return (step + 1, cache, keep(new, pick).reshape(-1), alive, keep(sequences, pick), done,
+                done_out)
+
+    def searching(state):
+        step, alive, done = state[0], state[3], state[5]
+        return (step < max_len) & jnp.any(alive[:, 0] / longest[:, 0] > done[:, -1])
 
     # The beams start identical, so only the first may grow at step 0 (else all would pick the
     # same best token).
-    scores = jnp.broadcast_to(jnp.where(jnp.arange(beam_size) == 0, 0.0, -jnp.inf),
-                              (batch, beam_size))
+    alive = jnp.broadcast_to(jnp.where(jnp.arange(beam_size) == 0, 0.0, -jnp.inf), (batch, beam_size))
+    empty = jnp.full((batch, beam_size, max_len), PAD_ID, jnp.int32)
     state = (jnp.int32(0), _empty_cache(model, encoded, mask),
-             jnp.full((batch * beam_size,), decoder_start_id, jnp.int32), scores,
-             jnp.zeros((batch, beam_size), bool), jnp.zeros((batch, beam_size), jnp.int32),
-             jnp.full((batch, beam_size, max_len), PAD_ID, jnp.int32))
-    state = jax.lax.while_loop(lambda s: (s[0] < max_len) & ~jnp.all(s[4]), body, state)
-    _, _, _, scores, _, lengths, out = state
-    best = jnp.argmax(scores / ((5.0 + lengths) / 6.0) ** length_penalty, axis=1)
-    return jnp.take_along_axis(out, best[:, None, None], 1)[:, 0]
+             jnp.full((batch * beam_size,), decoder_start_id, jnp.int32), alive, empty,
+             jnp.full((batch, beam_size), -jnp.inf), empty)
+    _, _, _, alive, alive_out, done, done_out = jax.lax.while_loop(searching, body, state)
+    # Finished first, so that they win ties; alive beams only compete once they are full length.
+    best = jnp.argmax(jnp.concatenate([done, alive / longest], 1), axis=1)
+    return keep(jnp.concatenate([done_out, alive_out], 1), best[:, None])[:, 0]
