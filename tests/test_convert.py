@@ -291,6 +291,9 @@ def test_export_refuses_what_hugging_face_cannot_express(tmp_path):
     m.update(dict(positions="learned", use_bias=True, mlp="swiglu"))
     with pytest.raises(ValueError, match=r"mlp"):
         convert.export(random_params(m), m, str(tmp_path / "hf"))
+    m.update(dict(mlp="gelu", causal=False))  # a bidirectional GPT (SigLIP's text tower) is no GPT-2
+    with pytest.raises(ValueError, match=r"model.causal=False \(needs True\)"):
+        convert.export(random_params(m), m, str(tmp_path / "hf"))
 
 
 def test_hugging_face_tokenizer_kind(hf_dirs, tmp_path):

@@ -37,7 +37,7 @@ FAMILY = Family(
           "n_head": "num_heads", "n_inner": "mlp_dim", "n_positions": "max_len",
           "layer_norm_epsilon": "norm_eps", "tie_word_embeddings": "tie_embeddings"},
     fixed={"name": "gpt", "norm": "layernorm", "use_bias": True, "positions": "learned",
-           "scale_embeddings": False, "sliding_window": 0},
+           "scale_embeddings": False, "sliding_window": 0, "causal": True},
     activation=("activation_function", ACTIVATIONS),
     stacks={"decoder": "n_layer"},
     rules=rules,
