@@ -116,6 +116,8 @@ def default_config() -> ml_collections.ConfigDict:
         patch_size=4,  # vit
         pool="cls",  # vit: cls | mean | map (no class token; SigLIP's multihead attention pooling)
         pre_norm=False,  # vit: a LayerNorm on the embeddings before the encoder (CLIP's pre_layrnorm)
+        pixel_mean=(),  # vit: the model sees (pixels - mean) / std per channel, pixels in [0, 1] (a
+        pixel_std=(),   # checkpoint's preprocessor_config.json image_mean, image_std); (): as they are
         causal=True,  # gpt: False attends both ways (SigLIP's text tower)
         text_pool="mean",  # image_text text tower: mean (over real tokens) | eos (first model.eos_id, CLIP) |
                            # max_id (the largest id: older CLIP configs, whose EOS is the largest id) |

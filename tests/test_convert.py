@@ -517,3 +517,36 @@ def test_tool_checks_a_folder_without_a_tokenizer_on_random_ids(hf_dirs):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no tokenizer in the checkpoint: random token ids" in result.stderr
     assert float(result.stdout.strip().splitlines()[-1].split("=")[1]) <= TOLERANCE
+
+
+def test_a_vit_normalizes_pixels_as_its_image_processor_does(tmp_path):
+    """preprocessor_config.json's image_mean / image_std become model.pixel_mean / pixel_std: the
+    imported ViT fed jaxlm's pixels (0-255 / 255) gives transformers' logits of the processor's
+    pixel_values; export writes them back, so transformers' processor + model agree again."""
+    model_class, config, _ = HF_CHECKPOINTS["vit"]()
+    hf_dir = save_hf(tmp_path / "vit", model_class, config)
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    transformers.ViTImageProcessor(do_resize=False, image_mean=list(mean), image_std=list(std)).save_pretrained(hf_dir)
+    m = model_config(hf_dir)
+    assert (m.pixel_mean, m.pixel_std) == (mean, std)
+    params = convert.import_params(hf_dir, m)
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
+    ours = models.get(m).apply({"params": params}, images.astype(np.float32) / 255.0)
+
+    def transformers_logits(folder):
+        processor = transformers.AutoImageProcessor.from_pretrained(folder)
+        pixel_values = processor(images=list(images), return_tensors="pt", do_resize=False).pixel_values
+        with torch.no_grad():
+            return model_class.from_pretrained(folder)(pixel_values=pixel_values).logits.numpy()
+
+    assert np.abs(ours - transformers_logits(hf_dir)).max() <= TOLERANCE
+    assert max(d.max() for d in import_diffs(hf_dir, True).values()) <= TOLERANCE  # the check tool's path
+    m.pixel_mean, m.pixel_std = (), ()  # unnormalized: the same pixels are another model input
+    assert np.abs(models.get(m).apply({"params": params}, images.astype(np.float32) / 255.0) - ours).max() > 0.01
+    m.pixel_mean, m.pixel_std = (0.5,), (0.5,)
+    with pytest.raises(ValueError, match=r"one value per channel of the images \(3\)"):
+        models.get(m).apply({"params": params}, images.astype(np.float32) / 255.0)
+    m.pixel_mean, m.pixel_std = mean, std
+    exported = str(tmp_path / "exported")
+    convert.export(params, m, exported)
+    assert np.abs(ours - transformers_logits(exported)).max() <= TOLERANCE

@@ -72,7 +72,10 @@ def save_word_tokenizer(path: Path, vocab: dict, **settings) -> None:
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    return save_clip(tmp_path_factory.mktemp("clip"), clip_config())
+    """A CLIP with its image processor (CLIP's pixel mean and std: the import's pixel_mean/std)."""
+    hf_dir = save_clip(tmp_path_factory.mktemp("clip"), clip_config())
+    transformers.CLIPImageProcessor().save_pretrained(hf_dir)
+    return hf_dir
 
 
 def run_config(hf_dir: str, scan_layers: bool = True):
@@ -94,6 +97,8 @@ def test_import_matches_transformers_embeddings_and_scale(clip_dir, scan_layers)
     assert (config.task.name, config.model.name, config.model.text_pool, config.model.eos_id) == (
         "image_text", "gpt", "eos", EOS)
     assert config.image_model.pre_norm and config.model.mlp == config.image_model.mlp == "quick_gelu"
+    processor = transformers.CLIPImageProcessor.from_pretrained(clip_dir)
+    assert config.image_model.pixel_mean == tuple(processor.image_mean) and not config.model.pixel_mean
     batch = compare.make_batch(clip_dir, n=6, tokenizer=None)
     assert (batch["attention_mask"] == 0).any()  # padded rows: their EOS is not the last position
     diffs = compare.side_by_side(clip_dir, config, params, batch)
@@ -163,7 +168,7 @@ def write_captions(folder: Path, rng) -> list[tuple[np.ndarray, str]]:
 
 def test_the_image_text_task_embeds_captions_and_pixels_as_transformers(clip_dir, tmp_path):
     """The task of the imported run: rows BOS text EOS (padded) from the checkpoint's tokenizer,
-    images as pixels / 255."""
+    images as pixels / 255 (the model normalizes them as CLIP's image processor does)."""
     config, params = imported(clip_dir)
     config.data.update(convert.data_overrides(clip_dir))
     folder = str(tmp_path / "captions")
@@ -177,9 +182,11 @@ def test_the_image_text_task_embeds_captions_and_pixels_as_transformers(clip_dir
     assert ids[0, 0] == BOS and ids[0, mask[0].sum() - 1] == EOS and mask[0].sum() < len(mask[0])
     pixels = np.stack([image for image, _ in pairs])
     model = compare.load_hf_model(clip_dir, heads=True)
+    processor = transformers.CLIPImageProcessor.from_pretrained(clip_dir)
+    pixel_values = processor(images=list(pixels), do_resize=False, do_center_crop=False, return_tensors="pt").pixel_values
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
-                    pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255))
+                    pixel_values=pixel_values)
     assert np.abs(task.embed_texts(params, captions) - out.text_embeds.numpy()).max() <= TOLERANCE
     assert np.abs(task.embed_images(params, pixels) - out.image_embeds.numpy()).max() <= TOLERANCE
 

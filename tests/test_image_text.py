@@ -80,6 +80,22 @@ def test_a_caption_folder_reads_images_with_all_their_captions(tmp_path, kind):
     assert gray.images.shape == (3, 8, 8, 1)
 
 
+def test_a_wide_image_is_read_as_its_centred_square(tmp_path):
+    """Red | green | blue thirds of a 30 x 10 image: the centred 10 x 10 square is all green, so a
+    resized read keeps the photo's proportions instead of squeezing all three in."""
+    from PIL import Image
+
+    wide = np.zeros((10, 30, 3), np.uint8)
+    wide[:, :10, 0], wide[:, 10:20, 1], wide[:, 20:, 2] = 255, 255, 255
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(wide.transpose(1, 0, 2)).save(tmp_path / "tall.png")
+    for name in ("wide.png", "tall.png"):
+        pixels = image_text.read_image(str(tmp_path), name, 5, 3)
+        assert pixels.shape == (5, 5, 3)  # green (the filter reaches a little past the square's edges)
+        assert pixels[..., 1].min() > 200 and pixels[..., [0, 2]].max() < 50, pixels
+    np.testing.assert_array_equal(image_text.read_image(str(tmp_path), "wide.png", 0, 3), wide)
+
+
 def test_a_bad_caption_folder_is_an_error_naming_the_problem(tmp_path):
     write_folder(tmp_path / "f")
     with open(tmp_path / "f" / "captions.jsonl", "a") as f:

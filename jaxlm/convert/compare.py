@@ -232,9 +232,18 @@ def _t5_jaxlm(model, params, b):
     return {"logits": logits}
 
 
+def _jaxlm_pixels(pixel_values, vit) -> np.ndarray:
+    """transformers' (normalized, NCHW) `pixel_values` as the NHWC pixels that `vit` normalizes to
+    the same values (its `pixel_mean` / `pixel_std`, imported from preprocessor_config.json)."""
+    images = np.asarray(pixel_values).transpose(0, 2, 3, 1)
+    if vit.pixel_mean:
+        images = images * np.asarray(vit.pixel_std, np.float32) + np.asarray(vit.pixel_mean, np.float32)
+    return images
+
+
 def _vit_jaxlm(model, params, b):
     """Logits, and the final norm's output (the hidden states) caught on the way."""
-    images = b["pixel_values"].transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    images = _jaxlm_pixels(b["pixel_values"], model)
 
     @jax.jit
     def run(params, images):
@@ -252,7 +261,7 @@ def _dual_jaxlm(model, params, b, clamp: bool = True):
     does)."""
     task = (clip.LOG_SCALE, siglip.LOGIT_BIAS)
     model_params = {k: v for k, v in params.items() if k not in task}
-    images, texts = jax.jit(model.apply)({"params": model_params}, b["pixel_values"].transpose(0, 2, 3, 1),
+    images, texts = jax.jit(model.apply)({"params": model_params}, _jaxlm_pixels(b["pixel_values"], model.image),
                                          b["input_ids"], b["attention_mask"])
     bias = params.get(siglip.LOGIT_BIAS, 0.0)
     out = {"image_embeds": images, "text_embeds": texts,

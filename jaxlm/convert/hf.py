@@ -42,6 +42,7 @@ FAMILIES = {f.model_type: f for f in (bert.FAMILY, gpt2.FAMILY, *llama.FAMILIES,
                                       clip.FAMILY, siglip.FAMILY)}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PREPROCESSOR_FILE = "preprocessor_config.json"  # an image model's pixel normalization
 INDEX_FILE = "model.safetensors.index.json"  # a checkpoint sharded over several files
 # Old checkpoints (e.g. the original BERTs) name LayerNorm parameters gamma and beta.
 LEGACY_NAMES = ((r"LayerNorm\.gamma$", "LayerNorm.weight"), (r"LayerNorm\.beta$", "LayerNorm.bias"))
@@ -125,7 +126,7 @@ def model_overrides(hf_dir: str) -> dict:
         raise ValueError(f"{hf_dir} holds a {family.model_type} dual encoder: its towers set config.model "
                          "and config.image_model (convert.config_overrides; tools/convert_hf.py import makes "
                          "an image_text workdir of it)")
-    return _overrides(family, hf)
+    return {**_overrides(family, hf), **_pixel_overrides(family, hf_dir)}
 
 
 def config_overrides(hf_dir: str) -> dict:
@@ -138,8 +139,26 @@ def config_overrides(hf_dir: str) -> dict:
     family, hf = read_config(hf_dir)
     if not isinstance(family, DualFamily):
         return {"model": _overrides(family, hf)}
-    return {**{tower.section: _overrides(tower.family, hf[tower.hf_key]) for tower in family.towers},
+    return {**{tower.section: {**_overrides(tower.family, hf[tower.hf_key]), **_pixel_overrides(tower.family, hf_dir)}
+               for tower in family.towers},
             **family.config(hf)}
+
+
+def _pixel_overrides(family: Family, hf_dir: str) -> dict:
+    """An image model's `pixel_mean` / `pixel_std`: the image_mean / image_std its
+    preprocessor_config.json normalizes with (jaxlm's pixels are already in [0, 1], the
+    processor's 1/255 rescaling); {} for a text model, or without that file."""
+    path = os.path.join(hf_dir, PREPROCESSOR_FILE)
+    if family.name != "vit" or not os.path.isfile(path):
+        return {}
+    processor = _read_json(path)
+    if processor.get("do_rescale", True) and not np.isclose(processor.get("rescale_factor", 1 / 255), 1 / 255):
+        raise ValueError(f"{path}: rescale_factor={processor['rescale_factor']} is not supported by jaxlm, "
+                         "whose pixels are the 0-255 values / 255")
+    if not processor.get("do_normalize", True) or "image_mean" not in processor:
+        return {}
+    return {"pixel_mean": tuple(float(v) for v in processor["image_mean"]),
+            "pixel_std": tuple(float(v) for v in processor["image_std"])}
 
 
 def data_overrides(hf_dir: str) -> dict:
@@ -573,8 +592,22 @@ def export(params, model_config, hf_dir: str, tokenizer: tokenizers.Tokenizer | 
     os.makedirs(hf_dir, exist_ok=True)
     save_file(tensors, os.path.join(hf_dir, WEIGHTS_FILE), metadata={"format": "pt"})
     _write_json(os.path.join(hf_dir, CONFIG_FILE), config)
+    if family.name == "vit":
+        _write_json(os.path.join(hf_dir, PREPROCESSOR_FILE), _preprocessor(model_config))
     if tokenizer is not None:
         _export_tokenizer(tokenizer, hf_dir)
+
+
+def _preprocessor(model_config) -> dict:
+    """preprocessor_config.json of an exported ViT: the image size, rescaling to [0, 1] and the
+    model's `pixel_mean` / `pixel_std` (no normalization without them), so that transformers'
+    image processor feeds the model what jaxlm did."""
+    m, size = model_config, model_config.image_size
+    normalize = bool(m.pixel_mean)
+    return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+            "size": {"height": size, "width": size}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": normalize, "image_mean": list(m.pixel_mean) if normalize else [0.5, 0.5, 0.5],
+            "image_std": list(m.pixel_std) if normalize else [0.5, 0.5, 0.5]}
 
 
 def _fold_query_scale(family: Family, flat: dict, model_config):

@@ -187,14 +187,18 @@ def _read_captions(folder: str) -> dict[str, list[str]]:
 
 
 def read_image(folder: str, name: str, image_size: int, channels: int) -> np.ndarray:
-    """uint8 [H, W, C] of image file `name`, converted to `channels` (0: RGB) and resized."""
+    """uint8 [H, W, C] of image file `name`, converted to `channels` (0: RGB); with `image_size`,
+    its centred square (the whole image when square) resized to image_size x image_size, so
+    that a photo keeps its proportions (as CLIP's and ViT's processors centre-crop)."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
     try:
         with Image.open(os.path.join(folder, name)) as image:
             image = image.convert({1: "L", 3: "RGB", 0: "RGB"}[channels])
             if image_size:
-                image = image.resize((image_size, image_size), Image.BILINEAR)
+                side = min(image.size)
+                left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+                image = image.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + side, top + side))
             array = np.asarray(image, np.uint8)
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder}: cannot read image {name!r} ({type(e).__name__}: {e})") from None

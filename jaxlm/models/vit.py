@@ -41,15 +41,24 @@ class ViT(nn.Module):
     cfg: BlockConfig
     pool: str = "cls"  # see POOLS: the class token, the mean of the tokens, or MapHead (no class token)
     pre_norm: bool = False  # CLIP: a LayerNorm on the embeddings before the encoder (`pre_norm`)
+    pixel_mean: tuple = ()  # per channel: the model sees (pixels - mean) / std; () leaves pixels as given
+    pixel_std: tuple = ()
     stack: StackConfig = StackConfig()
     tokens: bool = False  # every position's features [batch, positions, embed] (an image-to-text encoder)
 
     @nn.compact
     def __call__(self, images, deterministic: bool = True):
-        """Logits [batch, num_classes] (float32) for images [batch, height, width, channels], or
-        with num_classes=0 the pooled features [batch, embed], or with `tokens` every position's."""
+        """Logits [batch, num_classes] (float32) for images [batch, height, width, channels] of
+        pixels in [0, 1], or with num_classes=0 the pooled features [batch, embed], or with
+        `tokens` every position's."""
         cfg, p = self.cfg, self.patch_size
         batch, height, width, channels = images.shape
+        if self.pixel_mean or self.pixel_std:
+            mean, std = (jnp.asarray(v, jnp.float32) for v in (self.pixel_mean, self.pixel_std))
+            if mean.shape != (channels,) or std.shape != (channels,):
+                raise ValueError(f"model.pixel_mean={self.pixel_mean} and model.pixel_std={self.pixel_std} "
+                                 f"need one value per channel of the images ({channels})")
+            images = ((images - mean) / std).astype(images.dtype)
         if height % p or width % p:
             raise ValueError(f"images of {height}x{width} do not split into model.patch_size={p} patches")
         patches = images.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
@@ -89,4 +98,4 @@ def from_config(m, pipeline=None, features: bool = False, tokens: bool = False) 
         raise ValueError("model.num_classes and model.image_size must be set (the task takes them from the data)")
     return ViT(num_classes=0 if features else m.num_classes, image_size=m.image_size, patch_size=m.patch_size,
                num_layers=m.num_layers, cfg=block_config(m), pool=m.pool, stack=stack_config(m, pipeline), tokens=tokens,
-               pre_norm=m.pre_norm)
+               pre_norm=m.pre_norm, pixel_mean=tuple(m.pixel_mean), pixel_std=tuple(m.pixel_std))
