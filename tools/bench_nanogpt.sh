@@ -5,7 +5,8 @@
 # torch==2.13.0 numpy). Prints each run's wall time and validation loss (also over the whole
 # validation split, windowed the same way for both), then the ratio of wall times.
 set -euo pipefail
-torch_python=$1
+torch_python=$(command -v "$1") || { echo "bench_nanogpt.sh: no Python at $1" >&2; exit 2; }
+torch_python=$(realpath -s "$torch_python")  # absolute: run_baby.sh runs from nanoGPT's folder
 work=${2:-$(mktemp -d)}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 data=${JAXLM_DATA_DIR:-$repo/../shared/data}
