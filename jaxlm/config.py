@@ -157,7 +157,7 @@ def default_config() -> ml_collections.ConfigDict:
         pad_multiple=16,  # classification/tagging: train batches are cut to their longest row, rounded
                           # up to this (one compile per length; 0: always seq_len; 1 process only);
                           # seq2seq: both sides to the longest source or target
-        bucket_batches=0,  # seq2seq train: pairs of similar lengths share a batch, sorted in windows
+        bucket_batches=0,  # seq2seq, classification, tagging train: rows of similar lengths share a batch, sorted in windows
                            # of this many batches (0: off); with pad_multiple a short batch is a short
                            # step (best with train.steps_per_call=1: a call is cut to its longest row)
         holdout_classes="",  # image_text: classes (e.g. "5,9") left out of training, for zero-shot

@@ -332,6 +332,29 @@ def test_train_iterator_shuffles_epochs_and_splits_global_batches():
     np.testing.assert_array_equal(rows[:, 0], seen)
 
 
+def test_bucketed_batches_hold_similar_lengths_and_every_example_once_an_epoch(sst2, wordpiece):
+    """SST-2 dev sentences, 16 a batch in windows of 10 batches: each epoch is every sentence once,
+    and the longest row of a batch (what the step is cut to) is much shorter than unbucketed."""
+    tokenizer, specials = wordpiece
+    examples = sst2["validation"][0][:320]
+
+    def encode(example):
+        return {**labeled.encode_text(tokenizer, example[0], 64, specials), "label": np.int32(example[1])}
+
+    def epoch_batches(bucket_batches):
+        iterator = labeled.train_iterator(examples, encode, global_batch_size=16, seed=5, bucket_batches=bucket_batches)
+        return [next(iterator) for _ in range(len(examples) // 16)]
+
+    def rows(batches):
+        return sorted(tuple(row) for b in batches for row in b["input_ids"])
+
+    bucketed, plain = epoch_batches(10), epoch_batches(0)
+    assert rows(bucketed) == rows(plain) == sorted(tuple(encode(e)["input_ids"]) for e in examples)
+    longest = lambda batches: np.mean([b["input_mask"].sum(-1).max() for b in batches])
+    spread = lambda batches: np.mean([np.ptp(b["input_mask"].sum(-1)) for b in batches])
+    assert longest(bucketed) < 0.8 * longest(plain) and spread(bucketed) < 0.3 * spread(plain)
+
+
 def test_train_iterator_resumes_from_its_state(sst2, wordpiece):
     tokenizer, specials = wordpiece
     examples = sst2["validation"][0]

@@ -45,7 +45,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxlm.data import batching, builders, mlm, readers, tokenizers
+from jaxlm.data import batching, builders, mlm, progress, readers, tokenizers
 
 IGNORE = -1  # The label / tag of positions and rows without a target.
 LABEL_KEYS = ("label", "tags")  # Filled with IGNORE where a row lacks them; other keys with 0.
@@ -191,11 +191,20 @@ def encode_words(
     return row
 
 
-def _epochs(examples: Sequence[Example], encode: Encode, seed: int) -> grain.MapDataset:
-    """Encoded examples, a new permutation every epoch (shuffle before repeat), forever."""
+def _epochs(examples: Sequence[Example], encode: Encode, seed: int, bucket_batches: int = 0,
+            batch_size: int = 0) -> grain.MapDataset:
+    """Encoded examples, a new permutation every epoch (shuffle before repeat), forever; with
+    `bucket_batches` each batch of `batch_size` holds examples of similar lengths (real tokens,
+    `input_mask`), sorted together in windows of that many batches."""
     if not len(examples):
         raise ValueError("There are no examples to train on.")
-    return batching.shuffled_epochs(len(examples), seed, lambda epoch, i: encode(examples[i]))
+    example = lambda epoch, i: encode(examples[i])
+    if bucket_batches <= 0:
+        return batching.shuffled_epochs(len(examples), seed, example)
+    counted = progress.progress(examples, desc="lengths for bucketing", unit="example")
+    lengths = [int(encode(e)["input_mask"].sum()) for e in counted]
+    return batching.length_bucketed_epochs(lengths, seed, example, window=bucket_batches * batch_size,
+                                           batch_size=batch_size)
 
 
 def train_iterator(
@@ -208,6 +217,7 @@ def train_iterator(
     process_count: int = 1,
     num_threads: int = 2,
     prefetch_buffer_size: int = 8,
+    bucket_batches: int = 0,
 ) -> grain.DatasetIterator:
     """Returns an endless, checkpointable iterator of this process's training batches.
 
@@ -220,13 +230,16 @@ def train_iterator(
       process_count: `jax.process_count()`.
       num_threads: Grain reader threads.
       prefetch_buffer_size: batches read ahead.
+      bucket_batches: > 0: each global batch holds examples of similar lengths, sorted together
+        in windows of this many global batches (`batching.length_bucketed_epochs`), so that a
+        batch cut to its longest row is a short step; every example still comes once an epoch.
 
     Returns:
       Batches of global_batch_size // process_count rows; `get_state()` / `set_state()` save
       and restore the position (restore into an iterator built with the same arguments).
     """
     ds = batching.per_process_batches(
-        _epochs(examples, encode, seed),
+        _epochs(examples, encode, seed, bucket_batches, global_batch_size),
         global_batch_size=global_batch_size,
         process_index=process_index,
         process_count=process_count,

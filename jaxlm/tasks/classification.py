@@ -85,7 +85,8 @@ class EncoderTask(base.Task, base.Predicts):
     def train_iterator(self):
         c = self.config
         return labeled.train_iterator(self.examples(c.data.train_split)[0], self.encode,
-                                      global_batch_size=c.train.batch_size, seed=c.seed, **self.process_kwargs())
+                                      global_batch_size=c.train.batch_size, seed=c.seed,
+                                      bucket_batches=c.data.bucket_batches, **self.process_kwargs())
 
     def eval_batches(self, split: str, max_batches: int, data_path: str = ""):
         return labeled.eval_batches(self.examples(split, data_path)[0], self.encode,

@@ -162,7 +162,8 @@ class Distillation(base.Task):
         s, c = self.student, self.config
         examples = s.examples(c.data.train_split)[0]
         return labeled.train_iterator(IndexedExamples(examples), lambda e: {**s.encode(e[1]), "index": np.int32(e[0])},
-                                      global_batch_size=c.train.batch_size, seed=c.seed, **self.process_kwargs())
+                                      global_batch_size=c.train.batch_size, seed=c.seed,
+                                      bucket_batches=c.data.bucket_batches, **self.process_kwargs())
 
     def init(self, rng):
         variables = flax.core.unfreeze(self.student.init(rng))
