@@ -11,19 +11,25 @@ dropout on (train mode). jaxlm runs the trainer's own pieces (`loop.setup`, `loo
 `/work/shared/bench/hf_finetune/sst2.py` (forward with labels, backward, clip, AdamW, schedule,
 zero_grad) with `torch.set_num_threads(--threads)`.
 
-Two settings, one row each:
+Three settings, one row each:
   padded   every batch padded to `--seq_len` on both sides;
   dynamic  PyTorch pads each batch to its longest sentence (as the reference script does);
            jaxlm cuts each batch to its longest row rounded up to `--pad_multiple` (what the
-           trainer's `task.fit_length` does), so it runs a handful of compiled lengths.
+           trainer's `task.fit_length` does), so it runs a handful of compiled lengths;
+  bucketed as dynamic, on batches of similar lengths: the sentences in the order of the
+           trainer's `data.bucket_batches=--bucket_batches` stream (`batching.length_bucketed_epochs`),
+           the same batches on both sides.
+The last line compares the two stacks' training streams (`--batch_size` sentences a step):
+jaxlm's bucketed steps against PyTorch's dynamic ones (the reference script's random batches).
 
 A step is timed from the batch as host arrays to the updated parameters (jaxlm: `shard_batch`
 plus the jitted call, waited on; tokenization is outside on both sides). Compilation happens
 before the timing: every length a setting needs is compiled first, and its total seconds are
 printed in their own column. After `--warmup` untimed steps per side, the `--steps` timed steps
 of each side are split into `--rounds` rounds of "jaxlm k steps, then PyTorch k steps", so
-machine noise falls on both. `ms/step` is the median over all timed steps of a side;
-`torch/jaxlm` is PyTorch's median over jaxlm's (above 1: jaxlm is faster). `len` is the mean
+machine noise falls on both. `ms/step` is the mean over all timed steps of a side (its
+total time over its steps: batches of different lengths count as a training run's would);
+`torch/jaxlm` is PyTorch's mean over jaxlm's (above 1: jaxlm is faster). `len` is the mean
 padded length of the timed batches on each side. Before any step the tool checks that the two
 models compute the same function: the pooled [CLS] output (eval mode) on a few sentences, and
 the logits and loss of the first batch with jaxlm's fresh classifier copied into PyTorch's.
@@ -49,10 +55,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jaxlm import config as config_lib
-from jaxlm.data import labeled
+from jaxlm.data import batching, labeled
 from jaxlm.train import loop
 
-SETTINGS = ("padded", "dynamic")
+SETTINGS = ("padded", "dynamic", "bucketed")
 
 
 FLAGS = flags.FLAGS
@@ -62,6 +68,7 @@ flags.DEFINE_integer("rounds", 2, "interleaved rounds the timed steps split into
 flags.DEFINE_integer("batch_size", 32, "rows per step")
 flags.DEFINE_integer("seq_len", 64, "tokens per row (padded setting)")
 flags.DEFINE_integer("pad_multiple", 16, "jaxlm's dynamic padding multiple")
+flags.DEFINE_integer("bucket_batches", 100, "batches per bucketing window (bucketed setting)")
 flags.DEFINE_integer("threads", 2, "torch.set_num_threads")
 flags.DEFINE_integer("seed", 0, "the permutation of the train sentences")
 flags.DEFINE_integer("check_sentences", 8, "sentences of the same-model check")
@@ -93,7 +100,15 @@ class JaxSide:
         """One stacked batch [1, b, ...] as host arrays: full `data.seq_len`, or cut by `fit_length`."""
         encoded = [self.run.task.encode(row) for row in rows]
         batches = {k: np.stack([e[k] for e in encoded])[None] for k in encoded[0]}
-        return self.run.task.fit_length(batches) if setting == "dynamic" else batches
+        return batches if setting == "padded" else self.run.task.fit_length(batches)
+
+    def bucketed(self, n: int, args) -> list[tuple[str, int]]:
+        """The first n (text, label) train examples in the order of the trainer's bucketed stream."""
+        examples = self.run.task.examples(self.config.data.train_split)[0]
+        lengths = [int(self.run.task.encode(e)["input_mask"].sum()) for e in examples]
+        order = batching.length_bucketed_epochs(lengths, args.seed, lambda epoch, i: i, batch_size=args.batch_size,
+                                                window=args.bucket_batches * args.batch_size)
+        return [examples[order[i]] for i in range(n)]
 
     def compile(self, batches: list) -> float:
         """Compiles the call afresh for every shape in `batches` (as a training run with these
@@ -193,19 +208,19 @@ def time_setting(jx: JaxSide, tx: TorchSide, rows: list, args, setting: str) -> 
     losses = {"jaxlm": [], "torch": []}
     rounds = []
     for idx in np.array_split(np.arange(args.warmup, args.warmup + args.steps), args.rounds):
-        medians = {}
+        means = {}
         for name, side, batches in (("jaxlm", jx, jbatches), ("torch", tx, tbatches)):
             start_len = len(times[name])
             for i in idx:
                 start = time.perf_counter()
                 losses[name].append(side.step(batches[i]))
                 times[name].append(time.perf_counter() - start)
-            medians[name] = 1e3 * np.median(times[name][start_len:])
-        rounds.append(medians)
+            means[name] = 1e3 * np.mean(times[name][start_len:])
+        rounds.append(means)
     timed = slice(args.warmup, None)
     return dict(
         setting=setting,
-        ms={k: 1e3 * float(np.median(v)) for k, v in times.items()},
+        ms={k: 1e3 * float(np.mean(v)) for k, v in times.items()},
         rounds=rounds,
         compile_s=compile_s,
         lengths=lengths,
@@ -232,7 +247,9 @@ def main(argv):
         jx = JaxSide(args, workdir)
         tx = TorchSide(args, jx.run.hf_dir, jx.config.optim, jx.config.train.steps)
         check = check_same_model(jx, tx, rows[:args.batch_size], args.check_sentences)
-        results = [time_setting(jx, tx, rows, args, setting) for setting in SETTINGS]
+        bucketed = jx.bucketed(len(rows), args)
+        results = [time_setting(jx, tx, bucketed if setting == "bucketed" else rows, args, setting)
+                   for setting in SETTINGS]
 
     print(f"\njax {jax.__version__} devices: {jax.devices()}; torch {torch.__version__} threads: "
           f"{torch.get_num_threads()}")
@@ -253,6 +270,10 @@ def main(argv):
               f"| {r['compile_s']:.1f} ({', '.join(map(str, r['lengths']))}) "
               f"| {r['mean_len']['jaxlm']:.1f} / {r['mean_len']['torch']:.1f} | {per_round} "
               f"| {r['loss']['jaxlm']:.4f} / {r['loss']['torch']:.4f} |")
+    by_setting = {r["setting"]: r["ms"] for r in results}
+    print(f"\ntraining streams, {args.batch_size} sentences a step: PyTorch dynamic {by_setting['dynamic']['torch']:.1f} ms / "
+          f"jaxlm bucketed {by_setting['bucketed']['jaxlm']:.1f} ms = "
+          f"{by_setting['dynamic']['torch'] / by_setting['bucketed']['jaxlm']:.2f}")
     print(f"\ncommand: {command}")
     print(f"wall_s={time.perf_counter() - wall:.1f}")
 
