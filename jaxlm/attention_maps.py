@@ -84,7 +84,7 @@ def _inputs(task, params, text: str, target: str | None):
     if isinstance(task, classification.EncoderTask):
         encoded = task.encode(task.text_example(text))
         length = int(encoded["input_mask"].sum())
-        batch = {k: encoded[k][None, :length] for k in classification.ENCODER_KEYS}
+        batch = {k: encoded[k][None, :length] for k in task.encoder_keys}
         return batch, {"source": _pieces(tokenizer, batch["input_ids"][0])}
     if isinstance(task, causal_lm.CausalLM):
         ids = np.asarray(tokenizer.encode(text), np.int32)[: task.config.model.max_len]

@@ -160,6 +160,8 @@ def default_config() -> ml_collections.ConfigDict:
         bucket_batches=0,  # seq2seq, classification, tagging train: rows of similar lengths share a batch, sorted in windows
                            # of this many batches (0: off); with pad_multiple a short batch is a short
                            # step (best with train.steps_per_call=1: a call is cut to its longest row)
+        case_feature=False,  # token_classification: each piece also gets its word's capitalisation
+                             # (lower, Capitalised, CAPS, no letters) as a learned embedding
         holdout_classes="",  # image_text: classes (e.g. "5,9") left out of training, for zero-shot
         image_channels=3,  # image_text caption folders: images converted to 1 (gray) or 3 (RGB) channels
     ))
@@ -399,5 +401,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = get(config, key)
         if not check(value):
             problems.append(f"{key}={value!r} must be {expected}")
+    if config.data.case_feature and config.task.name != "token_classification":
+        problems.append(f"data.case_feature=True is read by task.name=token_classification only, "
+                        f"not {config.task.name!r}")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))

@@ -257,6 +257,20 @@ def test_word_tags_sit_on_the_first_piece_of_each_word(wordpiece):
     assert row["tags"][:5].tolist() == [-1, 0, 0, B_LOC, -1]
 
 
+def test_case_ids_give_every_piece_its_words_capitalisation(wordpiece):
+    tokenizer, specials = wordpiece
+    words = ["Johanson", "lives", "in", "EU", "1996", "U.S.", "McDonald"]
+    assert [labeled.word_shape(w) for w in words] == [2, 1, 1, 3, 4, 3, 2]
+    row = labeled.encode_words(tokenizer, words, [0] * 7, 20, specials, case=True)
+    pieces = [tokenizer.pieces[i] for i in row["input_ids"]]
+    assert pieces[:5] == ["[CLS]", "johan", "##son", "lives", "in"]
+    n = int(row["input_mask"].sum())
+    assert row["case_ids"][:5].tolist() == [0, 2, 2, 1, 1]  # both pieces of "Johanson"
+    assert row["case_ids"][n - 1:].tolist() == [0] * (21 - n)  # [SEP] and padding
+    assert sorted(set(row["case_ids"][1:n - 1].tolist())) == [1, 2, 3, 4]
+    assert "case_ids" not in labeled.encode_words(tokenizer, words, [0] * 7, 20, specials)
+
+
 def test_truncation_keeps_first_pieces_and_counts_the_words(wordpiece):
     tokenizer, specials = wordpiece
     words = ["Johanson", "lives", "in", "Reykjavíkurborg", "."]  # 2, 1, 1, 3 and 1 pieces

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import evaluate, predict
+from jaxlm import evaluate, peft, predict
 from jaxlm.tasks import entity_f1
 from jaxlm.train import loop
 
@@ -72,6 +72,54 @@ def test_tagging_scores_entities_over_words(conll_run, tmp_path):
     assert {k: metrics[k] for k in ("precision", "recall", "f1")} == {k: want[k] for k in ("precision", "recall", "f1")}
     [tagged] = predict.predict(conll_run, ["Peter Blackburn"])
     assert tagged["words"] == ["Peter", "Blackburn"] and tagged["predicted"] == rows[1]["predicted"]
+
+
+def write_capitals(path, sentences: int, seed: int):
+    """A CoNLL file whose words are B-PER exactly when capitalised (each word in either case)."""
+    rng = np.random.default_rng(seed)
+    words = ["river", "stone", "house", "green", "table", "water", "light", "music", "bread", "horse"]
+    lines = []
+    for _ in range(sentences):
+        for word in rng.choice(words, rng.integers(3, 8)):
+            capital = rng.random() < 0.3
+            lines.append(f"{word.title() if capital else word} {'B-PER' if capital else 'O'}")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("case_feature", [True, False])
+def test_the_case_feature_lets_an_uncased_tagger_see_capitals(tiny_finetune, tmp_path, case_feature):
+    """Words are entities exactly when capitalised and the vocabulary is uncased ("River" and
+    "river" are the same pieces): with data.case_feature the tagger learns it (entity F1 1.0),
+    without it cannot (the capitals are random)."""
+    config = tiny_finetune("conll2003.py")
+    files = f"train={write_capitals(tmp_path / 'train.txt', 400, 0)},validation={write_capitals(tmp_path / 'valid.txt', 50, 1)}"
+    config.data.update(dict(name="jaxlm_conll", files=files, case_feature=case_feature))
+    config.train.update(dict(steps=150, batch_size=16, eval_every=150, eval_batches=0, steps_per_call=50))
+    config.optim.update(dict(lr=3e-3, warmup_steps=10))
+    config.checkpoint.every = 150
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config, workdir)
+    f1 = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl")) if "eval/f1" in line][-1]["eval/f1"]
+    assert f1 > 0.98 if case_feature else f1 < 0.6, f1
+    if case_feature:
+        [tagged] = predict.predict(workdir, ["River stone Water"])
+        assert tagged["predicted"] == ["B-PER", "O", "B-PER"]
+        assert "case_embedding" in json.load(open(os.path.join(workdir, "params.json")))["new"]
+
+
+def test_the_case_embedding_starts_at_zero_and_trains_under_lora(tiny_finetune, tmp_path):
+    config = tiny_finetune("conll2003.py")
+    config.data.case_feature = True
+    run = loop.setup(config, str(tmp_path))
+    state, _ = loop.base_params(run)
+    assert not np.asarray(state.model_params["case_embedding"]).any()  # the pretrained model's function
+    lora = peft.trainable_fn(tiny_finetune("conll2003.py", method="lora"), run.task.heads)
+    assert lora("case_embedding") and lora("classifier/kernel") and not lora("embed/embedding")
+    config.task.name = "classification"
+    with pytest.raises(ValueError, match="data.case_feature=True is read by task.name=token_classification only"):
+        config_lib.validate(config)
 
 
 def test_long_sentences_predict_o_for_cut_words(conll_run, tmp_path):

@@ -7,7 +7,8 @@ Public functions:
   tagging_source(name, split, *, data_dir='', files='', data_path='')
       -> (list[(tokens, tag_ids)], tag_names)
   encode_text(tokenizer, text, seq_len, specials) -> dict[str, np.ndarray]
-  encode_words(tokenizer, words, tags, seq_len, specials) -> dict[str, np.ndarray]
+  encode_words(tokenizer, words, tags, seq_len, specials, case=False) -> dict[str, np.ndarray]
+  word_shape(word) -> int   (the case class `case_ids` holds)
   train_iterator(examples, encode, *, global_batch_size, seed, process_index=0,
                  process_count=1, num_threads=2, prefetch_buffer_size=8) -> grain.DatasetIterator
   mixed_train_iterator(datasets, weights, *, global_batch_size, seed, process_index=0,
@@ -27,6 +28,9 @@ np.int32(e[1])}` or `lambda e: encode_words(tok, *e, 128, specials)`, where `spe
   input_mask   int32[seq_len]  1 on [CLS], the pieces and [SEP], 0 on padding
   tags         int32[seq_len]  (encode_words) a word's tag id at its first piece, -1 elsewhere
   word_count   int32[]         (encode_words) the words that kept their first piece
+  case_ids     int32[seq_len]  (encode_words with case=True) each piece's word's `word_shape`,
+                               0 on [CLS], [SEP] and padding: the capitalisation an uncased
+                               vocabulary loses
 
 -1 (`IGNORE`) marks "no target" in `label` and `tags`: the losses and metrics skip it.
 
@@ -147,12 +151,26 @@ def encode_text(
     return _layout([specials.cls, *pieces, specials.sep], seq_len, specials.pad)
 
 
+CASE_SHAPES = 5  # word_shape's classes, 0 (no word) included
+
+
+def word_shape(word: str) -> int:
+    """The word's capitalisation: 1 lower-case ("the"), 2 capitalised ("Paris", "McDonald"),
+    3 all capitals ("EU", "U.S."), 4 no letters ("1996", ",")."""
+    if not any(c.isalpha() for c in word):
+        return 4
+    if word.isupper():
+        return 3
+    return 2 if word[0].isupper() else 1
+
+
 def encode_words(
     tokenizer: tokenizers.Tokenizer,
     words: Sequence[str],
     tags: Sequence[int],
     seq_len: int,
     specials: mlm.Specials,
+    case: bool = False,
 ) -> dict[str, np.ndarray]:
     """[CLS] word pieces [SEP] with each word's tag at its first piece (see the module docstring).
 
@@ -168,12 +186,13 @@ def encode_words(
       tags: one tag id per word (e.g. zeros at prediction time).
       seq_len: positions per row, [CLS], [SEP] and padding included.
       specials: `mlm.specials_for(tokenizer)[0]`.
+      case: also `case_ids`, each piece's word's `word_shape`.
     """
     _check_seq_len(seq_len)
     if len(words) != len(tags):
         raise ValueError(f"{len(words)} words but {len(tags)} tags; give one tag per word.")
     unk = specials.pad if tokenizer.unk_id is None else tokenizer.unk_id
-    ids, labels = [specials.cls], [IGNORE]
+    ids, labels, shapes = [specials.cls], [IGNORE], [0]
     word_count = 0
     for word, tag in zip(words, tags):
         room = seq_len - 1 - len(ids)  # Keep the last position for [SEP].
@@ -182,12 +201,16 @@ def encode_words(
         pieces = (tokenizer.encode(word).tolist() or [unk])[:room]
         ids += pieces
         labels += [tag] + [IGNORE] * (len(pieces) - 1)
+        shapes += [word_shape(word)] * len(pieces)
         word_count += 1
     ids.append(specials.sep)
     row = _layout(ids, seq_len, specials.pad)
     row["tags"] = np.full(seq_len, IGNORE, np.int32)
     row["tags"][: len(labels)] = labels
     row["word_count"] = np.int32(word_count)
+    if case:
+        row["case_ids"] = np.zeros(seq_len, np.int32)
+        row["case_ids"][: len(shapes)] = shapes
     return row
 
 

@@ -2,6 +2,9 @@
 
 Fine-tuning tasks give `heads` (see `heads.py`) instead. With `pretraining_heads` it returns the masked-LM logits (a transform, then the input
 embedding table as the decoder, plus a bias) and the next-sentence logits on the pooled [CLS].
+With `case_vocab_size` it adds a learned embedding of each piece's `case_ids` (the word's
+capitalisation, which an uncased vocabulary loses), zero at the start so that a pretrained model
+computes what it did.
 """
 
 import flax.linen as nn
@@ -13,6 +16,9 @@ from jaxlm.models.layers import (ACTIVATIONS, BlockConfig, Dropout, Embed, block
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
+CASE_EMBEDDING = "case_embedding"
+
+
 class BERT(nn.Module):
     vocab_size: int
     max_len: int
@@ -21,11 +27,12 @@ class BERT(nn.Module):
     type_vocab_size: int = 2
     pretraining_heads: bool = False
     heads: tuple = ()  # (name, source, outputs) task heads
+    case_vocab_size: int = 0  # > 0: `case_ids` embeddings (labeled.word_shape classes)
     stack: StackConfig = StackConfig()
 
     @nn.compact
     def __call__(self, input_ids, segment_ids=None, input_mask=None, mlm_positions=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, case_ids=None):
         """Returns {'hidden': [b, l, e], 'pooled': [b, e]} (+ 'mlm_logits' [b, p, vocab] at
         `mlm_positions` [b, p], 'nsp_logits' [b, 2] with the pretraining heads)."""
         cfg = self.cfg
@@ -38,6 +45,10 @@ class BERT(nn.Module):
              + jnp.take(learned_positions(self, self.max_len, cfg), positions, axis=0)
              + jnp.take(learned_positions(self, self.type_vocab_size, cfg, "type_embedding"),
                         segment_ids, axis=0))
+        if self.case_vocab_size:
+            table = self.param(CASE_EMBEDDING, nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+                               (self.case_vocab_size, cfg.emb_dim), cfg.param_dtype)
+            x = x + jnp.take(table, case_ids, axis=0)
         x = norm(cfg, "embed_norm")(constrain(x.reshape(batch * length, cfg.emb_dim))).astype(cfg.dtype)
         x = Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=False),
@@ -62,10 +73,11 @@ class BERT(nn.Module):
         return (embed.attend(h) + bias).astype(jnp.float32)
 
 
-def from_config(m, pipeline=None, heads=None) -> BERT:
+def from_config(m, pipeline=None, heads=None, case_vocab_size: int = 0) -> BERT:
     """BERT with the pretraining heads (MLM, NSP), or with the task `heads` when given."""
     if m.vocab_size <= 0:
         raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
     return BERT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
                 cfg=block_config(m, post_norm=True), type_vocab_size=m.type_vocab_size,
-                pretraining_heads=heads is None, heads=tuple(heads or ()), stack=stack_config(m, pipeline))
+                pretraining_heads=heads is None, heads=tuple(heads or ()), case_vocab_size=case_vocab_size,
+                stack=stack_config(m, pipeline))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import labeled, mlm, progress
+from jaxlm.models import bert
 from jaxlm.tasks import base, entity_f1
 
 ENCODER_KEYS = ("input_ids", "segment_ids", "input_mask")
@@ -32,10 +33,13 @@ class EncoderTask(base.Task, base.Predicts):
 
     HEAD_SOURCE = "pooled"
     TARGET = "label"  # the batch key of the targets (-1: none)
+    encoder_keys = ENCODER_KEYS  # the batch keys the model takes
+    own_layers = ()  # regexes of new input layers, trained under every PEFT method as the head is
+    model_kwargs = {}  # more arguments of the model (bert.from_config)
 
     def __init__(self, config, tokenizer, head: str = "classifier"):
         self.head = head
-        self.heads = (rf"^{head}/",)
+        self.heads = (rf"^{head}/", *self.own_layers)
         super().__init__(config, tokenizer)
         d, m = config.data, config.model
         if d.seq_len > m.max_len:
@@ -45,7 +49,7 @@ class EncoderTask(base.Task, base.Predicts):
         self.tokens_per_example = d.seq_len
         self._examples = {}
         self.names = self.examples(d.train_split)[1]
-        self.model = self.build_model(heads=self.head_specs())
+        self.model = self.build_model(heads=self.head_specs(), **self.model_kwargs)
 
     def head_specs(self) -> tuple:
         return ((self.head, self.HEAD_SOURCE, len(self.names)),)
@@ -73,10 +77,10 @@ class EncoderTask(base.Task, base.Predicts):
 
     def dummy_batch(self):
         ids = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
-        return {"input_ids": ids, "segment_ids": ids, "input_mask": ids + 1}
+        return {**{k: ids for k in self.encoder_keys}, "input_mask": ids + 1}
 
     def model_inputs(self, batch):
-        return {k: batch[k] for k in ENCODER_KEYS}
+        return {k: batch[k] for k in self.encoder_keys}
 
     def forward(self, params, batch, rng=None, train: bool = False) -> dict:
         return self.model.apply({"params": params}, **self.model_inputs(batch), deterministic=not train,
@@ -97,7 +101,8 @@ class EncoderTask(base.Task, base.Predicts):
         """Dynamic padding: cut the stacked batches' token axis to the longest row rounded up to
         `data.pad_multiple`, so short sentences cost short steps (a handful of compiled lengths).
         Several processes would each cut their own rows differently: they keep `data.seq_len`."""
-        return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()), LENGTH_KEYS)
+        return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()),
+                                   LENGTH_KEYS + self.encoder_keys)
 
     @functools.cached_property
     def _predict(self):
@@ -109,7 +114,7 @@ class EncoderTask(base.Task, base.Predicts):
         rows = []
         batches = self.eval_batches(split, 0, data_path)
         for batch in progress.progress(batches, desc=f"predicting ({split or data_path})", total=len(batches)):
-            out = jax.device_get(self._predict(params, {k: batch[k] for k in ENCODER_KEYS}))
+            out = jax.device_get(self._predict(params, self.model_inputs(batch)))
             for i in np.flatnonzero(batch["index"] >= 0):
                 index = int(batch["index"][i])
                 rows.append({"index": index, **self.example_row(examples[index], out, batch, i)})
@@ -119,7 +124,7 @@ class EncoderTask(base.Task, base.Predicts):
         """The prediction for raw text (what `jaxlm.predict` prints)."""
         example = self.text_example(text)
         batch = jax.tree.map(lambda x: x[None], self.encode(example))
-        out = jax.device_get(self._predict(params, {k: batch[k] for k in ENCODER_KEYS}))
+        out = jax.device_get(self._predict(params, self.model_inputs(batch)))
         row = self.example_row(example, out, batch, 0)
         return {k: v for k, v in row.items() if not k.startswith("true_")}
 
@@ -156,10 +161,22 @@ class SequenceClassification(EncoderTask):
 
 class TokenClassification(EncoderTask):
     """A tag per word (CoNLL NER) from each word's first piece; metrics entity-level `f1`,
-    `precision`, `recall` (as `seqeval` counts them) besides the token loss and accuracy."""
+    `precision`, `recall` (as `seqeval` counts them) besides the token loss and accuracy.
+
+    With `data.case_feature` every piece also carries its word's capitalisation
+    (`labeled.word_shape`) into a new, trained embedding added to the input embeddings
+    (`bert.CASE_EMBEDDING`): an uncased vocabulary lower-cases "Paris", "EU" and "may" alike.
+    """
 
     HEAD_SOURCE = "hidden"
     TARGET = "tags"
+
+    def __init__(self, config, tokenizer, head: str = "classifier"):
+        if config.data.case_feature:
+            self.encoder_keys = ENCODER_KEYS + ("case_ids",)
+            self.own_layers = (rf"^{bert.CASE_EMBEDDING}$",)
+            self.model_kwargs = {"case_vocab_size": labeled.CASE_SHAPES}
+        super().__init__(config, tokenizer, head)
 
     def read(self, split, data_path):
         d = self.config.data
@@ -167,7 +184,8 @@ class TokenClassification(EncoderTask):
 
     def encode(self, example):
         words, tags = example
-        return labeled.encode_words(self.tokenizer, words, tags, self.config.data.seq_len, self.specials)
+        return labeled.encode_words(self.tokenizer, words, tags, self.config.data.seq_len, self.specials,
+                                    self.config.data.case_feature)
 
     def text_example(self, text):
         words = text.split()

@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from jaxlm.data import builders, labeled, mlm, readers
+from jaxlm.models.dual_encoder import mean_pool
 from jaxlm.tasks import base
 
 ENCODER_KEYS = ("input_ids", "segment_ids", "input_mask")
@@ -49,8 +50,7 @@ VARIANTS = ("pairs", "simcse")
 def pool(hidden: jax.Array, input_mask: jax.Array) -> jax.Array:
     """L2-normalised mean of `hidden` [n, l, e] over the positions where `input_mask` [n, l] is
     set (float32 [n, e]); a row without any (padding) gives zeros."""
-    mask = input_mask[..., None].astype(jnp.float32)
-    mean = (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+    mean = mean_pool(hidden, input_mask)
     return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
