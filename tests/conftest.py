@@ -30,7 +30,7 @@ def tiny_finetune(data_dir):
     def make(config_file="sst2.py", method="full", init_from=""):
         config = config_lib.from_file(os.path.join(repo, "configs", config_file), method)
         config.init_from = init_from
-        config.data.update(dict(seq_len=32, data_dir=data_dir, pad_multiple=0))  # one compiled length
+        config.data.update(dict(seq_len=32, data_dir=data_dir, pad_multiple=0, bucket_batches=0))  # one compiled length
         config.model.update(dict(name="bert", num_layers=2, emb_dim=32, num_heads=2, mlp_dim=64, max_len=32,
                                  use_bias=True, mlp="gelu_exact"))
         config.peft.update(dict(rank=2, adapter_dim=4, num_tokens=3))
