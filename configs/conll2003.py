@@ -21,14 +21,15 @@ def get_config(method: str = "full"):
     config.task.name = "token_classification"
     # The MiniLM's vocabulary is uncased: the tokenizer lower-cases, so capitalisation would be
     # lost; case_feature gives every piece its word's shape (dev F1 0.919 against 0.896 without,
-    # 1,300 steps). Batches of similar lengths (bucket_batches) make short steps.
+    # 1,300 steps; 0.927 with it after these 2,000). Batches of similar lengths (bucket_batches)
+    # make short steps.
     config.data.update(dict(name="jaxlm_conll2003", tokenizer="wordpiece", tokenizer_path=MINILM, seq_len=128,
                             case_feature=True, bucket_batches=100, pad_multiple=8))
     config.model.update(dict(dropout=0.1, scan_layers=False))
     config.peft.method = method
-    config.train.update(dict(steps=1300, batch_size=32, log_every=50, eval_every=650, eval_batches=0))
+    config.train.update(dict(steps=2000, batch_size=32, log_every=50, eval_every=1000, eval_batches=0))
     config.optim.update(dict(lr=peft.AUTO_LR, end_lr=0.0, schedule="linear", warmup_steps=100,
                              b2=0.999, weight_decay=0.01))
-    config.checkpoint.every = 650
+    config.checkpoint.every = 1000
     config.sample.max_new_tokens = 0
     return config
