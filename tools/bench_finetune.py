@@ -17,7 +17,7 @@ Three settings, one row each:
            jaxlm cuts each batch to its longest row rounded up to `--pad_multiple` (what the
            trainer's `task.fit_length` does), so it runs a handful of compiled lengths;
   bucketed as dynamic, on batches of similar lengths: the sentences in the order of the
-           trainer's `data.bucket_batches=--bucket_batches` stream (`batching.length_bucketed_epochs`),
+           trainer's `data.bucket_batches=--bucket_batches` stream (`labeled.bucketed_epochs`),
            the same batches on both sides.
 The last line compares the two stacks' training streams (`--batch_size` sentences a step):
 jaxlm's bucketed steps against PyTorch's dynamic ones (the reference script's random batches).
@@ -55,7 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jaxlm import config as config_lib
-from jaxlm.data import batching, labeled
+from jaxlm.data import labeled
 from jaxlm.train import loop
 
 SETTINGS = ("padded", "dynamic", "bucketed")
@@ -105,9 +105,8 @@ class JaxSide:
     def bucketed(self, n: int, args) -> list[tuple[str, int]]:
         """The first n (text, label) train examples in the order of the trainer's bucketed stream."""
         examples = self.run.task.examples(self.config.data.train_split)[0]
-        lengths = [int(self.run.task.encode(e)["input_mask"].sum()) for e in examples]
-        order = batching.length_bucketed_epochs(lengths, args.seed, lambda epoch, i: i, batch_size=args.batch_size,
-                                                window=args.bucket_batches * args.batch_size)
+        order = labeled.bucketed_epochs(examples, self.run.task.encode, args.seed, lambda epoch, i: i,
+                                        bucket_batches=args.bucket_batches, batch_size=args.batch_size)
         return [examples[order[i]] for i in range(n)]
 
     def compile(self, batches: list) -> float:

@@ -11,6 +11,8 @@ Public functions:
   word_shape(word) -> int   (the case class `case_ids` holds)
   train_iterator(examples, encode, *, global_batch_size, seed, process_index=0,
                  process_count=1, num_threads=2, prefetch_buffer_size=8) -> grain.DatasetIterator
+  bucketed_epochs(examples, encode, seed, example, *, bucket_batches, batch_size) -> grain.MapDataset
+      (the order of train_iterator's bucketed batches: `example(epoch, i)` of examples i)
   mixed_train_iterator(datasets, weights, *, global_batch_size, seed, process_index=0,
                        process_count=1, num_threads=2,
                        prefetch_buffer_size=8) -> grain.DatasetIterator
@@ -224,6 +226,13 @@ def _epochs(examples: Sequence[Example], encode: Encode, seed: int, bucket_batch
     example = lambda epoch, i: encode(examples[i])
     if bucket_batches <= 0:
         return batching.shuffled_epochs(len(examples), seed, example)
+    return bucketed_epochs(examples, encode, seed, example, bucket_batches=bucket_batches, batch_size=batch_size)
+
+
+def bucketed_epochs(examples: Sequence[Example], encode: Encode, seed: int, example: Callable[[int, int], Any], *,
+                    bucket_batches: int, batch_size: int) -> grain.MapDataset:
+    """`batching.length_bucketed_epochs` of `example(epoch, i)` by the examples' real tokens
+    (`input_mask` of `encode`), sorted together in windows of `bucket_batches` batches."""
     counted = progress.progress(examples, desc="lengths for bucketing", unit="example")
     lengths = [int(encode(e)["input_mask"].sum()) for e in counted]
     return batching.length_bucketed_epochs(lengths, seed, example, window=bucket_batches * batch_size,

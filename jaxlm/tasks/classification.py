@@ -16,7 +16,6 @@ from jaxlm.models import bert
 from jaxlm.tasks import base, entity_f1
 
 ENCODER_KEYS = ("input_ids", "segment_ids", "input_mask")
-LENGTH_KEYS = ENCODER_KEYS + ("tags",)  # the arrays with a token axis (last)
 
 
 class EncoderTask(base.Task, base.Predicts):
@@ -102,7 +101,7 @@ class EncoderTask(base.Task, base.Predicts):
         `data.pad_multiple`, so short sentences cost short steps (a handful of compiled lengths).
         Several processes would each cut their own rows differently: they keep `data.seq_len`."""
         return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()),
-                                   LENGTH_KEYS + self.encoder_keys)
+                                   (*self.encoder_keys, "tags"))  # the arrays with a token axis (last)
 
     @functools.cached_property
     def _predict(self):
