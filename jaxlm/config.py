@@ -183,6 +183,8 @@ def default_config() -> ml_collections.ConfigDict:
         nan_policy="stop",  # stop | skip: what a non-finite loss does
         peak_flops=0.0,  # per device, for MFU; 0: measured with a matmul at start-up
         profile_steps=0,  # > 0: trace this many steps (after the first call) into WORKDIR/profile
+        # XLA's persistent compilation cache ('' off): later runs load compiled programs from here
+        compilation_cache=os.environ.get("JAXLM_COMPILATION_CACHE", "~/.cache/jaxlm/xla"),
     ))
 
     # Parameter-efficient fine-tuning (jaxlm/peft): what trains on top of init_from's model.

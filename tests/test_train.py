@@ -15,7 +15,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm.data import builders
-from jaxlm.train import checkpoint, loop
+from jaxlm.train import checkpoint, compile_cache, loop
 from jaxlm.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,3 +278,30 @@ def test_profile_steps_trace_the_steps_after_the_first_call_and_the_report_reads
     report = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "profile_report.py"),
                              str(tmp_path / "traced"), "--steps=5"], check=True, capture_output=True, text=True).stdout
     assert "per step of 5" in report and "| matmul |" in report, report
+
+
+@needs_shakespeare
+def test_a_persistent_compilation_cache_hit_trains_the_same_losses(data_dir, tmp_path):
+    """`train.compilation_cache`: a second run loads the first one's compiled programs from disk
+    (JAX's in-memory caches cleared in between, as in a new process) and trains the same losses."""
+    cache = tmp_path / "xla"
+    hits = []
+
+    def count_hits(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    jax.monitoring.register_event_listener(count_hits)
+    try:
+        train(tiny_config(data_dir, compilation_cache=str(cache)), tmp_path / "first")
+        written = len(list(cache.glob("*-cache")))
+        jax.clear_caches()
+        hits.clear()
+        train(tiny_config(data_dir, compilation_cache=str(cache)), tmp_path / "second")
+    finally:
+        jax.monitoring.unregister_event_listener(count_hits)
+        compile_cache.use(config_lib.default_config().train.compilation_cache)
+    assert written >= 3 and len(hits) >= 3, (written, hits)  # init, the train call, eval ...
+    assert len(list(cache.glob("*-cache"))) == written  # ... all loaded, none compiled again
+    assert read_metrics(tmp_path / "second") == read_metrics(tmp_path / "first")
+    assert read_metrics(tmp_path / "first", "eval/loss") == read_metrics(tmp_path / "second", "eval/loss")

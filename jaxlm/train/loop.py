@@ -26,7 +26,7 @@ from jaxlm import convert, peft, tasks, tree
 from jaxlm.compress import prune, quantize
 from jaxlm.models import pipeline_parallel
 from jaxlm.parallel.partitioner import Partitioner
-from jaxlm.train import checkpoint, memory, metrics as metrics_lib, optim, state as state_lib, step as step_lib
+from jaxlm.train import checkpoint, compile_cache, memory, metrics as metrics_lib, optim, state as state_lib, step as step_lib
 from jaxlm.train import workdir as workdir_lib
 
 log = logging.getLogger("jaxlm")
@@ -41,6 +41,7 @@ def setup(config, workdir: str):
     """Everything a run or a tool needs before training: tokenizer, task (with its model),
     optimizer, partitioner and the state's shardings. Fills `config.model.vocab_size`, and
     `optim.lr` when it is auto (-1)."""
+    compile_cache.use(config.train.compilation_cache)
     peft.resolve_learning_rate(config)
     hf_dir = hf_source(config.init_from)
     if hf_dir:  # the architecture comes from the Hugging Face config
