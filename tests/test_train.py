@@ -281,9 +281,10 @@ def test_profile_steps_trace_the_steps_after_the_first_call_and_the_report_reads
 
 
 @needs_shakespeare
-def test_a_persistent_compilation_cache_hit_trains_the_same_losses(data_dir, tmp_path):
+def test_a_persistent_compilation_cache_hit_trains_the_same_losses(data_dir, tmp_path, monkeypatch):
     """`train.compilation_cache`: a second run loads the first one's compiled programs from disk
     (JAX's in-memory caches cleared in between, as in a new process) and trains the same losses."""
+    monkeypatch.setattr(compile_cache, "MIN_COMPILE_SECONDS", 0.0)  # the tiny model compiles fast
     cache = tmp_path / "xla"
     hits = []
 

@@ -6,7 +6,8 @@ r"""Translation time to quality: jaxlm against a PyTorch `torch.nn.Transformer`,
 Both sides learn English -> German on Multi30k in this one process, from the same start:
 - the same sentencepiece pieces (the tokenizer jaxlm's run trains on the train split) and the
   same batches (two copies of the task's seeded `train_iterator`, each batch cut by the task's
-  `fit_length` as the trainer does), teacher forcing, the loss averaged over target tokens;
+  `fit_length` as the trainer does), teacher forcing, the loss averaged over target tokens
+  (with the config's `task.label_smoothing`, the same formula on both sides);
 - the same model size: jaxlm's model is the config's; PyTorch's is `torch.nn.Transformer`
   (pre-norm, the layers, width and heads of the config, GELU, the feed-forward width that gives
   the same parameter count per layer, a shared token embedding scaled by sqrt(width) plus
@@ -228,7 +229,8 @@ class TorchSide:
         self.model.train()
         logits = self.model(b["encoder_input_tokens"].long(), b["decoder_input_tokens"].long())
         losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["decoder_target_tokens"].long().flatten(),
-                                                   reduction="none")
+                                                   reduction="none",
+                                                   label_smoothing=self.config.task.label_smoothing)
         weights = b["decoder_loss_weights"].flatten().float()
         loss = (losses * weights).sum() / weights.sum().clamp(min=1.0)
         loss.backward()
