@@ -302,7 +302,8 @@ def test_a_persistent_compilation_cache_hit_trains_the_same_losses(data_dir, tmp
     finally:
         jax.monitoring.unregister_event_listener(count_hits)
         compile_cache.use(config_lib.default_config().train.compilation_cache)
-    assert written >= 3 and len(hits) >= 3, (written, hits)  # init, the train call, eval ...
-    assert len(list(cache.glob("*-cache"))) == written  # ... all loaded, none compiled again
+    # init, the train call, eval ...: every program the first run wrote, the second one loaded
+    # (a program this process had compiled before the first run is first written by the second)
+    assert written >= 3 and len(hits) >= written, (written, hits)
     assert read_metrics(tmp_path / "second") == read_metrics(tmp_path / "first")
     assert read_metrics(tmp_path / "first", "eval/loss") == read_metrics(tmp_path / "second", "eval/loss")
