@@ -3,9 +3,9 @@
 #   tools/bench_nanogpt.sh TORCH_PYTHON [WORKDIR [ROUNDS]]
 # TORCH_PYTHON: a Python with torch==2.13.0 and numpy (python3 -m venv V && V/bin/pip install
 # torch==2.13.0 numpy). ROUNDS (default 1) alternates the two whole runs (jaxlm first in odd
-# rounds, nanoGPT first in even ones) so that a noisy stretch of the machine hits both; jaxlm's
-# first round compiles, later ones load the compiled programs from its persistent cache
-# (train.compilation_cache). Prints each run's wall time and validation loss (also over the
+# rounds, nanoGPT first in even ones) so that a noisy stretch of the machine hits both; jaxlm
+# compiles only what its persistent cache (train.compilation_cache) does not hold yet from an
+# earlier run or round. Prints each run's wall time and validation loss (also over the
 # whole validation split, windowed the same way for both), then the ratio of median wall times.
 set -euo pipefail
 torch_python=$(command -v "$1") || { echo "bench_nanogpt.sh: no Python at $1" >&2; exit 2; }
