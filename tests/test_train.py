@@ -1,5 +1,6 @@
 """The trainer end to end on Tiny Shakespeare: learning, meshes, accumulation, resume, restore."""
 
+import importlib.util
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -269,7 +271,8 @@ def test_init_from_loads_only_the_parameters_of_another_run(data_dir, tmp_path):
 @needs_shakespeare
 def test_profile_steps_trace_the_steps_after_the_first_call_and_the_report_reads_them(data_dir, tmp_path):
     """`train.profile_steps` leaves the losses alone and writes a trace of its steps (not the
-    first call, which compiles) that tools/profile_report.py sums by kind of op."""
+    first call, which compiles) that tools/profile_report.py sums by kind of op and part of the
+    model (the tiny model's ops run on the Python thread: they still count as device ops)."""
     train(tiny_config(data_dir), tmp_path / "plain")
     train(tiny_config(data_dir, profile_steps=5), tmp_path / "traced")
     assert read_metrics(tmp_path / "traced") == read_metrics(tmp_path / "plain")
@@ -278,6 +281,25 @@ def test_profile_steps_trace_the_steps_after_the_first_call_and_the_report_reads
     report = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "profile_report.py"),
                              str(tmp_path / "traced"), "--steps=5"], check=True, capture_output=True, text=True).stdout
     assert "per step of 5" in report and "| matmul |" in report, report
+    # the parts come from the HLO the trainer wrote beside the trace; every traced op of the
+    # train call is in it (the per-step finiteness check is another program); no Python frame is an op
+    for part in ("forward: attention", "backward: MLP", "optimizer, gradient clipping, step"):
+        assert f"| {part} |" in report, report
+    assert "not in the HLO written" not in report and "$" not in report.split("top 15 ops")[1], report
+
+
+def test_the_profile_report_reads_an_ops_kind_from_what_it_computes_and_its_part_from_its_op_name():
+    spec = importlib.util.spec_from_file_location("profile_report", Path(__file__).parents[1] / "tools" / "profile_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    grad = jax.jit(jax.value_and_grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)))
+    module, ops = report.read_hlo(grad.lower(jnp.ones((64, 64)), jnp.ones((32, 64))).compile().as_text())
+    assert module.startswith("jit_") and {"matmul", "reduction"} <= {op.kind for op in ops.values()}, ops
+    step = "jit(steps)/while/body/closed_call/"
+    assert report.part_of(step + "transpose(jvp(GPT))/decoder/layers_0/attn/dot_general") == "backward: attention"
+    assert report.part_of(step + "jvp(GPT)/decoder/layers_1/mlp_norm/mul") == "forward: norms"
+    assert report.part_of(step + "jvp(GPT)/decoder/layers_1/mlp/dot_general") == "forward: MLP"
+    assert report.part_of(step + "jit(clip)/mul") == "optimizer, gradient clipping, step"
 
 
 @needs_shakespeare

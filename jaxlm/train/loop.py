@@ -8,6 +8,7 @@ need to see.
 
 import contextlib
 import functools
+import glob
 import json
 import logging
 import os
@@ -208,6 +209,7 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
              f"{metrics_lib.count_params(state.params):,}", dict(partitioner.mesh.shape))
     steps_fn = make_train_call(run)
     compiled = {}
+    profiler = Profiler(workdir, t.profile_steps)
 
     def run_steps(state, batches):
         shapes = tuple((key, x.shape) for key, x in sorted(batches.items()))  # steps, rows, length
@@ -216,6 +218,7 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
             compiled[shapes] = steps_fn.lower(state, batches).compile()
             log.info("compiled a call for batches %s in %.1fs", dict(shapes), time.perf_counter() - start)
             log.debug("its memory: %s", compiled[shapes].memory_analysis())
+        profiler.ran(compiled[shapes])
         return compiled[shapes](state, batches)
 
     writer = metrics_lib.MetricWriter(workdir, start_step)
@@ -241,7 +244,6 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
         bar.set_postfix(loss=f"{figures['train/loss']:.4f}", ex_s=f"{figures['train/examples_per_sec']:.0f}")
         interval.reset(now)
 
-    profiler = Profiler(workdir, t.profile_steps)
     step = start_step
     try:
         while step < t.steps:
@@ -548,10 +550,18 @@ class Interval:
 class Profiler:
     """`train.profile_steps` steps traced with `jax.profiler` into WORKDIR/profile, from the second
     call on (the first one compiles): open it in TensorBoard's profile plugin, or load the
-    `perfetto_trace.json.gz` at ui.perfetto.dev; `tools/profile_report.py` sums it by kind of op."""
+    `perfetto_trace.json.gz` at ui.perfetto.dev; `tools/profile_report.py` sums it by kind of op
+    and by part of the model, which it reads from the optimized HLO of the traced programs,
+    written beside the trace (`<module>.<n>.hlo.txt`: each op's `op_name` names its layer)."""
 
     def __init__(self, workdir: str, steps: int):
         self.dir, self.left, self.active = os.path.join(workdir, "profile"), steps, False
+        self.programs = {}
+
+    def ran(self, program) -> None:
+        """Notes a compiled program called while tracing."""
+        if self.active:
+            self.programs.setdefault(id(program), program)
 
     def before_call(self, first: bool) -> None:
         if self.left > 0 and not first and not self.active:
@@ -569,6 +579,14 @@ class Profiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            traces = glob.glob(os.path.join(self.dir, "plugins", "profile", "*", ""))
+            if jax.process_index() == 0 and traces:
+                folder = max(traces, key=os.path.getmtime)
+                for n, program in enumerate(self.programs.values()):
+                    text = program.as_text()
+                    module = text.split(None, 2)[1].rstrip(",")  # "HloModule jit_steps, ..."
+                    with open(os.path.join(folder, f"{module}.{n}.hlo.txt"), "w") as f:
+                        f.write(text)
             log.info("profile of the traced steps written under %s", self.dir)
 
 
