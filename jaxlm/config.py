@@ -109,6 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
         dtype="float32",
         param_dtype="float32",
         init_std=0.02,
+        embed_init_std=0.0,  # token embeddings' init std (0: init_std); T5 draws them with 1.0
         type_vocab_size=2,  # bert: segment (token type) embeddings
         num_decoder_layers=0,  # t5: 0 means num_layers
         relative_buckets=32,  # t5: relative position bias buckets

@@ -315,3 +315,19 @@ def test_dropout_drops_its_rate_and_keeps_the_expectation():
     assert module.apply({}, x, deterministic=True) is x
     z = module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
     assert abs(float(jnp.mean(z == 0)) - 0.5) < 5e-3
+
+
+@pytest.mark.parametrize("family", ["gpt", "t5"])
+def test_scaled_embeddings_equal_a_table_scaled_by_sqrt_width(family):
+    """`model.scale_embeddings` multiplies the token vectors by sqrt(emb_dim): the same logits
+    as the unscaled model whose table is that much larger (untied output, so only the input moves)."""
+    c = model_config(name=family, tie_embeddings=False, embed_init_std=0.5, norm="rmsnorm")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(1, 50, (2, 8)), jnp.int32)
+    args = (tokens, tokens) if family == "t5" else (tokens,)
+    plain = models.get(c)
+    params = nn.unbox(plain.init(jax.random.key(0), *args)["params"])
+    assert abs(float(params["embed"]["embedding"].std()) - 0.5) < 0.05  # embed_init_std
+    c.scale_embeddings = True
+    scaled_params = {**params, "embed": {"embedding": params["embed"]["embedding"] / 32 ** 0.5}}
+    np.testing.assert_allclose(models.get(c).apply({"params": scaled_params}, *args),
+                               plain.apply({"params": params}, *args), rtol=1e-4, atol=1e-4)

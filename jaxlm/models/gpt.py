@@ -33,10 +33,8 @@ class GPT(nn.Module):
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        embed = Embed(self.vocab_size, cfg, name="embed")
+        embed = Embed(self.vocab_size, cfg, self.scale_embeddings, name="embed")
         x = embed(tokens)
-        if self.scale_embeddings:
-            x = x * jnp.asarray(cfg.emb_dim ** 0.5, cfg.dtype)
         if cfg.positions == "learned":
             x = x + jnp.take(learned_positions(self, self.max_len, cfg), positions, axis=0).astype(cfg.dtype)
         batch, length = tokens.shape

@@ -65,6 +65,7 @@ class BlockConfig:
     param_dtype: DType = jnp.float32
     init_std: float = 0.02
     out_init_std: float = 0.02  # residual projections (GPT-2 scales them by 1/sqrt(2 * layers))
+    embed_init_std: float = 0.02  # token embeddings
 
     @property
     def kv_heads(self) -> int:
@@ -126,6 +127,7 @@ def block_config(m, **overrides) -> BlockConfig:
         param_dtype=jnp.dtype(m.param_dtype),
         init_std=m.init_std,
         out_init_std=m.init_std / math.sqrt(2 * m.num_layers),
+        embed_init_std=m.embed_init_std or m.init_std,
     )
     return BlockConfig(**{**values, **overrides})
 
@@ -314,18 +316,25 @@ class Dropout(nn.Module):
 
 
 class Embed(nn.Module):
-    """Token embedding; `attend` gives logits against the same table (tied output)."""
+    """Token embedding; `attend` gives logits against the same table (tied output).
+
+    With `scale` the vectors are multiplied by sqrt(emb_dim) (Vaswani et al., Gemma): with Adam,
+    whose steps are about lr per entry, small-initialised embeddings then learn sqrt(emb_dim) times
+    faster relative to their size."""
 
     vocab_size: int
     cfg: BlockConfig
+    scale: bool = False
 
     def setup(self):
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.cfg.init_std), ("vocab", "embed")),
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.cfg.embed_init_std),
+                                                      ("vocab", "embed")),
             (self.vocab_size, self.cfg.emb_dim), self.cfg.param_dtype)
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype)
+        x = jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype)
+        return x * jnp.asarray(self.cfg.emb_dim ** 0.5, x.dtype) if self.scale else x
 
     def attend(self, x: Array) -> Array:
         """Logits [..., vocab] of activations [..., embed] against the embedding table."""

@@ -20,11 +20,12 @@ class T5(nn.Module):
     relative_buckets: int = 32
     relative_max_distance: int = 128
     tie_embeddings: bool = True
+    scale_embeddings: bool = False  # token embeddings times sqrt(emb_dim) (see layers.Embed)
     stack: StackConfig = StackConfig()
 
     def setup(self):
         cfg = self.cfg
-        self.embed = Embed(self.vocab_size, cfg)
+        self.embed = Embed(self.vocab_size, cfg, self.scale_embeddings)
         self.encoder_bias = RelativePositionBias(self.relative_buckets, self.relative_max_distance,
                                                  True, cfg)
         self.encoder = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=False))
@@ -83,4 +84,4 @@ def from_config(m, pipeline=None) -> T5:
               num_decoder_layers=m.num_decoder_layers or m.num_layers,
               cfg=block_config(m), relative_buckets=m.relative_buckets,
               relative_max_distance=m.relative_max_distance, tie_embeddings=m.tie_embeddings,
-              stack=stack_config(m, pipeline))
+              scale_embeddings=m.scale_embeddings, stack=stack_config(m, pipeline))
