@@ -217,7 +217,7 @@ JAXLM_CONFIGS = {
     "t5_relu": dict(name="t5", norm="rmsnorm", mlp="relu", norm_eps=1e-6, num_decoder_layers=3,
                     relative_buckets=8, relative_max_distance=20, scale_queries=False),  # HF T5's layout
     "t5_geglu": dict(name="t5", norm="rmsnorm", mlp="geglu", norm_eps=1e-6, tie_embeddings=False,
-                     head_dim=16),
+                     head_dim=16, scale_embeddings=True),  # the Multi30k T5's: HF T5 scales no embedding
     "vit": dict(name="vit", use_bias=True, mlp="gelu_exact", image_size=16, patch_size=4,
                 num_classes=5),
     "llama": dict(name="gpt", norm="rmsnorm", positions="rotary", mlp="swiglu", num_kv_heads=2,
@@ -257,10 +257,12 @@ def test_export_loads_in_transformers_and_matches(tmp_path, name, scan_layers, m
     diffs = compare.side_by_side(hf_dir, m, params, compare.make_batch(hf_dir))
     assert max(d.max() for d in diffs.values()) <= TOLERANCE, diffs
     reimported = convert.import_params(hf_dir, model_config(hf_dir, scan_layers))
-    if m.name == "t5" and m.scale_queries:  # exported with 1/sqrt(head_dim) in the query kernels
+    if m.name == "t5":  # exported with 1/sqrt(head_dim) in the query kernels, sqrt(width) in the embeddings
+        folded = {"attn/query/kernel": 16 ** -0.5 if m.scale_queries else 1.0,
+                  "embed/embedding": 32 ** 0.5 if m.scale_embeddings else 1.0}
         params = jax.tree_util.tree_map_with_path(
-            lambda path, x: x * np.float32(16 ** -0.5) if "attn/query/kernel" in jax.tree_util.keystr(path, simple=True, separator="/") else x,
-            params)
+            lambda path, x: x * np.float32(next((f for key, f in folded.items() if jax.tree_util.keystr(
+                path, simple=True, separator="/").endswith(key)), 1.0)), params)
     jax.tree.map(np.testing.assert_allclose, reimported, params)
 
 
@@ -294,6 +296,11 @@ def test_export_refuses_what_hugging_face_cannot_express(tmp_path):
     m.update(dict(mlp="gelu", causal=False))  # a bidirectional GPT (SigLIP's text tower) is no GPT-2
     with pytest.raises(ValueError, match=r"model.causal=False \(needs True\)"):
         convert.export(random_params(m), m, str(tmp_path / "hf"))
+    t5 = config_lib.default_config().model  # a tied table cannot take the embedding scale
+    t5.update(dict(name="t5", vocab_size=99, num_layers=1, num_heads=4, emb_dim=32, norm="rmsnorm", mlp="relu",
+                   scale_embeddings=True))
+    with pytest.raises(ValueError, match=r"model.scale_embeddings=True \(needs False\)"):
+        convert.export(random_params(t5), t5, str(tmp_path / "hf"))
 
 
 def test_hugging_face_tokenizer_kind(hf_dirs, tmp_path):

@@ -569,7 +569,7 @@ def export(params, model_config, hf_dir: str, tokenizer: tokenizers.Tokenizer | 
     family = _export_family(model_config)
     flat = flax.traverse_util.flatten_dict(params, sep="/")
     flat = _unstack_layers({path: np.asarray(x, np.float32) for path, x in flat.items()})
-    flat, model_config = _fold_query_scale(family, flat, model_config)
+    flat, model_config = _fold_scales(family, flat, model_config)
     with_heads = not family.heads or any(path.split("/")[0] in family.heads for path in flat)
     config = _hf_config(family, model_config, flat, with_heads)
     tensors, used = {}, set()
@@ -610,15 +610,23 @@ def _preprocessor(model_config) -> dict:
             "image_std": list(m.pixel_std) if normalize else [0.5, 0.5, 0.5]}
 
 
-def _fold_query_scale(family: Family, flat: dict, model_config):
-    """A model trained with `scale_queries` exported to a family whose attention does not scale
-    (T5): 1/sqrt(head_dim) goes into the query kernels, which computes the same logits."""
-    if family.fixed.get("scale_queries", True) or not model_config.scale_queries:
+def _fold_scales(family: Family, flat: dict, model_config):
+    """Scales of a trained model that its export family computes no more, folded into weights so
+    that the exported model computes the same logits: `scale_queries` into a non-scaling family's
+    (T5's) query kernels (1/sqrt(head_dim)), `scale_embeddings` into an untied token table
+    (sqrt(emb_dim)); a tied table stays, and `_hf_config` names the value."""
+    m = _resolved(model_config)
+    folds = {}
+    if not family.fixed.get("scale_queries", True) and m["scale_queries"]:
+        folds["scale_queries"] = (r"attn/query/kernel$", m["head_dim"] ** -0.5)  # cross_attn too
+    if family.fixed.get("scale_embeddings") is False and m["scale_embeddings"] and not m["tie_embeddings"]:
+        folds["scale_embeddings"] = (r"(^|/)embed/embedding$", m["emb_dim"] ** 0.5)
+    if not folds:
         return flat, model_config
-    factor = np.float32(_resolved(model_config)["head_dim"] ** -0.5)
-    flat = {path: x * factor if path.endswith("attn/query/kernel") else x for path, x in flat.items()}
     model_config = copy_lib.deepcopy(model_config)
-    model_config.scale_queries = False
+    for key, (pattern, factor) in folds.items():
+        flat = {path: x * np.float32(factor) if re.search(pattern, path) else x for path, x in flat.items()}
+        setattr(model_config, key, False)
     return flat, model_config
 
 
