@@ -82,7 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
         mlp="gelu",  # gelu | gelu_exact | quick_gelu (CLIP) | relu | swiglu | geglu
         norm="layernorm",  # layernorm | rmsnorm | rmsnorm_plus_one (Gemma: x / rms * (1 + scale))
         norm_eps=1e-5,
-        positions="learned",  # learned | rotary
+        positions="learned",  # learned | rotary | sinusoidal (fixed, Vaswani et al.; t5: added to its relative biases)
         rope_theta=10000.0,
         # Rotary frequencies for long contexts (layers.RopeScaling): none | linear | llama3.
         rope_scaling=ml_collections.ConfigDict(dict(
@@ -351,6 +351,15 @@ def get(config: ml_collections.ConfigDict, key: str):
     for part in key.split("."):
         config = config[part]
     return config
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str) -> list[str]:
+    """The dotted keys of every leaf value under `config`, e.g. "model.rope_scaling.factor"."""
+    keys = []
+    for key, value in config.items():
+        name = f"{prefix}.{key}"
+        keys.extend(flat_keys(value, name) if isinstance(value, ml_collections.ConfigDict) else [name])
+    return keys
 
 
 def _tuplify(value):

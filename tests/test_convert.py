@@ -301,6 +301,9 @@ def test_export_refuses_what_hugging_face_cannot_express(tmp_path):
                    scale_embeddings=True))
     with pytest.raises(ValueError, match=r"model.scale_embeddings=True \(needs False\)"):
         convert.export(random_params(t5), t5, str(tmp_path / "hf"))
+    t5.update(dict(scale_embeddings=False, positions="sinusoidal"))  # absolute positions: HF T5 has none
+    with pytest.raises(ValueError, match=r"model.positions='sinusoidal' \(needs 'learned'\)"):
+        convert.export(random_params(t5), t5, str(tmp_path / "hf"))
 
 
 def test_hugging_face_tokenizer_kind(hf_dirs, tmp_path):

@@ -270,7 +270,7 @@ def test_non_finite_parameters_are_never_saved_under_either_policy(data_dir, tmp
 
 
 @needs_shakespeare
-def test_resuming_with_another_batch_size_is_an_error_and_the_configs_are_kept(data_dir, tmp_path):
+def test_resuming_with_another_batch_size_or_model_is_an_error_and_the_configs_are_kept(data_dir, tmp_path):
     train(tiny_config(data_dir, steps=5), tmp_path)
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match=r"resumes at step 5, but train.batch_size=16 \(saved 8\)"):
@@ -279,8 +279,15 @@ def test_resuming_with_another_batch_size_is_an_error_and_the_configs_are_kept(d
         config = tiny_config(data_dir, steps=10)
         config.data.seq_len = 16
         train(config, tmp_path)
+    for key, value, saved in (("scale_embeddings", True, False), ("positions", "sinusoidal", "learned")):
+        config = tiny_config(data_dir, steps=10)  # same shapes, another function of the parameters
+        config.model[key] = value
+        with pytest.raises(ValueError, match=rf"resumes at step 5, but model.{key}={value!r} \(saved {saved!r}\)"):
+            train(config, tmp_path)
     assert snapshot(tmp_path) == before
-    train(tiny_config(data_dir, steps=10), tmp_path)  # more steps: a change a resume may make
+    config = tiny_config(data_dir, steps=10)  # more steps and dropout: changes a resume may make
+    config.model.dropout = 0.1
+    train(config, tmp_path)
     with open(tmp_path / "config_history.jsonl") as f:
         history = [json.loads(line) for line in f]
     assert [(h["step"], h["config"]["train"]["steps"]) for h in history] == [(0, 5), (5, 10)]

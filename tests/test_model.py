@@ -8,6 +8,7 @@ import flax.linen as nn
 
 from jaxlm import config as config_lib, models
 from jaxlm.infer import sampling
+from jaxlm.models import layers
 from jaxlm.parallel.partitioner import Partitioner
 from jaxlm.tasks import base as base_task
 
@@ -75,7 +76,7 @@ def test_remat_gives_the_same_gradients(remat):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(), dict(positions="rotary", scan_layers=False),
+    dict(), dict(positions="rotary", scan_layers=False), dict(positions="sinusoidal"),
     dict(positions="rotary", num_heads=4, num_kv_heads=1, sliding_window=6, qkv_bias=True)])
 def test_cached_decoding_equals_full_recompute(overrides):
     model = models.get(model_config(**overrides))
@@ -331,3 +332,17 @@ def test_scaled_embeddings_equal_a_table_scaled_by_sqrt_width(family):
     scaled_params = {**params, "embed": {"embedding": params["embed"]["embedding"] / 32 ** 0.5}}
     np.testing.assert_allclose(models.get(c).apply({"params": scaled_params}, *args),
                                plain.apply({"params": params}, *args), rtol=1e-4, atol=1e-4)
+
+
+def test_sinusoidal_positions_are_vaswanis_code_and_carry_the_absolute_position():
+    """PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...); a GPT with them tells the same
+    tokens apart by where they stand, as learned positions do and as a model without any would not."""
+    d, p = 16, np.arange(40)[:, None]
+    expected = np.zeros((40, d))
+    expected[:, 0::2], expected[:, 1::2] = np.sin(p / 10000 ** (np.arange(0, d, 2) / d)), np.cos(p / 10000 ** (np.arange(0, d, 2) / d))
+    np.testing.assert_allclose(layers.sinusoidal_positions(jnp.arange(40), d, jnp.float32), expected, atol=1e-5)
+    model = models.get(model_config(positions="sinusoidal"))
+    params = init(model)
+    assert "pos_embedding" not in params
+    logits = model.apply({"params": params}, jnp.full((1, 16), 7, jnp.int32))
+    assert np.abs(logits[0, 1:] - logits[0, 0]).max(-1).min() > 1e-3  # every later position differs from the first

@@ -21,13 +21,14 @@ EOS = 1
 
 
 @functools.lru_cache
-def _setup(scan_layers: bool):
+def _setup(scan_layers: bool, positions: str = "learned"):
     """A small random T5 (large init, so that its predictions vary), its params, and a jitted
-    full forward pass (encoder tokens, decoder inputs) -> logits."""
+    full forward pass (encoder tokens, decoder inputs) -> logits. `positions="sinusoidal"` adds
+    absolute positions to the relative biases (the cache must feed each step its own)."""
     c = config_lib.default_config().model
     c.update(dict(name="t5", vocab_size=60, num_layers=2, num_heads=2, emb_dim=32, max_len=MAX_LEN,
                   norm="rmsnorm", mlp="geglu", tie_embeddings=False, init_std=0.5,
-                  scan_layers=scan_layers))
+                  scan_layers=scan_layers, positions=positions))
     model = models.get(c)
     decoder_tokens = np.zeros((3, MAX_LEN), np.int32)
     params = jax.jit(model.init)(jax.random.key(0), _source(), decoder_tokens)["params"]
@@ -105,9 +106,9 @@ def _assert_pad_after_eos(tokens, eos_id):
             assert not row[list(row).index(eos_id) + 1:].any(), row
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_greedy_equals_recompute(scan_layers):
-    model, params, forward = _setup(scan_layers)
+@pytest.mark.parametrize("scan_layers, positions", [(True, "learned"), (False, "learned"), (False, "sinusoidal")])
+def test_cached_greedy_equals_recompute(scan_layers, positions):
+    model, params, forward = _setup(scan_layers, positions)
     enc = _source()
     # an EOS that row 0 emits by step 5, so that the test covers finished rows
     eos_id = int(_greedy_reference(forward, enc, max_len=6, eos_id=-1)[0, 5])

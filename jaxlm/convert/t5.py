@@ -68,7 +68,8 @@ FAMILY = Family(
           "relative_attention_num_buckets": "relative_buckets",
           "relative_attention_max_distance": "relative_max_distance",
           "scale_decoder_outputs": "tie_embeddings"},
-    fixed={"name": "t5", "norm": "rmsnorm", "use_bias": False, "scale_queries": False, "scale_embeddings": False},
+    fixed={"name": "t5", "norm": "rmsnorm", "use_bias": False, "scale_queries": False, "scale_embeddings": False,
+           "positions": "learned"},  # T5 has relative biases only: its "learned" is the default, no table
     activation=("feed_forward_proj", FEED_FORWARD),
     stacks={"encoder": "num_layers", "decoder": "num_decoder_layers"},
     rules=rules,

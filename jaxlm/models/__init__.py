@@ -7,6 +7,7 @@ Each family module offers `from_config(config.model, pipeline)`; the task fills 
 import importlib
 
 FAMILIES = ("gpt", "bert", "t5", "vit", "cnn")
+POSITIONS = ("learned", "rotary", "sinusoidal")
 
 
 def get(m, pipeline=None, **family_kwargs):
@@ -16,6 +17,6 @@ def get(m, pipeline=None, **family_kwargs):
     outside (`jaxlm.peft.attach`, `jaxlm.compress.quantize.attach`)."""
     if m.name not in FAMILIES:
         raise ValueError(f"model.name={m.name!r}: expected one of {list(FAMILIES)}")
-    if m.positions not in ("learned", "rotary"):
-        raise ValueError(f"model.positions={m.positions!r}: expected 'learned' or 'rotary'")
+    if m.positions not in POSITIONS:
+        raise ValueError(f"model.positions={m.positions!r}: expected one of {list(POSITIONS)}")
     return importlib.import_module(f"jaxlm.models.{m.name}").from_config(m, pipeline, **family_kwargs)

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models.layers import (BlockConfig, Dropout, Embed, block_config, constrain, dense, learned_positions, norm,
-                                 padding_bias)
+                                 padding_bias, sinusoidal_positions)
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
@@ -37,6 +37,8 @@ class GPT(nn.Module):
         x = embed(tokens)
         if cfg.positions == "learned":
             x = x + jnp.take(learned_positions(self, self.max_len, cfg), positions, axis=0).astype(cfg.dtype)
+        elif cfg.positions == "sinusoidal":
+            x = x + sinusoidal_positions(positions, cfg.emb_dim, x.dtype)
         batch, length = tokens.shape
         x = Dropout(cfg.dropout)(constrain(x.reshape(batch * length, cfg.emb_dim)),
                                     deterministic=deterministic)

@@ -154,6 +154,14 @@ def learned_positions(module: nn.Module, length: int, cfg: BlockConfig, name="po
                         (length, cfg.emb_dim), cfg.param_dtype)
 
 
+def sinusoidal_positions(positions: Array, width: int, dtype) -> Array:
+    """The fixed position code of Vaswani et al. [..., width] for int `positions` [...]: sines of
+    frequencies 10000^(-2i/width) in the even entries, cosines in the odd ones."""
+    rates = jnp.exp(-np.log(10000.0) * jnp.arange(0, width, 2) / width)
+    angles = positions[..., None].astype(jnp.float32) * rates
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], -1).reshape(*positions.shape, width).astype(dtype)
+
+
 def constrain(x: Array, axes: tuple[str, ...] = ACTIVATION_AXES) -> Array:
     return nn.with_logical_constraint(x, axes)
 

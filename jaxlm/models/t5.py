@@ -1,5 +1,9 @@
 """T5: a pre-norm (RMSNorm) encoder-decoder with relative position biases and cross-attention.
 
+With `positions="sinusoidal"` both stacks' inputs also carry the fixed absolute position code of
+Vaswani et al. (as `torch.nn.Transformer` models do): relative biases alone tell the decoder
+nothing of where it is in the source, which cross-attention has no bias for.
+
 `encode` and `decode` are separate methods so that generation encodes once and then decodes
 token by token with a KV cache (`decode=True`).
 """
@@ -7,7 +11,8 @@ token by token with a KV cache (`decode=True`).
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlm.models.layers import BlockConfig, Dropout, Embed, RelativePositionBias, block_config, dense, norm, padding_bias
+from jaxlm.models.layers import (BlockConfig, Dropout, Embed, RelativePositionBias, block_config, dense, norm, padding_bias,
+                                 sinusoidal_positions)
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
@@ -39,14 +44,20 @@ class T5(nn.Module):
         if not self.tie_embeddings:
             self.lm_head = dense(self.vocab_size, ("embed", "vocab"), cfg)
 
+    def _embed(self, tokens, positions):
+        x = self.embed(tokens)
+        if self.cfg.positions == "sinusoidal":
+            x = x + sinusoidal_positions(positions, self.cfg.emb_dim, x.dtype)
+        return x
+
     def encode(self, tokens, mask=None, deterministic: bool = True):
         """Flat encoder output [batch * length, embed] for int tokens [batch, length]."""
         batch, length = tokens.shape
         mask = tokens > 0 if mask is None else mask
         positions = jnp.arange(length)
         bias = self.encoder_bias(positions, positions) + padding_bias(mask)
-        x = self.dropout(self.embed(tokens).reshape(batch * length, -1), deterministic=deterministic)
         ctx = Context(jnp.broadcast_to(positions, tokens.shape), bias=bias)
+        x = self.dropout(self._embed(tokens, ctx.positions).reshape(batch * length, -1), deterministic=deterministic)
         x = self.encoder(x, ctx, deterministic)
         return self.dropout(self.encoder_norm(x).astype(self.cfg.dtype), deterministic=deterministic)
 
@@ -61,7 +72,7 @@ class T5(nn.Module):
         keys = jnp.arange(self.max_len if decode else length)
         ctx = Context(positions, bias=self.decoder_bias(positions[0], keys), memory=encoded,
                       memory_bias=padding_bias(encoder_mask))
-        x = self.dropout(self.embed(tokens).reshape(batch * length, -1), deterministic=deterministic)
+        x = self.dropout(self._embed(tokens, positions).reshape(batch * length, -1), deterministic=deterministic)
         x = self.decoder(x, ctx, deterministic, decode)
         x = self.dropout(self.decoder_norm(x).astype(cfg.dtype), deterministic=deterministic)
         if self.tie_embeddings:  # Mesh TensorFlow T5 rescales before the tied output layer

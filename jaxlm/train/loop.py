@@ -299,21 +299,30 @@ DATA_POSITION_KEYS = ("task.name", "seed", "train.batch_size", "data.name", "dat
                       "data.bucket_batches", "task.pack")
 
 
+# Model keys a resumed run may change: how the same function is computed or initialised, or
+# how it trains (dropout). Any other model key changes what the saved parameters compute.
+RESUMABLE_MODEL_KEYS = ("model.dtype", "model.remat", "model.attention", "model.dropout", "model.init_std",
+                        "model.embed_init_std")
+
+
 def check_resumable(config, workdir: str, ckpt) -> None:
     """Raises naming the keys whose change would make a resumed run read its data from the wrong
-    place (the saved position counts batches of the saved batch size)."""
+    place (the saved position counts batches of the saved batch size), or make its saved
+    parameters compute another function (e.g. `model.scale_embeddings`)."""
     step = ckpt.latest_step()
     if step is None or not os.path.isfile(os.path.join(workdir, "config.json")):
         return
     saved = config_lib.load(workdir)
     get = config_lib.get
-    changed = [f"{key}={get(config, key)!r} (saved {get(saved, key)!r})" for key in DATA_POSITION_KEYS
-               if get(config, key) != get(saved, key)]
+    model_keys = [key for key in config_lib.flat_keys(config.model, "model") if key not in RESUMABLE_MODEL_KEYS]
+    changed = [f"{key}={get(config, key)!r} (saved {get(saved, key)!r})"
+               for key in (*DATA_POSITION_KEYS, *model_keys) if get(config, key) != get(saved, key)]
     if changed:
         raise ValueError(
-            f"{workdir} resumes at step {step}, but {', '.join(changed)}: its saved data position "
-            "counts batches of the saved run's examples. Resume with the saved values, or start a "
-            f"new workdir from this one with --config.init_from={workdir}.")
+            f"{workdir} resumes at step {step}, but {', '.join(changed)}: its saved data position counts "
+            "batches of the saved run's examples, and its saved parameters were trained for the saved "
+            "model. Resume with the saved values, or start a new workdir from this one with "
+            f"--config.init_from={workdir}.")
 
 
 def restore_or_init(run, ckpt, train_iter, workdir: str):
@@ -552,7 +561,7 @@ class Profiler:
     call on (the first one compiles): open it in TensorBoard's profile plugin, or load the
     `perfetto_trace.json.gz` at ui.perfetto.dev; `tools/profile_report.py` sums it by kind of op
     and by part of the model, which it reads from the optimized HLO of the traced programs,
-    written beside the trace (`<module>.<n>.hlo.txt`: each op's `op_name` names its layer)."""
+    written beside the trace (`program.<n>.hlo.txt`: each op's `op_name` names its layer)."""
 
     def __init__(self, workdir: str, steps: int):
         self.dir, self.left, self.active = os.path.join(workdir, "profile"), steps, False
@@ -583,10 +592,8 @@ class Profiler:
             if jax.process_index() == 0 and traces:
                 folder = max(traces, key=os.path.getmtime)
                 for n, program in enumerate(self.programs.values()):
-                    text = program.as_text()
-                    module = text.split(None, 2)[1].rstrip(",")  # "HloModule jit_steps, ..."
-                    with open(os.path.join(folder, f"{module}.{n}.hlo.txt"), "w") as f:
-                        f.write(text)
+                    with open(os.path.join(folder, f"program.{n}.hlo.txt"), "w") as f:
+                        f.write(program.as_text())
             log.info("profile of the traced steps written under %s", self.dir)
 
 
