@@ -5,7 +5,8 @@
 Windows whose corrupted inputs are 128 tokens (15% noise in spans of mean length 3, sentinels
 from the top of the vocabulary, targets ~30 tokens); a 4000-piece sentencepiece vocabulary is
 trained on the train split at start (pad 0, eos 1); 3+3 pre-RMSNorm layers of width 256 with
-relative position buckets and a gated-GELU MLP; token embeddings scaled by sqrt(width).
+relative position buckets plus sinusoidal absolute positions and a gated-GELU MLP; token
+embeddings scaled by sqrt(width).
 """
 
 from jaxlm.config import default_config
@@ -18,7 +19,10 @@ def t5_model(config):
                              dropout=0.1, tie_embeddings=False, init_std=0.05, scan_layers=False,
                              # embeddings of std 0.02 times sqrt(256): with Adam they learn 16x faster
                              # relative to their size; Multi30k BLEU after 800 steps 17.3 -> 21.4
-                             embed_init_std=0.02, scale_embeddings=True))
+                             embed_init_std=0.02, scale_embeddings=True,
+                             # absolute positions too (as torch.nn.Transformer's): Multi30k BLEU after
+                             # 800 steps 21.2 -> 26.7, outputs 9.4 -> 10.2 words (references 11.4)
+                             positions="sinusoidal"))
 
 
 def get_config():

@@ -245,6 +245,7 @@ def default_config() -> ml_collections.ConfigDict:
         eps=1e-8,
         weight_decay=0.1,  # applied to kernels and embeddings, never to norms and biases
         clip_norm=1.0,  # 0: no clipping
+        layer_decay=1.0,  # < 1: layer-wise lr decay, layer i of L at lr * layer_decay^(L - i) (optim.layer_depths)
     ))
 
     c.checkpoint = ml_collections.ConfigDict(dict(
@@ -387,6 +388,7 @@ RANGES = (
     ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.clip_norm", lambda v: v >= 0, "0 (no clipping) or more"),
+    ("optim.layer_decay", lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
     ("data.seq_len", lambda v: v >= 1, "at least 1"),
     ("data.target_len", lambda v: v >= 0, "0 (derived) or more"),
     ("data.bucket_batches", lambda v: v >= 0, "0 (off) or more"),

@@ -17,7 +17,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm.data import builders
-from jaxlm.train import checkpoint, compile_cache, loop
+from jaxlm.train import checkpoint, compile_cache, loop, optim
 from jaxlm.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -329,3 +329,36 @@ def test_a_persistent_compilation_cache_hit_trains_the_same_losses(data_dir, tmp
     assert written >= 3 and len(hits) >= written, (written, hits)
     assert read_metrics(tmp_path / "second") == read_metrics(tmp_path / "first")
     assert read_metrics(tmp_path / "first", "eval/loss") == read_metrics(tmp_path / "second", "eval/loss")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_layer_decay_scales_each_parameters_update_by_its_depth(scan_layers):
+    """optim.layer_decay=0.5 on a 2-layer GPT: the same AdamW update times 0.5^3 for the token and
+    position tables, 0.5^2 in layer 0, 0.5 in layer 1 and 1 for the final norm, whether the
+    layers are unrolled (`layers_0`, `layers_1`) or scanned (one `layers` array per parameter)."""
+    from jaxlm import models  # pylint: disable=import-outside-toplevel
+
+    c = config_lib.default_config()
+    c.model.update(dict(vocab_size=50, max_len=16, num_layers=2, num_heads=2, emb_dim=16, scan_layers=scan_layers))
+    model = models.get(c.model)
+    params = jax.tree.map(lambda p: p.value, model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"],
+                          is_leaf=lambda p: hasattr(p, "value"))
+    grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)), params)
+
+    def update(decay):
+        c.optim.update(dict(layer_decay=decay, schedule="constant", warmup_steps=0, weight_decay=0.1))
+        tx, _ = optim.make(c.optim, 10)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    plain, decayed = update(1.0), update(0.5)
+    assert all(np.count_nonzero(leaf) == leaf.size for leaf in jax.tree.leaves(plain))
+    ratio = jax.tree.map(lambda d, p: np.asarray(d / jnp.where(p == 0, 1, p)), decayed, plain)
+    expected = {"embed": 0.125, "pos_embedding": 0.125, "final_norm": 1.0}
+    for name, value in expected.items():
+        for leaf in jax.tree.leaves(ratio[name]):
+            np.testing.assert_allclose(leaf[np.asarray(leaf) != 0], value, rtol=1e-5, err_msg=name)
+    layers = ratio["decoder"]
+    for i, value in enumerate((0.25, 0.5)):
+        for leaf in jax.tree.leaves(layers["layers"] if scan_layers else layers[f"layers_{i}"]):
+            leaf = leaf[i] if scan_layers else leaf
+            np.testing.assert_allclose(leaf[leaf != 0], value, rtol=1e-5, err_msg=f"layer {i}")
