@@ -2,6 +2,7 @@
 fine-tuning, a frozen teacher that stays out of checkpoints, layer copies and the matching terms."""
 
 import json
+import logging
 import os
 import sys
 
@@ -127,7 +128,7 @@ def metrics_lines(workdir):
 
 
 @pytest.mark.slow
-def test_teacher_is_frozen_out_of_checkpoints_and_resumes(student, teacher, tmp_path):
+def test_teacher_is_frozen_out_of_checkpoints_and_resumes(student, teacher, tmp_path, caplog):
     config = student()
     teacher_params = loop.restore_latest(teacher)[1]
     straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
@@ -141,7 +142,9 @@ def test_teacher_is_frozen_out_of_checkpoints_and_resumes(student, teacher, tmp_
     metadata = open(os.path.join(workdir, "checkpoints", "2", "state", "_METADATA")).read()
     assert "classifier" in metadata and "teacher" not in metadata
     config.train.steps = 3
-    resumed = loop.train_and_evaluate(config, workdir)
+    with caplog.at_level(logging.INFO, logger=loop.log.name):
+        resumed = loop.train_and_evaluate(config, workdir)
+    assert f"step 2 (frozen parameters from {config.distill.teacher})" in caplog.text  # names the teacher
     assert_same(resumed.params, straight.params)
     assert_same(resumed.frozen, straight.frozen)
 

@@ -327,7 +327,8 @@ def check_resumable(config, workdir: str, ckpt) -> None:
 
 def restore_or_init(run, ckpt, train_iter, workdir: str):
     """This run's latest checkpoint, else `init_from`'s parameters, else a fresh init. Frozen
-    parameters (PEFT) always come from `init_from`: checkpoints do not hold them."""
+    parameters (a PEFT base, a distillation teacher) always come from `init_from` and the task's
+    `parameter_sources`: checkpoints do not hold them."""
     config = run.config
     if config.init_from and os.path.abspath(config.init_from) == os.path.abspath(workdir):
         raise ValueError("init_from names this run's own workdir")
@@ -337,7 +338,8 @@ def restore_or_init(run, ckpt, train_iter, workdir: str):
     state, report = base_params(run)
     if resume:
         restored = ckpt.restore(run.abstract_state, train_iter).replace(frozen=state.frozen)
-        return _resumed(ckpt, restored, f" (frozen parameters from {config.init_from})")
+        origins = [config.init_from] * bool(config.init_from) + [s.path for s in run.task.parameter_sources()]
+        return _resumed(ckpt, restored, f" (frozen parameters from {', '.join(origins)})")
     write_params_report(workdir, state, report)
     return prune.start(run, state)  # masks of step 0 (a resumed run has them in its checkpoint)
 
