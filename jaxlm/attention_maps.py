@@ -6,16 +6,15 @@ and position biases included. `tools/attention_map.py` draws them.
 """
 
 import dataclasses
-import re
 
 import flax
 import jax
 import numpy as np
 
 from jaxlm.compress import distill
+from jaxlm.models.transformer import LAYER
 from jaxlm.tasks import causal_lm, classification, seq2seq
 
-LAYER = re.compile(r"^layers_(\d+)$")
 
 
 @dataclasses.dataclass

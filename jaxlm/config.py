@@ -354,13 +354,15 @@ def get(config: ml_collections.ConfigDict, key: str):
     return config
 
 
-def flat_keys(config: ml_collections.ConfigDict, prefix: str) -> list[str]:
-    """The dotted keys of every leaf value under `config`, e.g. "model.rope_scaling.factor"."""
-    keys = []
-    for key, value in config.items():
-        name = f"{prefix}.{key}"
-        keys.extend(flat_keys(value, name) if isinstance(value, ml_collections.ConfigDict) else [name])
-    return keys
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a.b.c': value} of a nested dict (e.g. a config's `to_dict()`)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _tuplify(value):

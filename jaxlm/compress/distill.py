@@ -7,7 +7,6 @@ student's hidden states (through a learned projection to the teacher's width) an
 and the KL between their attention maps (head by head).
 """
 
-import re
 
 import flax
 import flax.linen as nn
@@ -17,9 +16,8 @@ import numpy as np
 
 from jaxlm.models import attach as attach_lib
 from jaxlm.models.layers import Attention, repeat_kv_heads
-from jaxlm.models.transformer import Block
+from jaxlm.models.transformer import LAYER, Block
 
-LAYER = re.compile(r"^layers_(\d+)$")
 ATTENTION_SCORES = "attention_scores"  # collection of pre-softmax scores, sown only when mutable
 
 

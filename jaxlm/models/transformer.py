@@ -2,6 +2,7 @@
 by all families."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import flax.struct
@@ -9,6 +10,9 @@ import jax
 
 from jaxlm.models import pipeline_parallel
 from jaxlm.models.layers import RESIDUAL_AXES, Array, Attention, BlockConfig, Dropout, Mlp, constrain, layer_config, norm
+
+# The parameter scope of layer i of an unrolled stack (a scanned one is `layers`, stacked on axis 0).
+LAYER = re.compile(r"^layers_(\d+)$")
 
 REMAT_POLICIES = {
     "none": None,

@@ -314,7 +314,7 @@ def check_resumable(config, workdir: str, ckpt) -> None:
         return
     saved = config_lib.load(workdir)
     get = config_lib.get
-    model_keys = [key for key in config_lib.flat_keys(config.model, "model") if key not in RESUMABLE_MODEL_KEYS]
+    model_keys = [key for key in config_lib.flatten(config.model.to_dict(), "model.") if key not in RESUMABLE_MODEL_KEYS]
     changed = [f"{key}={get(config, key)!r} (saved {get(saved, key)!r})"
                for key in (*DATA_POSITION_KEYS, *model_keys) if get(config, key) != get(saved, key)]
     if changed:

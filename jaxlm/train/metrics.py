@@ -12,6 +12,8 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
+from jaxlm import config as config_lib
+
 
 class MetricWriter:
     """Appends one JSON object per logged step and mirrors it to TensorBoard (process 0 only).
@@ -38,7 +40,7 @@ class MetricWriter:
         from tensorboardX.summary import hparams  # pylint: disable=import-outside-toplevel
 
         flat = {}
-        for key, value in _flatten(config.to_dict()).items():
+        for key, value in config_lib.flatten(config.to_dict()).items():
             flat[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
         writer = self.tensorboard._get_file_writer()  # pylint: disable=protected-access
         for summary in hparams(flat, {key: 0.0 for key in metric_keys}):
@@ -57,17 +59,6 @@ class MetricWriter:
         if self.enabled:
             self.jsonl.close()
             self.tensorboard.close()
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{'a.b.c': value} of a nested dict."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def set_aside_after(path: str, step: int, aside: str) -> None:

@@ -1,11 +1,11 @@
 """Optax optimizer from `config.optim`: AdamW, warmup + decay schedule, clipping, decay mask,
 layer-wise learning-rate decay."""
 
-import re
-
 import jax
 import numpy as np
 import optax
+
+from jaxlm.models.transformer import LAYER
 
 DECAYED = ("kernel", "embedding", "pos_embedding")
 
@@ -42,7 +42,7 @@ def layer_depths(params) -> tuple:
         names = [str(getattr(p, "key", "")) for p in path]
         if "layers" in names:
             return np.arange(1, leaf.shape[0] + 1).reshape((-1,) + (1,) * (leaf.ndim - 1))
-        index = next((int(m.group(1)) for n in names if (m := re.fullmatch(r"layers_(\d+)", n))), None)
+        index = next((int(m.group(1)) for n in names if (m := LAYER.match(n))), None)
         if index is not None:
             return np.array(index + 1)
         return np.array(0 if "embed" in names[0] or names[0] == "cls" else -1)
