@@ -94,6 +94,16 @@ def test_loss_falls_and_everything_lands_in_the_workdir(data_dir, tmp_path):
         assert np.isfinite(first[key]) and first[key] > 0, key
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch installed beside jaxlm")
+def test_the_trainer_leaves_an_installed_torch_unimported():
+    """tensorboardX imports torch whenever it is installed: 2.8 s of every run's start-up for
+    nothing (jaxlm writes floats). The trainer's import keeps it out; TensorBoard files are
+    still written (test_loss_falls_and_everything_lands_in_the_workdir)."""
+    code = "import sys, jaxlm.main, tensorboardX; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
 MESHES = [dict(data=8), dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)]
 
 
