@@ -74,6 +74,29 @@ def test_layer_map_and_scanned_copies():
     np.testing.assert_array_equal(copied["embed"], teacher["embed"])
 
 
+def test_a_scratch_student_starts_from_random_weights_and_alone_reads_no_teacher(tiny_finetune, teacher, tmp_path):
+    """configs/distill_sst2.py:scratch: a student of random weights (nothing copied from the
+    teacher) that learns from the teacher; :scratch_alone: the same student, the same weights,
+    on the labels only, with no teacher loaded."""
+    runs, states = {}, {}
+    for arg in ("scratch", "scratch_alone"):
+        config = tiny_finetune("distill_sst2.py", arg)
+        config.model.num_layers = 1
+        config.distill.teacher = teacher
+        runs[arg] = loop.setup(config, str(tmp_path / arg))
+        states[arg] = loop.base_params(runs[arg])[0]
+        assert config.optim.lr == 5e-4 and config.distill.init_layers == ""
+    assert runs["scratch"].task.teacher is not None and runs["scratch_alone"].task.teacher is None
+    student = {k: v for k, v in states["scratch"].model_params.items() if k != "teacher"}
+    assert_same(student, states["scratch_alone"].model_params)
+    teachers = flat(states["scratch"].model_params["teacher"])
+    shared = [name for name, value in flat(student).items()  # the random matrices (norms start at 1)
+              if name in teachers and teachers[name].shape == value.shape and name.endswith(("kernel", "embedding"))]
+    assert {"embed/embedding", "encoder/layers_0/attn/query/kernel", "pooler/kernel"} <= set(shared), shared
+    for name in shared:
+        assert not np.array_equal(flat(student)[name], teachers[name]), f"{name} was copied from the teacher"
+
+
 def test_loss_matches_numpy(student, tmp_path):
     run = loop.setup(student(), str(tmp_path))
     state, _ = loop.base_params(run)
