@@ -76,7 +76,7 @@ def test_layer_map_and_scanned_copies():
 
 def test_a_scratch_student_starts_from_random_weights_and_alone_reads_no_teacher(tiny_finetune, teacher, tmp_path):
     """configs/distill_sst2.py:scratch: a student of random weights (nothing copied from the
-    teacher) that learns from the teacher; :scratch_alone: the same student, the same weights,
+    teacher) that learns from the teacher's soft targets only; :scratch_alone: the same student, the same weights,
     on the labels only, with no teacher loaded."""
     runs, states = {}, {}
     for arg in ("scratch", "scratch_alone"):
@@ -87,6 +87,7 @@ def test_a_scratch_student_starts_from_random_weights_and_alone_reads_no_teacher
         states[arg] = loop.base_params(runs[arg])[0]
         assert config.optim.lr == 5e-4 and config.distill.init_layers == ""
     assert runs["scratch"].task.teacher is not None and runs["scratch_alone"].task.teacher is None
+    assert (runs["scratch"].config.distill.soft_weight, runs["scratch"].config.distill.hard_weight) == (1.0, 0.0)
     student = {k: v for k, v in states["scratch"].model_params.items() if k != "teacher"}
     assert_same(student, states["scratch_alone"].model_params)
     teachers = flat(states["scratch"].model_params["teacher"])
