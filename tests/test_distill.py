@@ -76,8 +76,8 @@ def test_layer_map_and_scanned_copies():
 
 def test_a_scratch_student_starts_from_random_weights_and_alone_reads_no_teacher(tiny_finetune, teacher, tmp_path):
     """configs/distill_sst2.py:scratch: a student of random weights (nothing copied from the
-    teacher) that learns from the teacher's soft targets only; :scratch_alone: the same student, the same weights,
-    on the labels only, with no teacher loaded."""
+    teacher) that learns from the teacher's soft targets only; :scratch_alone: the same student,
+    the same weights, on the labels only, with no teacher loaded."""
     runs, states = {}, {}
     for arg in ("scratch", "scratch_alone"):
         config = tiny_finetune("distill_sst2.py", arg)

@@ -96,7 +96,7 @@ def test_loss_falls_and_everything_lands_in_the_workdir(data_dir, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch installed beside jaxlm")
 def test_the_trainer_leaves_an_installed_torch_unimported():
-    """tensorboardX imports torch whenever it is installed: 2.8 s of every run's start-up for
+    """tensorboardX imports torch whenever it is installed: ~1.8 s of every run's start-up for
     nothing (jaxlm writes floats). The trainer's import keeps it out; TensorBoard files are
     still written (test_loss_falls_and_everything_lands_in_the_workdir)."""
     code = "import sys, jaxlm.main, tensorboardX; print('torch' in sys.modules)"
