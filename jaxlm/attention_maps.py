@@ -16,7 +16,6 @@ from jaxlm.models.transformer import LAYER
 from jaxlm.tasks import causal_lm, classification, seq2seq
 
 
-
 @dataclasses.dataclass
 class AttentionMaps:
     """`maps[kind]`: float32 [layers, heads, queries, keys] for each kind of attention, named

@@ -7,7 +7,6 @@ student's hidden states (through a learned projection to the teacher's width) an
 and the KL between their attention maps (head by head).
 """
 
-
 import flax
 import flax.linen as nn
 import jax
