@@ -115,7 +115,8 @@ def default_config() -> ml_collections.ConfigDict:
         relative_buckets=32,  # t5: relative position bias buckets
         relative_max_distance=128,  # t5
         patch_size=4,  # vit
-        pool="cls",  # vit: cls | mean | map (no class token; SigLIP's multihead attention pooling)
+        pool="cls",  # vit: cls | mean | map (no class token; SigLIP's multihead attention pooling);
+                     # bert: cls (the pooler on [CLS]) | mean (over the real tokens: sentence-transformers')
         pre_norm=False,  # vit: a LayerNorm on the embeddings before the encoder (CLIP's pre_layrnorm)
         pixel_mean=(),  # vit: the model sees (pixels - mean) / std per channel, pixels in [0, 1] (a
         pixel_std=(),   # checkpoint's preprocessor_config.json image_mean, image_std); (): as they are

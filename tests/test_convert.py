@@ -162,6 +162,35 @@ def test_minilm_matches_transformers_bert_model(minilm):
     assert max(d.max() for d in diffs.values()) <= TOLERANCE, diffs
 
 
+def test_minilm_mean_pooled_is_its_sentence_embedding_and_leaves_the_pooler_out(minilm):
+    """model.pool=mean: 'pooled' is the mean of the last hidden states over the real tokens (the
+    embedding sentence-transformers trained this checkpoint for), the same however long the
+    padding; the file's pooler, which nothing reads then, is not imported."""
+    batch = compare.make_batch(minilm, n=8, tokenizer=convert.tokenizer(minilm))
+    mask = batch["attention_mask"]
+    assert (mask == 0).any()
+    inputs = dict(input_ids=batch["input_ids"], input_mask=mask, segment_ids=batch["token_type_ids"])
+    padded = {k: np.pad(v, ((0, 0), (0, 5))) for k, v in inputs.items()}
+    outputs = {}
+    for pool in ("cls", "mean"):
+        m = model_config(minilm)
+        m.pool = pool
+        params = convert.import_params(minilm, m)
+        model = models.get(m, heads=())
+        assert ("pooler" in params) == (pool == "cls")
+        outputs[pool] = model.apply({"params": params}, **inputs)
+        if pool == "mean":
+            longer = model.apply({"params": params}, **padded)
+    hidden = np.asarray(outputs["cls"]["hidden"], np.float64)
+    weights = mask[..., None] / mask.sum(1)[:, None, None]
+    np.testing.assert_allclose(outputs["mean"]["pooled"], (hidden * weights).sum(1), atol=1e-5)
+    np.testing.assert_allclose(longer["pooled"], outputs["mean"]["pooled"], atol=1e-5)
+    assert np.abs(np.asarray(outputs["mean"]["pooled"]) - np.asarray(outputs["cls"]["pooled"])).max() > 0.1
+    m.pool = "max"
+    with pytest.raises(ValueError, match="model.pool='max'"):
+        models.get(m, heads=()).init(jax.random.key(0), inputs["input_ids"])
+
+
 @pytest.mark.parametrize("name, scan_layers, outputs", [
     ("bert", True, ["hidden", "mlm_logits", "nsp_logits", "pooled"]),
     ("gpt2", False, ["logits"]),

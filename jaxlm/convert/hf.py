@@ -346,6 +346,8 @@ def _import(family: Family, hf: dict, tensors: dict, scan: bool, shardings: dict
                          f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}")
     producers = {}  # unscanned jaxlm path -> () -> its float32 array
     for name, rule in rules.items():
+        if all(path not in shapes and _optional(path, family) for path in rule.jaxlm):
+            continue  # an optional module this config does not build (BERT's pooler with pool=mean)
         if name in tensors:
             _check_shape(rule, tensors[name], shapes, hf_dir)
             for k, path in enumerate(rule.jaxlm):

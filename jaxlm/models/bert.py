@@ -12,11 +12,15 @@ import jax.numpy as jnp
 
 from jaxlm.models import heads as heads_lib
 from jaxlm.models.layers import (ACTIVATIONS, BlockConfig, Dropout, Embed, block_config, constrain, dense, learned_positions,
-                                 norm, padding_bias)
+                                 mean_pool, norm, padding_bias)
 from jaxlm.models.transformer import Context, Stack, StackConfig, stack_config
 
 
 CASE_EMBEDDING = "case_embedding"
+# What 'pooled' is: the pooler (dense + tanh) on [CLS], BERT's; or the mean of the last hidden
+# states over the real tokens, the sentence embedding of a sentence-transformers checkpoint,
+# whose [CLS] and pooler that training never used.
+POOLS = ("cls", "mean")
 
 
 class BERT(nn.Module):
@@ -28,6 +32,7 @@ class BERT(nn.Module):
     pretraining_heads: bool = False
     heads: tuple = ()  # (name, source, outputs) task heads
     case_vocab_size: int = 0  # > 0: `case_ids` embeddings (labeled.word_shape classes)
+    pool: str = "cls"  # see POOLS
     stack: StackConfig = StackConfig()
 
     @nn.compact
@@ -54,7 +59,12 @@ class BERT(nn.Module):
         x = Stack(self.num_layers, self.stack, block_kwargs=dict(cfg=cfg, causal=False),
                   name="encoder")(x, Context(positions, bias=padding_bias(input_mask)), deterministic)
         hidden = x.reshape(batch, length, cfg.emb_dim)
-        pooled = jnp.tanh(dense(cfg.emb_dim, ("embed", "mlp"), cfg, "pooler", use_bias=True)(hidden[:, 0]))
+        if self.pool == "cls":
+            pooled = jnp.tanh(dense(cfg.emb_dim, ("embed", "mlp"), cfg, "pooler", use_bias=True)(hidden[:, 0]))
+        elif self.pool == "mean":
+            pooled = mean_pool(hidden, input_mask).astype(cfg.dtype)
+        else:
+            raise ValueError(f"model.pool={self.pool!r}: expected one of {list(POOLS)} for bert")
         out = heads_lib.apply({"hidden": hidden, "pooled": pooled}, self.heads, cfg, deterministic)
         if self.pretraining_heads:
             out["nsp_logits"] = dense(2, ("embed", None), cfg, "nsp", use_bias=True)(pooled).astype(jnp.float32)
@@ -80,4 +90,4 @@ def from_config(m, pipeline=None, heads=None, case_vocab_size: int = 0) -> BERT:
     return BERT(vocab_size=m.vocab_size, max_len=m.max_len, num_layers=m.num_layers,
                 cfg=block_config(m, post_norm=True), type_vocab_size=m.type_vocab_size,
                 pretraining_heads=heads is None, heads=tuple(heads or ()), case_vocab_size=case_vocab_size,
-                stack=stack_config(m, pipeline))
+                pool=m.pool, stack=stack_config(m, pipeline))

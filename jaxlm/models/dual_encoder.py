@@ -21,18 +21,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlm.models import bert, gpt, vit
-from jaxlm.models.layers import BlockConfig, block_config, dense
+from jaxlm.models.layers import BlockConfig, block_config, dense, mean_pool
 
 
 def unit(x):
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def mean_pool(hidden, input_mask):
-    """Mean of `hidden` [n, l, e] over the positions where `input_mask` [n, l] is set."""
-    mask = input_mask[..., None].astype(jnp.float32)
-    return (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
 
 
 TEXT_POOLS = ("mean", "eos", "max_id", "last")

@@ -1,7 +1,7 @@
 """Task heads on an encoder's output: a dropout and a linear layer per head.
 
-A head is (name, source, outputs): `source` 'pooled' reads the encoder's pooled [CLS] vector
-(sequence classification), 'hidden' every token (token classification). Heads are new
+A head is (name, source, outputs): `source` 'pooled' reads the encoder's pooled vector
+(sequence classification; `model.pool`), 'hidden' every token (token classification). Heads are new
 parameters named after the task, which is how fine-tuning knows they start fresh and train.
 Heads are `Head` layers, which quantization leaves float: they train with QLoRA and are tiny.
 """

@@ -479,6 +479,12 @@ def padding_bias(mask: Array) -> Array:
     return jnp.where(mask.astype(bool), 0.0, MASKED)[:, None, None, :].astype(jnp.float32)
 
 
+def mean_pool(hidden: Array, input_mask: Array) -> Array:
+    """Mean of `hidden` [n, l, e] over the positions where `input_mask` [n, l] is set (float32)."""
+    mask = input_mask[..., None].astype(jnp.float32)
+    return (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+
+
 def segment_bias(segment_ids: Array) -> Array:
     """[batch, 1, length, length] additive bias that keeps attention inside each packed example:
     a query sees only keys of its own segment (`segment_ids` [batch, length], one id per example

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from jaxlm.data import builders, labeled, mlm, readers
-from jaxlm.models.dual_encoder import mean_pool
+from jaxlm.models.layers import mean_pool
 from jaxlm.tasks import base
 
 ENCODER_KEYS = ("input_ids", "segment_ids", "input_mask")
