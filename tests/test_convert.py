@@ -162,10 +162,10 @@ def test_minilm_matches_transformers_bert_model(minilm):
     assert max(d.max() for d in diffs.values()) <= TOLERANCE, diffs
 
 
-def test_minilm_mean_pooled_is_its_sentence_embedding_and_leaves_the_pooler_out(minilm):
+def test_minilm_mean_pooled_is_its_sentence_embedding_and_leaves_the_pooler_out(minilm, tmp_path):
     """model.pool=mean: 'pooled' is the mean of the last hidden states over the real tokens (the
     embedding sentence-transformers trained this checkpoint for), the same however long the
-    padding; the file's pooler, which nothing reads then, is not imported."""
+    padding; the file's pooler, which nothing reads then, is not imported, nor exported."""
     batch = compare.make_batch(minilm, n=8, tokenizer=convert.tokenizer(minilm))
     mask = batch["attention_mask"]
     assert (mask == 0).any()
@@ -186,6 +186,11 @@ def test_minilm_mean_pooled_is_its_sentence_embedding_and_leaves_the_pooler_out(
     np.testing.assert_allclose(outputs["mean"]["pooled"], (hidden * weights).sum(1), atol=1e-5)
     np.testing.assert_allclose(longer["pooled"], outputs["mean"]["pooled"], atol=1e-5)
     assert np.abs(np.asarray(outputs["mean"]["pooled"]) - np.asarray(outputs["cls"]["pooled"])).max() > 0.1
+    hf_dir = str(tmp_path / "mean_pooled")
+    convert.export(params, m, hf_dir)
+    assert not any(name.startswith("pooler") for name in load_file(os.path.join(hf_dir, "model.safetensors")))
+    with_heads = compare.fill_missing(hf_dir, m, params)  # side_by_side's BERT has the MLM heads
+    assert compare.side_by_side(hf_dir, m, with_heads, batch)["hidden"].max() <= TOLERANCE
     m.pool = "max"
     with pytest.raises(ValueError, match="model.pool='max'"):
         models.get(m, heads=()).init(jax.random.key(0), inputs["input_ids"])

@@ -559,7 +559,8 @@ def export(params, model_config, hf_dir: str, tokenizer: tokenizers.Tokenizer | 
     model.safetensors and config.json for BertForPreTraining (BertModel when the parameters
     have no pretraining heads), GPT2LMHeadModel, T5ForConditionalGeneration or
     ViTForImageClassification (ViTModel without a classifier); with `tokenizer`, its files
-    (vocab.txt for wordpiece, spiece.model for sentencepiece, tokenizer.json).
+    (vocab.txt for wordpiece, spiece.model for sentencepiece, tokenizer.json). A BERT of
+    `model.pool=mean` has no pooler to write: transformers initializes its own.
 
     Raises:
       FileExistsError: `hf_dir` is not empty (nothing is overwritten).
@@ -579,6 +580,8 @@ def export(params, model_config, hf_dir: str, tokenizer: tokenizers.Tokenizer | 
     for name, rule in _expand(family.rules(hf), hf, family).items():
         if not with_heads and rule.jaxlm[0].split("/")[0] in family.heads:
             continue
+        if all(path not in flat and _optional(path, family) for path in rule.jaxlm):
+            continue  # an optional module the model does not build (BERT's pooler with pool=mean)
         absent = [path for path in rule.jaxlm if path not in flat]
         if absent:
             raise ValueError(f"cannot export: jaxlm parameter {absent[0]!r} (for Hugging Face "
