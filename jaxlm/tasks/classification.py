@@ -103,6 +103,9 @@ class EncoderTask(base.Task, base.Predicts):
         return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()),
                                    (*self.encoder_keys, "tags"))  # the arrays with a token axis (last)
 
+    def tokens_in(self, batches):
+        return batches["input_ids"].shape[-1]
+
     @functools.cached_property
     def _predict(self):
         return jax.jit(lambda params, batch: self.forward(params, batch))

@@ -213,6 +213,9 @@ class Contrastive(base.Task, base.Predicts):
         `data.pad_multiple` (as the classification tasks do; one process only)."""
         return base.cut_to_longest(self.config, batches, int(batches["input_mask"].sum(-1).max()), ENCODER_KEYS)
 
+    def tokens_in(self, batches):
+        return 2 * batches["input_ids"].shape[-1]
+
     # Retrieval.
 
     @functools.cached_property

@@ -146,6 +146,9 @@ class Distillation(base.Task):
     def fit_length(self, batches):
         return self.student.fit_length(batches)
 
+    def tokens_in(self, batches):
+        return self.student.tokens_in(batches)
+
     def sample(self, params):
         return self.student.sample(params)
 

@@ -135,6 +135,9 @@ class MultiTask(base.Task, base.Predicts):
     def fit_length(self, batches):
         return self.first.fit_length(batches)
 
+    def tokens_in(self, batches):
+        return self.first.tokens_in(batches)
+
     def loss(self, params, batch, rng=None, train: bool = False):
         out = self.first.forward(params, batch, rng, train)
         total, sums = 0.0, {}

@@ -165,6 +165,9 @@ class Seq2Seq(EncoderDecoder, base.Predicts):
         longest = max(int((batches[key] > 0).sum(-1).max()) for key in ("encoder_input_tokens", "decoder_loss_weights"))
         return base.cut_to_longest(self.config, batches, longest, LENGTH_KEYS)
 
+    def tokens_in(self, batches):
+        return batches["encoder_input_tokens"].shape[-1] + batches["decoder_input_tokens"].shape[-1]
+
     def eval_batches(self, split: str, max_batches: int, data_path: str = ""):
         return text_pairs.pairs_eval_batches(max_batches=max_batches, **self.data_kwargs(split, data_path))
 

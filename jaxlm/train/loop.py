@@ -222,9 +222,8 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
         return compiled[shapes](state, batches)
 
     writer = metrics_lib.MetricWriter(workdir, start_step)
-    tokens_per_step = t.batch_size * run.task.tokens_per_example
-    flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
-        config.model, state.model_params, run.task.tokens_per_example)
+    num_matmul_params = metrics_lib.matmul_params(state.model_params)
+    work = {"tokens": 0, "flops": 0.0}  # what the steps since the last log computed
     peak = t.peak_flops or metrics_lib.measure_matmul_peak()
     stop = StopSignals()
     bar = metrics_lib.progress_bar(t.steps, start_step)
@@ -237,18 +236,22 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
         elapsed = now - interval.start
         steps_done = len(interval.figures["loss"])
         figures["train/examples_per_sec"] = steps_done * t.batch_size / elapsed
-        if tokens_per_step:
-            figures["train/tokens_per_sec"] = steps_done * tokens_per_step / elapsed
-            figures["train/mfu"] = steps_done * flops_per_step / elapsed / (peak * partitioner.mesh.size)
+        if work["tokens"]:
+            figures["train/tokens_per_sec"] = work["tokens"] / elapsed
+            figures["train/mfu"] = work["flops"] / elapsed / (peak * partitioner.mesh.size)
         writer.write(step, figures)
         bar.set_postfix(loss=f"{figures['train/loss']:.4f}", ex_s=f"{figures['train/examples_per_sec']:.0f}")
         interval.reset(now)
+        work.update(tokens=0, flops=0.0)
 
     step = start_step
     try:
         while step < t.steps:
             k = min(t.steps_per_call, _steps_to_next_event(step, config))
             batches = run.task.fit_length(_stack([next(train_iter) for _ in range(k)]))
+            length = run.task.tokens_in(batches)
+            work["tokens"] += k * t.batch_size * length
+            work["flops"] += k * t.batch_size * length * metrics_lib.flops_per_token(config.model, num_matmul_params, length)
             profiler.before_call(first=step == start_step)
             state, step_metrics = run_steps(state, partitioner.shard_batch(batches, STACKED))
             profiler.after_call(k, state)

@@ -139,14 +139,16 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def flops_per_token(model_config, params, seq_len: int) -> float:
-    """Training FLOPs per token, as nanoGPT/PaLM estimate them: 6N + 12 * layers * width * length.
+def matmul_params(params) -> int:
+    """The N of `flops_per_token`: the parameters but the position table (a lookup, not a matmul)."""
+    return count_params(params) - count_params(params.get("pos_embedding", {}))
 
-    N counts the matmul parameters (the position table is a lookup, not a matmul).
-    """
-    n = count_params(params) - count_params(params.get("pos_embedding", {}))
+
+def flops_per_token(model_config, num_matmul_params: int, seq_len: int) -> float:
+    """Training FLOPs per token of sequences of `seq_len`, as nanoGPT/PaLM estimate them:
+    6N + 12 * layers * width * length, N = `matmul_params`."""
     heads = model_config.num_heads * (model_config.head_dim or model_config.emb_dim // model_config.num_heads)
-    return 6.0 * n + 12.0 * model_config.num_layers * heads * seq_len
+    return 6.0 * num_matmul_params + 12.0 * model_config.num_layers * heads * seq_len
 
 
 def measure_matmul_peak(device=None, n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
