@@ -222,7 +222,7 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
         return compiled[shapes](state, batches)
 
     writer = metrics_lib.MetricWriter(workdir, start_step)
-    num_matmul_params = metrics_lib.matmul_params(state.model_params)
+    num_matmul_params = metrics_lib.matmul_params(config.model, state.model_params)
     work = {"tokens": 0, "flops": 0.0}  # what the steps since the last log computed
     peak = t.peak_flops or metrics_lib.measure_matmul_peak()
     stop = StopSignals()

@@ -59,7 +59,7 @@ def train_step(config, workdir: str, *, steps: int, warmup: int) -> dict:
     peak_flops = t.peak_flops or metrics_lib.measure_matmul_peak(local[0])
     tokens_per_step = t.batch_size * run.task.tokens_per_example
     flops_per_step = tokens_per_step * metrics_lib.flops_per_token(
-        config.model, metrics_lib.matmul_params(state.params), run.task.tokens_per_example)
+        config.model, metrics_lib.matmul_params(config.model, state.params), run.task.tokens_per_example)
     p10, p50, p90 = np.percentile(call_s, [10, 50, 90]) / k
     compiled_memory = compiled.memory_analysis()
     device_stats = [d.memory_stats() or {} for d in local]

@@ -12,6 +12,7 @@ import numpy as np
 import tqdm
 
 from jaxlm import config as config_lib
+from jaxlm.models import bert
 
 
 def _import_tensorboardx():
@@ -139,9 +140,21 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def matmul_params(params) -> int:
-    """The N of `flops_per_token`: the parameters but the position table (a lookup, not a matmul)."""
-    return count_params(params) - count_params(params.get("pos_embedding", {}))
+# Tables a model indexes rather than multiplies: learned positions, segments, word shapes.
+LOOKUP_TABLES = ("pos_embedding", "type_embedding", bert.CASE_EMBEDDING)
+
+
+def matmul_params(model_config, params) -> int:
+    """The N of `flops_per_token`: the parameters that multiply activations. The lookup tables
+    are left out, and so is the token embedding unless the output layer reuses it (a tied GPT or
+    T5): an encoder's only indexes it (a BERT's masked-LM head reuses it on a few positions)."""
+    tied = model_config.name in ("gpt", "t5") and model_config.tie_embeddings
+
+    def lookup(path) -> bool:
+        return any(name in LOOKUP_TABLES for name in path) or (path[-2:] == ("embed", "embedding") and not tied)
+
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return sum(int(np.prod(x.shape)) for path, x in leaves if not lookup(tuple(getattr(k, "key", k) for k in path)))
 
 
 def flops_per_token(model_config, num_matmul_params: int, seq_len: int) -> float:
