@@ -346,8 +346,8 @@ def _import(family: Family, hf: dict, tensors: dict, scan: bool, shardings: dict
                          f"{f' and {len(unknown) - 8} more' if len(unknown) > 8 else ''}")
     producers = {}  # unscanned jaxlm path -> () -> its float32 array
     for name, rule in rules.items():
-        if all(path not in shapes and _optional(path, family) for path in rule.jaxlm):
-            continue  # an optional module this config does not build (BERT's pooler with pool=mean)
+        if _unbuilt(rule, shapes, family):
+            continue
         if name in tensors:
             _check_shape(rule, tensors[name], shapes, hf_dir)
             for k, path in enumerate(rule.jaxlm):
@@ -372,6 +372,12 @@ def _import(family: Family, hf: dict, tensors: dict, scan: bool, shardings: dict
 
 def _optional(path: str, family: Family) -> bool:
     return any(path == entry or path.startswith(f"{entry}/") for entry in family.optional)
+
+
+def _unbuilt(rule: Rule, built, family: Family) -> bool:
+    """Whether `rule` converts an optional module that the jaxlm model (its parameter paths
+    `built`) leaves out, such as BERT's pooler with `model.pool=mean`: nothing to import or export."""
+    return all(path not in built and _optional(path, family) for path in rule.jaxlm)
 
 
 def _check_shape(rule: Rule, x: np.ndarray, shapes: dict, hf_dir: str) -> None:
@@ -580,8 +586,8 @@ def export(params, model_config, hf_dir: str, tokenizer: tokenizers.Tokenizer | 
     for name, rule in _expand(family.rules(hf), hf, family).items():
         if not with_heads and rule.jaxlm[0].split("/")[0] in family.heads:
             continue
-        if all(path not in flat and _optional(path, family) for path in rule.jaxlm):
-            continue  # an optional module the model does not build (BERT's pooler with pool=mean)
+        if _unbuilt(rule, flat, family):
+            continue
         absent = [path for path in rule.jaxlm if path not in flat]
         if absent:
             raise ValueError(f"cannot export: jaxlm parameter {absent[0]!r} (for Hugging Face "

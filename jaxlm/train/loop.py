@@ -223,7 +223,6 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
 
     writer = metrics_lib.MetricWriter(workdir, start_step)
     num_matmul_params = metrics_lib.matmul_params(config.model, state.model_params)
-    work = {"tokens": 0, "flops": 0.0}  # what the steps since the last log computed
     peak = t.peak_flops or metrics_lib.measure_matmul_peak()
     stop = StopSignals()
     bar = metrics_lib.progress_bar(t.steps, start_step)
@@ -236,13 +235,12 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
         elapsed = now - interval.start
         steps_done = len(interval.figures["loss"])
         figures["train/examples_per_sec"] = steps_done * t.batch_size / elapsed
-        if work["tokens"]:
-            figures["train/tokens_per_sec"] = work["tokens"] / elapsed
-            figures["train/mfu"] = work["flops"] / elapsed / (peak * partitioner.mesh.size)
+        if interval.tokens:
+            figures["train/tokens_per_sec"] = interval.tokens / elapsed
+            figures["train/mfu"] = interval.flops / elapsed / (peak * partitioner.mesh.size)
         writer.write(step, figures)
         bar.set_postfix(loss=f"{figures['train/loss']:.4f}", ex_s=f"{figures['train/examples_per_sec']:.0f}")
         interval.reset(now)
-        work.update(tokens=0, flops=0.0)
 
     step = start_step
     try:
@@ -250,13 +248,12 @@ def train_loop(run, state, train_iter, evaluator, ckpt, workdir: str):
             k = min(t.steps_per_call, _steps_to_next_event(step, config))
             batches = run.task.fit_length(_stack([next(train_iter) for _ in range(k)]))
             length = run.task.tokens_in(batches)
-            work["tokens"] += k * t.batch_size * length
-            work["flops"] += k * t.batch_size * length * metrics_lib.flops_per_token(config.model, num_matmul_params, length)
             profiler.before_call(first=step == start_step)
             state, step_metrics = run_steps(state, partitioner.shard_batch(batches, STACKED))
             profiler.after_call(k, state)
             step += k
-            interval.add(step_metrics)
+            tokens = k * t.batch_size * length
+            interval.add(step_metrics, tokens, tokens * metrics_lib.flops_per_token(config.model, num_matmul_params, length))
             bar.update(k)
             stopping = bool(stop.raised)  # read once: a signal arriving below waits for the next call
             log_now = step % t.log_every == 0 or step == t.steps or stopping
@@ -494,7 +491,7 @@ def _merge(pending: list) -> dict:
 
 class Interval:
     """The per-step figures of the steps since the last log, fetched from the device only when
-    they are logged or a save needs them checked.
+    they are logged or a save needs them checked, and the tokens and FLOPs those steps computed.
 
     Every step's loss and gradient are checked once: under train.nan_policy='stop' a non-finite
     one raises (its state is never saved); under 'skip' the step dropped its update (it also
@@ -506,11 +503,14 @@ class Interval:
     def __init__(self, nan_policy: str):
         self.nan_policy = nan_policy
         self.calls, self.figures = [], {}
+        self.tokens, self.flops = 0, 0.0
         self.steps_since_save = self.skipped_since_save = 0
         self.start = time.perf_counter()
 
-    def add(self, step_metrics) -> None:
+    def add(self, step_metrics, tokens: int, flops: float) -> None:
         self.calls.append(step_metrics)
+        self.tokens += tokens
+        self.flops += flops
 
     def fetch(self, step: int) -> dict:
         if self.calls:
@@ -530,6 +530,7 @@ class Interval:
 
     def reset(self, now: float) -> None:
         self.figures, self.start = {}, now
+        self.tokens, self.flops = 0, 0.0
 
     def check_state(self, step: int, state_is_finite) -> None:
         """Raises unless the state after `step` is finite (its loss and gradients were)."""
